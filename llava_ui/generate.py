@@ -1,0 +1,102 @@
+"""Token generation: prefill, one decode step, sampling, and incremental detokenization (gpt-fast style)."""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+import paddle
+
+from .config import GenerationSettings
+
+
+def prefill(model, embeds, cache=None, start: int = 0):
+    """Run the prompt (or the new part after a cached prefix); logits of the last position only."""
+    hidden, cache = model.forward_hidden(embeds, cache, start)
+    return model.logits(hidden[:, -1])[0], cache
+
+
+def decode_one_token(model, token: int, cache, position: int):
+    embeds = model.embed_tokens(paddle.to_tensor([[token]], dtype="int64"))
+    hidden, cache = model.forward_hidden(embeds, cache, position)
+    return model.logits(hidden[:, -1])[0], cache
+
+
+def sample_next(logits: paddle.Tensor, settings: GenerationSettings, seen: list[int], rng: np.random.Generator) -> int:
+    """Repetition penalty → temperature → top-k → top-p, in transformers' order. temperature 0 is greedy."""
+    if settings.repetition_penalty != 1.0 and seen:
+        ids = paddle.to_tensor(sorted(set(seen)), dtype="int64")
+        picked = paddle.gather(logits, ids)
+        penalised = paddle.where(picked > 0, picked / settings.repetition_penalty, picked * settings.repetition_penalty)
+        logits = paddle.scatter(logits, ids, penalised)
+    if settings.temperature == 0:
+        return int(paddle.argmax(logits).item())
+    scores = logits.numpy().astype(np.float64) / settings.temperature
+    if settings.top_k and settings.top_k < scores.size:
+        kth = np.partition(scores, -settings.top_k)[-settings.top_k]
+        scores[scores < kth] = -np.inf
+    order = np.argsort(-scores, kind="stable")
+    probs = np.exp(scores[order] - scores[order[0]])
+    probs /= probs.sum()
+    if settings.top_p < 1.0:
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        keep = int(np.searchsorted(np.cumsum(probs), settings.top_p) + 1)
+        probs = probs[:keep] / probs[:keep].sum()
+        order = order[:keep]
+    return int(order[rng.choice(len(probs), p=probs)])
+
+
+def generate_ids(model, embeds, settings: GenerationSettings, stop_ids: set[int], *, cache=None, start: int = 0,
+                 seen: list[int] | None = None, should_stop: Callable[[], bool] = lambda: False,
+                 on_prefill: Callable[[object, int], None] | None = None) -> Iterator[int]:
+    """Yield generated token ids; ends at a stop id (not yielded), at max_new_tokens, or when should_stop() is true.
+
+    `should_stop` is checked before every model step, so a stop request costs at most one decode step.
+    """
+    seen = list(seen or [])
+    rng = np.random.default_rng(settings.seed)
+    with paddle.no_grad():
+        if should_stop():
+            return
+        logits, cache = prefill(model, embeds, cache, start)
+        position = start + embeds.shape[1]
+        if on_prefill is not None:
+            on_prefill(cache, position)
+        for step in range(settings.max_new_tokens):
+            token = sample_next(logits, settings, seen, rng)
+            if token in stop_ids:
+                return
+            seen.append(token)
+            yield token
+            if step + 1 == settings.max_new_tokens or should_stop():
+                return
+            logits, cache = decode_one_token(model, token, cache, position)
+            position += 1
+
+
+class IncrementalDecoder:
+    """Token ids → text increments that never split a multi-byte character (decodes a small window each step)."""
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode = decode
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.decode(self.ids[self.prefix:self.read])
+        after = self.decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            delta = after[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+            self.text += delta
+            return delta
+        return ""
+
+    def finish(self) -> str:
+        """The rest of the text (a trailing partial character is dropped, as the full decode does)."""
+        full = self.decode(self.ids)
+        delta = full[len(self.text):] if full.startswith(self.text) else ""
+        self.text += delta
+        return delta

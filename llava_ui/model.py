@@ -1,0 +1,76 @@
+"""LLaVA glue: SigLIP → mlp2x_gelu projector → paddlenlp's Qwen2, with image features spliced at the markers."""
+from __future__ import annotations
+
+import paddle
+import paddle.nn as nn
+from paddlenlp.transformers import Qwen2Config, Qwen2ForCausalLM
+
+from .config import ModelConfig
+from .vision import SiglipVisionModel
+
+IMAGE_MARKER = -200  # stands for one image in prompt ids, as in the reference's tokenizer_image_token
+
+
+class LlavaQwen(nn.Layer):
+    def __init__(self, config: ModelConfig, has_image_newline: bool):
+        super().__init__()
+        self.config = config
+        hidden = config.text["hidden_size"]
+        if config.projector_type != "mlp2x_gelu":
+            raise ValueError(f"unsupported mm_projector_type {config.projector_type!r} (only mlp2x_gelu)")
+        self.vision_tower = SiglipVisionModel(config.vision)
+        # nn.GELU() is the exact erf form, as the projector was trained
+        self.mm_projector = nn.Sequential(nn.Linear(config.mm_hidden_size, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.image_newline = self.create_parameter([hidden]) if has_image_newline else None
+        self.language_model = Qwen2ForCausalLM(Qwen2Config(**config.text, use_flash_attention=False))
+        self.vision_calls = 0  # how many times the vision tower ran; caches are tested against it
+
+    @property
+    def embed_tokens(self):
+        return self.language_model.qwen2.embed_tokens
+
+    def encode_views(self, pixel_values) -> paddle.Tensor:
+        """[N, 3, S, S] float pixels → [N, patches, hidden] projected features."""
+        self.vision_calls += 1
+        pixels = paddle.to_tensor(pixel_values, dtype=self.embed_tokens.weight.dtype)
+        return self.mm_projector(self.vision_tower(pixels))
+
+    def pack_image(self, view_features: paddle.Tensor, mode: str, packing=None) -> paddle.Tensor:
+        """One image's view features [V, patches, hidden] → the rows it occupies in the prompt [T, hidden].
+
+        flat: the 729 features; eval / trained (several images): + image_newline; trained (lone image): anyres grid.
+        """
+        if mode == "flat":
+            return view_features[0]
+        if self.image_newline is None:
+            raise ValueError(f"image mode {mode!r} needs a checkpoint with image_newline (use 'flat')")
+        if packing is None:
+            return paddle.concat([view_features[0], self.image_newline.unsqueeze(0)], axis=0)
+        return packing(view_features, self.image_newline)
+
+    def embed_prompt(self, prompt_ids: list[int], images: list[paddle.Tensor]) -> paddle.Tensor:
+        """Token ids with IMAGE_MARKER slots + packed image rows (in order) → [1, L, hidden] input embeddings."""
+        slots = [i for i, t in enumerate(prompt_ids) if t == IMAGE_MARKER]
+        if len(slots) != len(images):
+            raise ValueError(f"the prompt has {len(slots)} image placeholders but {len(images)} images were given")
+        pieces, start = [], 0
+        for slot, image_rows in zip(slots + [len(prompt_ids)], images + [None]):
+            if slot > start:
+                ids = paddle.to_tensor(prompt_ids[start:slot], dtype="int64")
+                pieces.append(self.embed_tokens(ids))
+            if image_rows is not None:
+                pieces.append(image_rows.astype(self.embed_tokens.weight.dtype))
+            start = slot + 1
+        return paddle.concat(pieces, axis=0).unsqueeze(0)
+
+    def forward_hidden(self, embeds, cache=None, start: int = 0):
+        """Run the language model over embeds placed at positions start.. ; returns (hidden [1, L, H], cache)."""
+        length = embeds.shape[1]
+        position_ids = paddle.arange(start, start + length, dtype="int64").unsqueeze(0)
+        hidden, cache = self.language_model.qwen2(
+            inputs_embeds=embeds, position_ids=position_ids, past_key_values=cache, use_cache=True, return_dict=False
+        )[:2]
+        return hidden, cache
+
+    def logits(self, hidden) -> paddle.Tensor:
+        return self.language_model.lm_head(hidden).astype("float32")

@@ -1,0 +1,101 @@
+"""SigLIP vision encoder in Paddle, named like the checkpoints (`vision_model.encoder.layers.N...`).
+
+Features are the last encoder layer's output: the checkpoints already dropped so400m's 27th layer, and LLaVA
+never applies `post_layernorm` or the pooling head, so neither exists here.
+"""
+from __future__ import annotations
+
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from .config import VisionConfig
+
+
+class SiglipEmbeddings(nn.Layer):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.patch_embedding = nn.Conv2D(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
+        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)
+
+    def forward(self, pixel_values):
+        patches = self.patch_embedding(pixel_values.astype(self.patch_embedding.weight.dtype))
+        patches = patches.flatten(2).transpose([0, 2, 1])  # [N, patches, hidden]
+        return patches + self.position_embedding.weight.unsqueeze(0)
+
+
+class SiglipAttention(nn.Layer):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x):
+        batch, length, _ = x.shape
+        shape = [batch, length, self.num_heads, self.head_dim]
+        q, k, v = (proj(x).reshape(shape).transpose([0, 2, 1, 3]) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        scores = paddle.matmul(q, k, transpose_y=True) * (self.head_dim ** -0.5)
+        attn = F.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
+        out = paddle.matmul(attn, v).transpose([0, 2, 1, 3]).reshape([batch, length, -1])
+        return self.out_proj(out)
+
+
+class SiglipMLP(nn.Layer):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.approximate = cfg.hidden_act == "gelu_pytorch_tanh"
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
+
+
+class SiglipEncoderLayer(nn.Layer):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps)
+        self.self_attn = SiglipAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps)
+        self.mlp = SiglipMLP(cfg)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class SiglipEncoder(nn.Layer):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layers = nn.LayerList([SiglipEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class SiglipVisionTransformer(nn.Layer):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.embeddings = SiglipEmbeddings(cfg)
+        self.encoder = SiglipEncoder(cfg)
+
+    def forward(self, pixel_values):
+        return self.encoder(self.embeddings(pixel_values))
+
+
+class SiglipVisionModel(nn.Layer):
+    """[N, 3, H, W] pixels -> [N, num_patches, hidden] patch features."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.config = cfg
+        self.vision_model = SiglipVisionTransformer(cfg)
+
+    def forward(self, pixel_values):
+        return self.vision_model(pixel_values)
