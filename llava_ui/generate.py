@@ -1,6 +1,7 @@
 """Token generation: prefill, one decode step, sampling, and incremental detokenization (gpt-fast style)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterator
 
 import numpy as np
@@ -47,30 +48,41 @@ def sample_next(logits: paddle.Tensor, settings: GenerationSettings, seen: list[
 
 def generate_ids(model, embeds, settings: GenerationSettings, stop_ids: set[int], *, cache=None, start: int = 0,
                  seen: list[int] | None = None, should_stop: Callable[[], bool] = lambda: False,
-                 on_prefill: Callable[[object, int], None] | None = None) -> Iterator[int]:
+                 lock=None, state: dict | None = None) -> Iterator[int]:
     """Yield generated token ids; ends at a stop id (not yielded), at max_new_tokens, or when should_stop() is true.
 
-    `should_stop` is checked before every model step, so a stop request costs at most one decode step.
+    `should_stop` is checked before every model step, so a stop request costs at most one decode step. Each step
+    holds `lock` (when given) and nothing is computed between yields. `state` receives the KV cache, how many
+    yielded tokens it holds ("fed") and why generation ended ("finish": stop | length | stopped).
     """
+    state = {} if state is None else state
+    lock = lock or contextlib.nullcontext()
     seen = list(seen or [])
     rng = np.random.default_rng(settings.seed)
-    with paddle.no_grad():
+    state.update(finish="stopped", fed=0)
+    if should_stop():
+        return
+    with lock:
+        logits, cache = prefill(model, embeds, cache, start)
+    position = start + embeds.shape[1]
+    state["cache"] = cache
+    for step in range(settings.max_new_tokens):
+        with lock:
+            token = sample_next(logits, settings, seen, rng)
+        if token in stop_ids:
+            state["finish"] = "stop"
+            return
+        seen.append(token)
+        yield token
+        if step + 1 == settings.max_new_tokens:
+            state["finish"] = "length"
+            return
         if should_stop():
             return
-        logits, cache = prefill(model, embeds, cache, start)
-        position = start + embeds.shape[1]
-        if on_prefill is not None:
-            on_prefill(cache, position)
-        for step in range(settings.max_new_tokens):
-            token = sample_next(logits, settings, seen, rng)
-            if token in stop_ids:
-                return
-            seen.append(token)
-            yield token
-            if step + 1 == settings.max_new_tokens or should_stop():
-                return
+        with lock:
             logits, cache = decode_one_token(model, token, cache, position)
-            position += 1
+        position += 1
+        state["cache"], state["fed"] = cache, step + 1
 
 
 class IncrementalDecoder:

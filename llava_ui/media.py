@@ -22,6 +22,10 @@ class Frame:
     image: Image.Image
     index: int
     timestamp_s: float | None
+    digest: str = ""
+
+    def __post_init__(self):
+        self.digest = self.digest or image_digest(self.image)
 
 
 @dataclass
@@ -113,7 +117,7 @@ def load_video(path, count: int = 16, name: str = "") -> Video:
         frames = _scan_frames(path, count, fps)
     if not frames:
         raise UserError(f"{label} has no readable frames")
-    digest = hashlib.sha256(b"".join(image_digest(f.image).encode() for f in frames)).hexdigest()[:16]
+    digest = hashlib.sha256("".join(f.digest for f in frames).encode()).hexdigest()[:16]
     return Video(frames=frames, total_frames=max(total, frames[-1].index + 1), fps=fps, name=label, digest=digest)
 
 

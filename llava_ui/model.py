@@ -5,6 +5,7 @@ import paddle
 import paddle.nn as nn
 from paddlenlp.transformers import Qwen2Config, Qwen2ForCausalLM
 
+from .anyres import unpad_crop
 from .config import ModelConfig
 from .vision import SiglipVisionModel
 
@@ -35,18 +36,31 @@ class LlavaQwen(nn.Layer):
         pixels = paddle.to_tensor(pixel_values, dtype=self.embed_tokens.weight.dtype)
         return self.mm_projector(self.vision_tower(pixels))
 
-    def pack_image(self, view_features: paddle.Tensor, mode: str, packing=None) -> paddle.Tensor:
+    def pack_image(self, view_features: paddle.Tensor, pack: str, image_size=None, grid=None) -> paddle.Tensor:
         """One image's view features [V, patches, hidden] → the rows it occupies in the prompt [T, hidden].
 
-        flat: the 729 features; eval / trained (several images): + image_newline; trained (lone image): anyres grid.
+        flat: the patch features; newline: + image_newline; anyres: base view, then the tile grid cropped to the
+        image's aspect with image_newline closing every row (LLaVA-NeXT's spatial_unpad).
         """
-        if mode == "flat":
+        if pack == "flat":
             return view_features[0]
         if self.image_newline is None:
-            raise ValueError(f"image mode {mode!r} needs a checkpoint with image_newline (use 'flat')")
-        if packing is None:
-            return paddle.concat([view_features[0], self.image_newline.unsqueeze(0)], axis=0)
-        return packing(view_features, self.image_newline)
+            raise ValueError(f"packing {pack!r} needs a checkpoint with image_newline (use 'flat')")
+        newline = self.image_newline.unsqueeze(0)
+        if pack == "newline":
+            return paddle.concat([view_features[0], newline], axis=0)
+        cols, rows = grid
+        side = self.config.vision.patches_per_side
+        hidden = view_features.shape[-1]
+        tiles = view_features[1:].reshape([rows, cols, side, side, hidden])
+        canvas = tiles.transpose([0, 2, 1, 3, 4]).reshape([rows * side, cols * side, hidden])
+        top, bottom, left, right = unpad_crop(rows * side, cols * side, image_size)
+        kept_rows = bottom - top
+        if kept_rows == 0:  # a sliver image keeps no tile features
+            return view_features[0]
+        row_ends = newline.unsqueeze(0).expand([kept_rows, 1, hidden])
+        with_newlines = paddle.concat([canvas[top:bottom, left:right], row_ends], axis=1) if right > left else row_ends
+        return paddle.concat([view_features[0], with_newlines.reshape([-1, hidden])], axis=0)
 
     def embed_prompt(self, prompt_ids: list[int], images: list[paddle.Tensor]) -> paddle.Tensor:
         """Token ids with IMAGE_MARKER slots + packed image rows (in order) → [1, L, hidden] input embeddings."""

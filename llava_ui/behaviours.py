@@ -1,0 +1,78 @@
+"""How images become visual tokens: the `trained`, `eval` and `flat` behaviours (MODEL_FACTS.md).
+
+Each image of a request becomes a PreparedImage: the pixel views the vision tower sees, how its features are packed,
+and how many prompt positions it takes, all known before any compute (the context budget needs the counts).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .anyres import anyres_token_count, anyres_views, pad_to_square
+from .config import IMAGE_MODES, ModelConfig
+from .errors import UserError
+from .media import PROCESSOR_MEAN, image_digest, preprocess
+
+
+@dataclass
+class PreparedImage:
+    digest: str
+    size: tuple[int, int]  # (width, height) of the original
+    view: str  # "squash" | "square" | "anyres": how pixels were prepared
+    pack: str  # "flat" | "newline" | "anyres": how features are laid into the prompt
+    tokens: int
+    grid: tuple[int, int] | None = None  # (cols, rows) of anyres tiles
+    pixels: np.ndarray | None = None  # [V, 3, S, S], filled only when the features must be computed
+
+    @property
+    def cache_key(self) -> tuple:
+        return (self.digest, self.view, self.pack)
+
+
+def default_image_mode(config: ModelConfig, has_newline: bool) -> str:
+    return "trained" if has_newline and config.wants_newline else "flat"
+
+
+def check_image_mode(mode: str, has_newline: bool) -> str:
+    if mode not in IMAGE_MODES:
+        raise UserError(f"image mode must be one of {', '.join(IMAGE_MODES)}, not {mode!r}")
+    if mode != "flat" and not has_newline:
+        raise UserError(f"image mode {mode!r} needs image_newline, which this checkpoint (a llava-hf port) lacks; "
+                        "use 'flat'")
+    return mode
+
+
+def prepare_images(images: list[Image.Image], mode: str, config: ModelConfig, digests=None) -> list[PreparedImage]:
+    """Plan every image of a request. `trained` uses anyres only when the request holds exactly one image."""
+    size = config.vision.image_size
+    patches = config.vision.num_patches
+    lone = len(images) == 1
+    prepared = []
+    for i, image in enumerate(images):
+        digest = digests[i] if digests else image_digest(image)
+        if mode == "trained" and lone:
+            tokens = anyres_token_count(image.size, config.image_grid_pinpoints, tile=size,
+                                        patches_per_side=config.vision.patches_per_side)
+            prepared.append(PreparedImage(digest, image.size, "anyres", "anyres", tokens))
+        elif mode == "trained":
+            prepared.append(PreparedImage(digest, image.size, "square", "newline", patches + 1))
+        elif mode == "eval":
+            prepared.append(PreparedImage(digest, image.size, "squash", "newline", patches + 1))
+        else:
+            prepared.append(PreparedImage(digest, image.size, "squash", "flat", patches))
+    return prepared
+
+
+def pixel_views(image: Image.Image, plan: PreparedImage, config: ModelConfig) -> np.ndarray:
+    """The [V, 3, S, S] pixels the vision tower encodes for one planned image."""
+    size = config.vision.image_size
+    if plan.view == "anyres":
+        views, grid = anyres_views(image, config.image_grid_pinpoints, tile=size)
+        plan.grid = grid
+        return np.stack([preprocess(v, size) for v in views])
+    if plan.view == "square":
+        fill = tuple(int(m * 255) for m in PROCESSOR_MEAN)  # (127, 127, 127), as LLaVA's expand2square
+        return preprocess(pad_to_square(image, fill), size)[None]
+    return preprocess(image, size)[None]
