@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import DEFAULT_MODEL
 from .config import ModelConfig, read_config
 from .errors import UserError
 from .weights import read_weights, weight_files
@@ -49,9 +48,9 @@ def _download(repo_id: str, progress) -> Path:
             if not required:
                 return None
             raise UserError(
-                f"could not download {repo_id} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                f"if this machine is offline, copy the checkpoint folder here and pass --model /path/to/folder "
-                f"(or try --model {TINY_RANDOM} for a random-weight test model)"
+                f"could not download {repo_id}: the model hub is unreachable (offline?) or has no such model "
+                f"[{type(err).__name__}]; pass --model /path/to/a/local/copy of the checkpoint folder instead "
+                f"(or --model {TINY_RANDOM} for a random-weight test model)"
             ) from None
 
     progress(f"resolving {repo_id} through paddlenlp's cache (PPNLP_HOME) ...")
