@@ -87,8 +87,9 @@ def write_tokenizer(out: Path, vocab: str = "bytes", image_token: bool = False) 
     return regular + len(added)
 
 
-def random_weights(dims: dict, vocab_size: int, tie: bool, seed: int) -> dict[str, np.ndarray]:
-    """lmms-lab names, PyTorch [out, in] Linear weights. Scales keep activations lively so argmax is unambiguous."""
+def random_weights(dims: dict, vocab_size: int, tie: bool, seed: int, quiet_ids=()) -> dict[str, np.ndarray]:
+    """lmms-lab names, PyTorch [out, in] Linear weights. Small embeddings let the layers (and so the images) decide
+    the output; `quiet_ids` (the special tokens) get near-zero rows so a random model rarely stops at once."""
     rng = np.random.default_rng(seed)
     h, i, vh, vi = dims["hidden"], dims["intermediate"], dims["v_hidden"], dims["v_intermediate"]
     kv = h // dims["heads"] * dims["kv_heads"]
@@ -99,7 +100,7 @@ def random_weights(dims: dict, vocab_size: int, tie: bool, seed: int) -> dict[st
     def vec(n, center=0.0, spread=0.1):
         return (center + spread * rng.standard_normal(n, dtype=np.float32)).astype(np.float32)
 
-    w = {"model.embed_tokens.weight": rng.standard_normal((vocab_size, h), dtype=np.float32) * np.float32(0.5),
+    w = {"model.embed_tokens.weight": rng.standard_normal((vocab_size, h), dtype=np.float32) * np.float32(0.05),
          "model.norm.weight": vec(h, 1.0)}
     for n in range(dims["layers"]):
         p = f"model.layers.{n}."
@@ -112,6 +113,9 @@ def random_weights(dims: dict, vocab_size: int, tie: bool, seed: int) -> dict[st
         w[p + "input_layernorm.weight"], w[p + "post_attention_layernorm.weight"] = vec(h, 1.0), vec(h, 1.0)
     if not tie:
         w["lm_head.weight"] = linear(vocab_size, h)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in w:
+            w[name][list(quiet_ids)] *= np.float32(0.01)
     w["model.image_newline"] = vec(h, 0.0, 1.0)
     w["model.mm_projector.0.weight"], w["model.mm_projector.0.bias"] = linear(h, vh), vec(h)
     w["model.mm_projector.2.weight"], w["model.mm_projector.2.bias"] = linear(h, h), vec(h)
@@ -155,7 +159,8 @@ def write_random_checkpoint(out, layout: str = "paddlenlp", size: str | dict = "
     n_tokens = write_tokenizer(out, vocab, image_token=layout == "hf")
     # one vocabulary size for every layout, so the same seed gives the same weights in all three
     vocab_size = 152000 if vocab == "qwen" else -(-(n_tokens + (layout != "hf")) // 64) * 64
-    weights = random_weights(dims, vocab_size, tie, seed=seed)
+    regular = n_tokens - len(SPECIALS) - (layout == "hf")
+    weights = random_weights(dims, vocab_size, tie, seed=seed, quiet_ids=range(regular, regular + len(SPECIALS) + 1))
     vision = {"model_type": "siglip_vision_model", "hidden_size": dims["v_hidden"],
               "intermediate_size": dims["v_intermediate"], "num_hidden_layers": dims["v_layers"],
               "num_attention_heads": dims["v_heads"], "image_size": 384, "patch_size": 14, "layer_norm_eps": 1e-6,
