@@ -54,8 +54,10 @@ def make_backend(args):
         return RemoteEngine(args.base_url, args.remote_model, api_key=args.remote_api_key)
     from .engine import get_engine
 
-    return get_engine(args.model, device=args.device, dtype=args.dtype, image_mode=args.image_mode,
-                      context_length=args.context_length)
+    engine = get_engine(args.model, device=args.device, dtype=args.dtype, image_mode=getattr(args, "image_mode", None),
+                        context_length=args.context_length)
+    engine.on_progress = lambda message: print(message, file=sys.stderr, flush=True)
+    return engine
 
 
 def build_conversation(prompt: str, images, video, frames: int, system=None):

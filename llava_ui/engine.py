@@ -82,6 +82,7 @@ class Engine:
         self.features = FeatureCache(feature_cache_mb << 20)
         self.prefixes = PrefixCache(prefix_cache_mb << 20, prefix_cache_entries)
         self.model = self.tokenizer = self.config = None
+        self.on_progress = None  # e.g. the command line prints load progress to stderr
         self._load_lock = threading.Lock()
         self.compute_lock = threading.Lock()
 
@@ -95,6 +96,8 @@ class Engine:
     def _progress(self, message: str) -> None:
         self.load_state.message = message
         self.load_state.history.append(message)
+        if self.on_progress is not None:
+            self.on_progress(message)
 
     def load(self) -> "Engine":
         """Load once; concurrent callers wait for the same load. After a failure, the next call tries again."""
@@ -158,11 +161,11 @@ class Engine:
             if total < self.context_length:
                 return Plan(ids, images, [m[0] for m in media], render_prompt(conversation.system, messages),
                             total, visual, min(max_new_tokens, self.context_length - total), dropped, mode)
-        n = len(images)
+        n, per_image = len(images), visual // max(len(images), 1)
+        fit = max(0, (self.context_length - 1 - (total - visual)) // max(per_image, 1))
         raise UserError(f"this message needs {total:,} tokens ({n} image{'s' * (n != 1)} or frames take {visual:,}) "
-                        f"but the context holds {self.context_length:,}; about "
-                        f"{max(0, (self.context_length - (total - visual)) // max(1, visual // max(n, 1)))} "
-                        f"images or frames fit: attach fewer or lower the frame count")
+                        f"but the context holds {self.context_length:,}: there is room for at most {fit} image"
+                        f"{'s' * (fit != 1)} or frame{'s' * (fit != 1)}; attach fewer or lower the frame count")
 
     def image_rows(self, plan: Plan) -> tuple[list, int]:
         """Packed feature rows per image; only images not in the feature cache go through the vision tower."""

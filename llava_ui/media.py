@@ -104,6 +104,8 @@ def load_video(path, count: int = 16, name: str = "") -> Video:
         raise UserError("the number of video frames must be at least 1")
     if not Path(path).is_file():
         raise UserError(f"{label}: file not found")
+    if _is_still_image(path):
+        raise UserError(f"{label} is a still image, not a video: attach it as an image")
     capture = cv2.VideoCapture(str(path))
     try:
         if not capture.isOpened():
@@ -119,6 +121,15 @@ def load_video(path, count: int = 16, name: str = "") -> Video:
         raise UserError(f"{label} has no readable frames")
     digest = hashlib.sha256("".join(f.digest for f in frames).encode()).hexdigest()[:16]
     return Video(frames=frames, total_frames=max(total, frames[-1].index + 1), fps=fps, name=label, digest=digest)
+
+
+def _is_still_image(path) -> bool:
+    """FFmpeg happily opens a PNG as a one-frame "video"; a still image should be sent as an image instead."""
+    try:
+        with Image.open(path) as image:
+            return not getattr(image, "is_animated", False)
+    except Exception:
+        return False
 
 
 def _to_frame(bgr, index: int, fps) -> Frame:

@@ -68,6 +68,7 @@ class PromptTokenizer:
         self.special_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IM_START, IM_END, ENDOFTEXT)}
         self.stop_ids = {self.special_ids[IM_END], self.special_ids[ENDOFTEXT]}
         self.all_special_ids = set(tokenizer.all_special_ids) | set(self.special_ids.values())
+        self.size = len(tokenizer)  # ids past it are padding rows of the embedding, not tokens
         self._cache: dict[str, list[int]] = {}
 
     def encode_text(self, text: str) -> list[int]:
@@ -92,7 +93,8 @@ class PromptTokenizer:
         return ids
 
     def decode(self, ids) -> str:
-        return self.tokenizer.decode([i for i in ids if i not in self.all_special_ids], skip_special_tokens=True,
+        ids = [i for i in ids if i not in self.all_special_ids and 0 <= i < self.size]
+        return self.tokenizer.decode(ids, skip_special_tokens=True,
                                      clean_up_tokenization_spaces=False)
 
 

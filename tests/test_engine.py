@@ -126,7 +126,7 @@ def test_context_budget_is_checked_before_any_compute(tiny_dir):
     calls = small.model.vision_calls
     conversation = Conversation()
     conversation.add_user("Many pictures", [picture(s) for s in range(4)])
-    with pytest.raises(UserError, match=r"needs 2,9\d\d tokens .*context holds 2,000.*about 2 images"):
+    with pytest.raises(UserError, match=r"needs 2,9\d\d tokens .*context holds 2,000.*room for at most 2 images"):
         small.generate(conversation, GREEDY)
     assert small.model.vision_calls == calls
 
