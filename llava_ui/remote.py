@@ -132,6 +132,7 @@ class RemoteEngine:
         turn = conversation.pending()
         seed = settings.seed if settings.seed is not None else random.randrange(2**31)
         payload = self._payload(conversation, settings, seed, image_mode)
+        prompt = render_prompt(conversation.system, conversation.messages())  # for the inspector; before the answer
         text, finish, usage, details, times = "", None, None, {}, []
         with self._open(payload, stop_event) as response:
             try:
@@ -155,7 +156,7 @@ class RemoteEngine:
             finish = "stopped"
         elif finish is None:
             raise RemoteError("the remote engine ended the stream without finishing the answer")
-        yield self._final(conversation, text, finish, seed, image_mode, usage, details, times, started)
+        yield self._final(prompt, text, finish, seed, image_mode, usage, details, times, started)
 
     def generate(self, conversation: Conversation, settings: GenerationSettings | None = None, **kwargs) -> dict:
         final = None
@@ -216,7 +217,7 @@ class RemoteEngine:
                     response.close()  # before the body ends, this drops the connection: the server stops
                 return
 
-    def _final(self, conversation, text, finish, seed, image_mode, usage, details, times, started) -> dict:
+    def _final(self, prompt, text, finish, seed, image_mode, usage, details, times, started) -> dict:
         usage = usage or {}
         remote_stats = details.get("stats") or {}
         generated = usage.get("completion_tokens")
@@ -225,7 +226,7 @@ class RemoteEngine:
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
         return {
             "type": "done", "text": text, "token_ids": [], "finish_reason": finish, "seed": seed,
-            "prompt": render_prompt(conversation.system, conversation.messages()),
+            "prompt": prompt,
             "image_mode": details.get("image_mode") or (image_mode if self.same_app else None),
             "dropped_turns": details.get("dropped_turns") or 0,
             "visual_tokens_per_image": details.get("visual_tokens_per_image") or [],
