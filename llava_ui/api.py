@@ -124,8 +124,9 @@ def create_api_router(backend, api_key: str | None = None, allow_file_urls: bool
             raise
         reply = Reply(served or body.model or "", body.stream_options is not None and body.stream_options.include_usage)
         if body.stream:
-            return StreamingResponse(stream_chunks(reply, events, first, stop_event), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return ClosingStreamingResponse(stream_chunks(reply, events, first, stop_event),
+                                            media_type="text/event-stream",
+                                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         final, event = None, first
         while event is not _END:
             final = event if event["type"] == "done" else final
@@ -208,6 +209,17 @@ def details(final: dict) -> dict:
     """What this server adds for inspection (another instance's RemoteEngine reads it); clients may ignore it."""
     keys = ("seed", "image_mode", "dropped_turns", "visual_tokens_per_image")
     return {**{key: final.get(key) for key in keys}, "stats": final.get("stats")}
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Closes its generator when the response ends, so a client that left stops the backend now, not at GC time."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
 
 
 def sse(payload: dict) -> str:
