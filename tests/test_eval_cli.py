@@ -1,0 +1,208 @@
+"""`python -m llava_ui eval` end to end on a tiny benchmark folder with the tiny random model: output files,
+prompts rendered as the reference's model_vqa.py renders them, resume, --limit, --image-mode, the same greedy
+answers as engine.generate, a remote backend, and samples the model cannot be asked.
+
+New tokens are capped at NEW_TOKENS (the reference's 1024 would take a random model minutes).
+"""
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+from llava_ui import cli, evaluation_cli
+from llava_ui.anyres import anyres_token_count
+from llava_ui.config import DEFAULT_PINPOINTS, GenerationSettings
+from llava_ui.conversation import Conversation
+from llava_ui.engine import get_engine
+from llava_ui.evaluation_cli import question_block
+
+SPLIT = "multi_image_in_domain"
+NEW_TOKENS = 6
+SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+
+
+def sample(sample_id, dataset, question_type, images, *turns):
+    conversation = []
+    for question, truth in turns:
+        conversation += [{"from": "human", "value": question}, {"from": "gpt", "value": truth}]
+    return {"sample_id": sample_id, "image": images, "conversations": conversation,
+            "metadata": {"dataset": dataset, "question_type": question_type}}
+
+
+BENCH = [
+    sample(0, "Spot-the-Diff", "open-ended", ["Split1/std/0a.png", "Split1/std/0b.png"],
+           ("<image><image>What changed?", "the car is gone")),
+    sample(1, "RAVEN", "multi-choice", ["Split2/raven/1.png"], ("<image>Which panel fits? A. x B. y", "B")),
+    sample(2, "NLVR2_Mantis", "multi-choice", ["Split2/nlvr/2a.png", "Split2/nlvr/2b.png", "Split2/nlvr/2c.png"],
+           ("<image><image>Is the left dog bigger? A. yes B. no", "A"),
+           ("Now with <image>: still? A. yes B. no", "B")),
+    sample(3, "QBench", "multi-choice", ["Split2/qbench/3.png"], ("<image>Is it blurry?", "A")),
+    sample(4, "CLEVR-Change", "open-ended", ["Split1/clevr/4.png"], ("<image>Describe the change.", "none")),
+]
+MISSING = "Split2/qbench/3.png"
+CORRUPT = "Split1/clevr/4.png"
+IMAGE_SIZE = (40, 30)
+
+
+@pytest.fixture(scope="module")
+def bench_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("interleave_data")
+    for entry in BENCH:
+        for k, image in enumerate(entry["image"]):
+            (root / image).parent.mkdir(parents=True, exist_ok=True)
+            if image == CORRUPT:
+                (root / image).write_bytes(b"not a png")
+            elif image != MISSING:
+                colour = (50 * entry["sample_id"], 80 + 60 * k, 200 - 30 * k)
+                Image.new("RGB", IMAGE_SIZE, colour).save(root / image)
+    (root / f"{SPLIT}.json").write_text(json.dumps(BENCH))
+    return root
+
+
+def run_eval(tiny_dir, bench_dir, out, *flags):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluation_cli, "EVAL_MAX_NEW_TOKENS", NEW_TOKENS)
+        return cli.main(["eval", "--model", str(tiny_dir), "--data", str(bench_dir), "--split", SPLIT,
+                         "--out", str(out), *flags])
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_dir, bench_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval-out")
+    assert run_eval(tiny_dir, bench_dir, out) == 0
+    return out
+
+
+def test_runs_and_writes_the_reference_output_files(first_run, tiny_dir):
+    rows = read_jsonl(first_run / "result.jsonl")
+    # sample 3 is skipped (image missing); sample 4's image is unreadable: answered "" (see below)
+    assert [(r["dataset"], r["sample_id"]) for r in rows] == [
+        ("Spot-the-Diff", 0), ("RAVEN", 1), ("NLVR2_Mantis", 2), ("NLVR2_Mantis", 2), ("CLEVR-Change", 4)]
+    assert set(rows[0]) == {"dataset", "sample_id", "prompt", "pred_response", "gt_response", "model_id",
+                            "question_type"}
+    assert rows[0]["prompt"] == "<image><image>What changed?" and rows[0]["gt_response"] == "the car is gone"
+    assert {r["model_id"] for r in rows} == {tiny_dir.name}  # as get_model_name_from_path: the folder's name
+    for name in ("eval_dataset.json", "eval_dataset_details.json", "eval_cat.json"):
+        assert json.loads((first_run / name).read_text())
+    assert json.loads((first_run / "eval_run.json").read_text())["image_mode"] == "eval"
+
+
+def test_prompts_are_rendered_as_model_vqa_renders_them(first_run):
+    trace = read_jsonl(first_run / "eval_trace.jsonl")
+    assert len(trace) == 4  # one line per answered turn
+    first = trace[0]
+    assert first["prompt"] == (SYSTEM + "<|im_start|>user\n<image>\n<image>\nWhat changed?<|im_end|>\n"
+                               "<|im_start|>assistant\n")
+    assert first["visual_tokens_per_image"] == [730, 730] and first["image_mode"] == "eval"
+    assert first["generated_tokens"] <= NEW_TOKENS
+
+    # a later turn: the previous prompt, the answer as generated (stop token included, no newline), then a
+    # fresh system block with the new question; the images of both turns, in marker order
+    turn1, turn2 = trace[2], trace[3]
+    block2 = SYSTEM + "<|im_start|>user\nNow with <image>\n: still? A. yes B. no<|im_end|>\n<|im_start|>assistant\n"
+    assert turn2["prompt"].startswith(turn1["prompt"]) and turn2["prompt"].endswith(block2)
+    answer = turn2["prompt"][len(turn1["prompt"]):-len(block2)]
+    first_answer = read_jsonl(first_run / "result.jsonl")[2]["pred_response"]
+    assert answer.removesuffix("<|im_end|>").strip() == first_answer
+    assert answer.endswith("<|im_end|>") == (turn1["finish_reason"] == "stop")
+    assert turn2["visual_tokens_per_image"] == [730, 730, 730]
+    assert turn2["prompt_tokens"] > turn1["prompt_tokens"] + 730
+
+
+def test_greedy_answers_equal_engine_generate_on_the_same_conversation(first_run, tiny_dir, bench_dir):
+    engine = get_engine(str(tiny_dir), device=None, dtype=None, image_mode="eval", context_length=None).load()
+    rows = read_jsonl(first_run / "result.jsonl")
+    for entry, row in zip(BENCH[:3], rows[:3]):  # the single-turn samples and the first turn of the multi-turn one
+        question = entry["conversations"][0]["value"]
+        conversation = Conversation()
+        images = [Image.open(bench_dir / path).convert("RGB") for path in entry["image"][:question.count("<image>")]]
+        conversation.add_user(question.replace("<image>", "<image>\n"), images)
+        assert engine.plan(conversation).prompt_ids == question_block(engine.tokenizer, question)[0]
+        final = engine.generate(conversation, GenerationSettings(max_new_tokens=NEW_TOKENS, temperature=0))
+        assert final["text"].strip() == row["pred_response"]
+
+
+def test_second_run_asks_nothing_new(first_run, tiny_dir, bench_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(first_run, out)
+    before = (out / "result.jsonl").read_text()
+    assert run_eval(tiny_dir, bench_dir, out) == 0
+    assert (out / "result.jsonl").read_text() == before
+    assert len(read_jsonl(out / "eval_trace.jsonl")) == 4  # nothing was asked
+    assert "0 answered now, 4 answered before" in capsys.readouterr().out
+
+
+def test_limit_answers_only_the_first_samples(tiny_dir, bench_dir, tmp_path):
+    assert run_eval(tiny_dir, bench_dir, tmp_path, "--limit", "1") == 0
+    assert [r["sample_id"] for r in read_jsonl(tmp_path / "result.jsonl")] == [0]
+    assert len(read_jsonl(tmp_path / "eval_trace.jsonl")) == 1
+
+
+@pytest.mark.parametrize("mode, tokens", [
+    # a lone image under `trained` is anyres: base view + its unpadded tile grid
+    ("trained", [[730, 730], [anyres_token_count(IMAGE_SIZE, DEFAULT_PINPOINTS)]]),
+    ("flat", [[729, 729], [729]]),
+])
+def test_image_mode_is_passed_through(tiny_dir, bench_dir, tmp_path, mode, tokens):
+    assert run_eval(tiny_dir, bench_dir, tmp_path, "--limit", "2", "--image-mode", mode) == 0
+    trace = read_jsonl(tmp_path / "eval_trace.jsonl")
+    assert [t["visual_tokens_per_image"] for t in trace] == tokens
+    assert {t["image_mode"] for t in trace} == {mode}
+    assert json.loads((tmp_path / "eval_run.json").read_text())["image_mode"] == mode
+
+
+def test_unreadable_image_is_answered_empty(first_run):
+    row = read_jsonl(first_run / "result.jsonl")[-1]
+    assert row["sample_id"] == 4 and row["pred_response"] == ""
+
+
+def test_prompt_longer_than_the_context_is_answered_empty_and_reported(tiny_dir, bench_dir, tmp_path, capsys):
+    assert run_eval(tiny_dir, bench_dir, tmp_path, "--limit", "2", "--context-length", "1000") == 0
+    rows = read_jsonl(tmp_path / "result.jsonl")
+    assert rows[0]["pred_response"] == ""  # two images: 1,524 tokens
+    assert len(read_jsonl(tmp_path / "eval_trace.jsonl")) == 1  # the one-image sample fits and is answered
+    captured = capsys.readouterr()
+    assert "needs 1,524 tokens but the context holds 1,000" in captured.err
+    assert "1 turn could not be put to the model and scored as wrong" in captured.out
+
+
+class FakeRemote:
+    """Stands in for llava_ui.remote.RemoteEngine: records every request, answers with padded text."""
+
+    def __init__(self):
+        self.calls = []
+
+    def load(self):
+        return self
+
+    def status(self):
+        return {"model": "org/remote-model", "state": "ready"}
+
+    def generate(self, conversation, settings=None, image_mode=None):
+        self.calls.append((conversation.copy(), settings, image_mode))
+        return {"text": f"  answer {len(self.calls)}\n", "finish_reason": "stop", "image_mode": image_mode,
+                "prompt": "", "visual_tokens_per_image": [], "stats": {"prompt_tokens": 1, "generated_tokens": 2}}
+
+
+def test_remote_backend_is_asked_the_same_questions(bench_dir, tmp_path, monkeypatch):
+    remote = FakeRemote()
+    monkeypatch.setattr(cli, "make_backend", lambda args: remote if args.backend == "remote" else None)
+    code = cli.main(["eval", "--backend", "remote", "--base-url", "http://remote.invalid/v1", "--data", str(bench_dir),
+                     "--split", SPLIT, "--out", str(tmp_path), "--limit", "3"])
+    assert code == 0
+    assert [len(c.turns) for c, _, _ in remote.calls] == [1, 1, 1, 2]
+    first, _, mode = remote.calls[0]
+    assert mode == "eval" and first.turns[0].text == "<image>\n<image>\nWhat changed?"
+    assert len(first.turns[0].pictures) == 2
+    later = remote.calls[3][0]
+    assert later.turns[0].answer == "answer 3"  # the stripped answer of the first turn
+    assert later.turns[1].text == "Now with <image>\n: still? A. yes B. no" and len(later.turns[1].pictures) == 1
+    assert all(s.temperature == 0 and s.max_new_tokens == 1024 for _, s, _ in remote.calls)
+    rows = read_jsonl(tmp_path / "result.jsonl")
+    assert [r["pred_response"] for r in rows] == ["answer 1", "answer 2", "answer 3", "answer 4"]
+    assert {r["model_id"] for r in rows} == {"remote-model"}
