@@ -6,6 +6,8 @@ built token by token as the reference builds it:
 - every `<image>` is followed by a "\\n" token;
 - every question is a fresh block: system, user, assistant header. A later turn of a multi-turn sample follows the
   previous answer's generated ids directly (its stop token included, no newline after it).
+The reference decoded with transformers' generate(), which also applies the checkpoint's generation_config.json: a
+repetition_penalty found there (local model folder) is applied the same way, to the generated tokens only.
 A remote engine renders its own chat prompt, so there the questions are sent with "<image>\\n" (a single-turn prompt is
 then the same) and later turns become ordinary chat turns.
 """
@@ -15,6 +17,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from .config import DEFAULT_SYSTEM_PROMPT, GenerationSettings
 from .errors import UserError
@@ -34,8 +37,17 @@ def add_eval_command(sub) -> None:
     parser.set_defaults(func=cmd_eval)
 
 
-def greedy_settings(max_new_tokens: int | None = None) -> GenerationSettings:
-    return GenerationSettings(max_new_tokens=max_new_tokens or EVAL_MAX_NEW_TOKENS, temperature=0, seed=0)
+def greedy_settings(max_new_tokens: int | None = None, repetition_penalty: float = 1.0) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=max_new_tokens or EVAL_MAX_NEW_TOKENS, temperature=0, seed=0,
+                              repetition_penalty=repetition_penalty)
+
+
+def checkpoint_repetition_penalty(model: str) -> float:
+    """repetition_penalty of a local checkpoint folder's generation_config.json (1.0 when absent)."""
+    try:
+        return float(json.loads((Path(model) / "generation_config.json").read_text()).get("repetition_penalty") or 1.0)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 1.0
 
 
 def question_block(tokenizer, question: str, system: str = DEFAULT_SYSTEM_PROMPT) -> tuple[list[int], str]:
@@ -74,8 +86,9 @@ def _load_images(paths, count: int) -> list:
 class ReferenceAnswerer:
     """answer(messages, image_paths) for run_evaluation: the local engine prompted exactly as model_vqa.py does."""
 
-    def __init__(self, engine, image_mode: str, trace_path: str | None = None):
+    def __init__(self, engine, image_mode: str, trace_path: str | None = None, repetition_penalty: float = 1.0):
         self.engine, self.image_mode, self.trace_path = engine, image_mode, trace_path
+        self.repetition_penalty = repetition_penalty
         self.generated: dict[str, tuple[list[int], str]] = {}  # this sample's answers → (raw ids, as text)
         self.turns = []  # (seconds, generated tokens, finish reason) per answered turn
 
@@ -110,7 +123,7 @@ class ReferenceAnswerer:
         total = len(ids) - len(prepared) + visual
         if total >= engine.context_length:
             raise Unanswerable(f"the prompt needs {total:,} tokens but the context holds {engine.context_length:,}")
-        settings = greedy_settings(min(EVAL_MAX_NEW_TOKENS, engine.context_length - total))
+        settings = greedy_settings(min(EVAL_MAX_NEW_TOKENS, engine.context_length - total), self.repetition_penalty)
         plan = Plan(prompt_ids=ids, images=prepared, pil_images=images, prompt=text, prompt_tokens=total,
                     visual_tokens=visual, max_new_tokens=settings.max_new_tokens, dropped_turns=0,
                     image_mode=self.image_mode)
@@ -119,6 +132,7 @@ class ReferenceAnswerer:
             embeds = engine.model.embed_prompt(ids, rows)
         names = {i: name for name, i in engine.tokenizer.special_ids.items()}
         # Stop ids are watched here, not by generate_ids, because the next turn needs the one that was generated.
+        # No `seen` prompt ids: transformers' generate() given embeddings penalises repeats of generated tokens only.
         tokens = generate_ids(engine.model, embeds, settings, stop_ids=set(), lock=engine.compute_lock)
         generated, stop = [], None
         try:
@@ -139,7 +153,7 @@ class ReferenceAnswerer:
                                  "image_mode": self.image_mode, "prompt": text, "prompt_tokens": total,
                                  "visual_tokens_per_image": [p.tokens for p in prepared],
                                  "generated_tokens": len(generated), "finish_reason": finish,
-                                 "seconds": round(seconds, 3)})
+                                 "repetition_penalty": self.repetition_penalty, "seconds": round(seconds, 3)})
         return answer
 
 
@@ -180,12 +194,12 @@ class ChatAnswerer:
         return final["text"].strip()
 
 
-def engine_answerer(backend, image_mode: str, trace_path: str | None = None):
+def engine_answerer(backend, image_mode: str, trace_path: str | None = None, repetition_penalty: float = 1.0):
     """The reference prompting on the local engine; chat prompting through any other backend."""
     from .engine import Engine
 
     if isinstance(backend, Engine):
-        return ReferenceAnswerer(backend, image_mode, trace_path)
+        return ReferenceAnswerer(backend, image_mode, trace_path, repetition_penalty)
     return ChatAnswerer(backend, image_mode, trace_path)
 
 
@@ -222,7 +236,11 @@ def cmd_eval(args) -> int:
     backend = make_backend(args)
     backend.load()
     os.makedirs(args.out, exist_ok=True)
-    answerer = engine_answerer(backend, args.image_mode, os.path.join(args.out, TRACE_FILE))
+    penalty = checkpoint_repetition_penalty(args.model) if args.backend == "local" else 1.0
+    if penalty != 1.0:
+        print(f"decoding greedily with the repetition_penalty {penalty} of {args.model}/generation_config.json, "
+              "as the reference's transformers generate() did", file=sys.stderr)
+    answerer = engine_answerer(backend, args.image_mode, os.path.join(args.out, TRACE_FILE), penalty)
     problems = []
     run_evaluation(args.data, args.split, args.out, skipping_unanswerable(answerer, problems), limit=args.limit,
                    model_id=model_name(backend.status().get("model") or args.model), image_mode=args.image_mode)

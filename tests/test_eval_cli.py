@@ -206,3 +206,29 @@ def test_remote_backend_is_asked_the_same_questions(bench_dir, tmp_path, monkeyp
     rows = read_jsonl(tmp_path / "result.jsonl")
     assert [r["pred_response"] for r in rows] == ["answer 1", "answer 2", "answer 3", "answer 4"]
     assert {r["model_id"] for r in rows} == {"remote-model"}
+
+
+def test_repetition_penalty_of_the_checkpoint_generation_config_is_applied_to_generated_tokens(
+        tiny_dir, bench_dir, tmp_path):
+    from llava_ui.generate import generate_ids
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_dir, model_dir)
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "repetition_penalty": 1.3}))
+    assert run_eval(model_dir, bench_dir, tmp_path / "out", "--limit", "1") == 0
+    [trace] = read_jsonl(tmp_path / "out" / "eval_trace.jsonl")
+    [row] = read_jsonl(tmp_path / "out" / "result.jsonl")
+    assert trace["repetition_penalty"] == 1.3
+
+    engine = get_engine(str(model_dir), device=None, dtype=None, image_mode="eval", context_length=None).load()
+    conversation = Conversation()
+    conversation.add_user("<image>\n<image>\nWhat changed?",
+                          [Image.open(bench_dir / p).convert("RGB") for p in BENCH[0]["image"]])
+    plan = engine.plan(conversation)
+    embeds = engine.model.embed_prompt(plan.prompt_ids, engine.image_rows(plan)[0])
+    answers = {}
+    for penalty in (1.0, 1.3):
+        settings = GenerationSettings(max_new_tokens=NEW_TOKENS, temperature=0, repetition_penalty=penalty)
+        ids = list(generate_ids(engine.model, embeds, settings, engine.tokenizer.stop_ids))  # no prompt ids seen
+        answers[penalty] = engine.tokenizer.decode(ids).strip()
+    assert row["pred_response"] == answers[1.3] != answers[1.0]
