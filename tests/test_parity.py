@@ -33,7 +33,8 @@ def paddle_inputs(model, tokenizer, images, mode):
     ids = tokenizer.encode_prompt(None, [Message("user", place_images(QUESTION, len(images)))])
     pixels = np.stack([preprocess(im) for im in images])
     feats = model.encode_views(pixels)
-    rows = [model.pack_image(feats[i:i + 1], mode) for i in range(len(images))]
+    pack = {"eval": "newline", "flat": "flat"}[mode]
+    rows = [model.pack_image(feats[i:i + 1], pack) for i in range(len(images))]
     return ids, model.embed_prompt(ids, rows)
 
 
@@ -65,22 +66,19 @@ def hf_greedy(hf, embeds, steps):
     return out[0, -steps:].tolist()
 
 
-@pytest.mark.parametrize("layout,tie,mode", [
-    ("paddlenlp", True, "eval"), ("lmms", True, "eval"), ("hf", True, "flat"), ("paddlenlp", True, "flat"),
-    ("lmms", False, "eval"), ("hf", False, "flat"),
-])
-def test_logits_and_greedy_tokens_match_transformers(checkpoints, layout, tie, mode):
+def assert_matches_reference(folder, hf_dir, layout, mode):
+    """Logits ≤1e-4 and 20 identical greedy tokens for a prompt with two images inside the text."""
     import paddle
 
-    model, config, detected = build_model(checkpoints(layout, tie))
+    model, config, detected = build_model(folder)
     assert detected == layout
-    tokenizer = load_tokenizer(checkpoints(layout, tie))
-    hf = reference(checkpoints("hf", tie))
+    tokenizer = load_tokenizer(folder)
+    hf = reference(hf_dir)
     images = two_images()
     ids, embeds = paddle_inputs(model, tokenizer, images, mode)
     newline = None
     if mode == "eval":
-        newline = read_weights(weight_files(checkpoints(layout, tie)))[
+        newline = read_weights(weight_files(folder))[
             "qwen2.image_newline" if layout == "paddlenlp" else "model.image_newline"]
     ref = reference_embeds(hf, ids, images, newline)
     assert embeds.shape == list(ref.shape)
@@ -96,6 +94,26 @@ def test_logits_and_greedy_tokens_match_transformers(checkpoints, layout, tie, m
     settings = GenerationSettings(max_new_tokens=20, temperature=0)
     ours_ids = list(generate_ids(model, embeds, settings, stop_ids=set()))
     assert ours_ids == hf_greedy(hf, ref, 20)
+
+
+@pytest.mark.parametrize("layout,tie,mode", [
+    ("paddlenlp", True, "eval"), ("lmms", True, "eval"), ("hf", True, "flat"), ("paddlenlp", True, "flat"),
+    ("lmms", False, "eval"), ("hf", False, "flat"),
+])
+def test_logits_and_greedy_tokens_match_transformers(checkpoints, layout, tie, mode):
+    assert_matches_reference(checkpoints(layout, tie), checkpoints("hf", tie), layout, mode)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout,mode", [("paddlenlp", "eval"), ("hf", "flat")])
+def test_real_dimensions_match_transformers(tmp_path_factory, layout, mode):
+    """1024×24 Qwen2 with the 152k vocabulary, 1152×26 SigLIP: the real model's shapes, random weights."""
+    from llava_ui.random_checkpoint import write_random_checkpoint
+
+    root = tmp_path_factory.mktemp("real")
+    hf_dir = write_random_checkpoint(root / "hf", "hf", "real", vocab="qwen")
+    folder = hf_dir if layout == "hf" else write_random_checkpoint(root / layout, layout, "real", vocab="qwen")
+    assert_matches_reference(folder, hf_dir, layout, mode)
 
 
 def test_flat_mode_with_image_tokens_matches_transformers_forward(checkpoints):
