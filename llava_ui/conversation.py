@@ -11,6 +11,7 @@ from .media import Video, image_digest
 from .prompt import IMAGE_TOKEN, Message, clean_user_text, place_images
 
 VIDEO_TOKEN = "<video>"
+MAX_MESSAGE_CHARS = 20_000  # ~5k tokens; longer pastes would take minutes to prefill on a CPU
 
 
 @dataclass
@@ -69,6 +70,8 @@ class Conversation:
         if self.turns and self.turns[-1].answer is None:
             raise UserError("the last message has no answer yet")
         text = clean_user_text(text or "")
+        if len(text) > MAX_MESSAGE_CHARS:
+            raise UserError(f"the message is {len(text):,} characters long; the limit is {MAX_MESSAGE_CHARS:,}")
         pictures = [p if isinstance(p, Picture) else Picture(p) for p in pictures]
         if not text.strip() and not pictures and video is None:
             raise UserError("the message is empty: type some text or attach an image or a video")

@@ -167,14 +167,17 @@ class Engine:
                         f"but the context holds {self.context_length:,}: there is room for at most {fit} image"
                         f"{'s' * (fit != 1)} or frame{'s' * (fit != 1)}; attach fewer or lower the frame count")
 
-    def image_rows(self, plan: Plan) -> tuple[list, int]:
-        """Packed feature rows per image; only images not in the feature cache go through the vision tower."""
+    def image_rows(self, plan: Plan, stop_event: threading.Event | None = None) -> tuple[list, int]:
+        """Packed feature rows per image; only images not in the feature cache go through the vision tower.
+        A stop request is honoured between vision batches (the rows then stay partly None)."""
         rows, todo = [None] * len(plan.images), []
         for i, prepared in enumerate(plan.images):
             rows[i] = self.features.get(prepared.cache_key)
             if rows[i] is None:
                 todo.append(i)
         for start in range(0, len(todo), VISION_BATCH):
+            if stop_event is not None and stop_event.is_set():
+                break
             batch = todo[start:start + VISION_BATCH]
             pixels = [pixel_views(plan.pil_images[i], plan.images[i], self.config) for i in batch]
             with self.compute_lock:
@@ -201,7 +204,11 @@ class Engine:
         seed = settings.seed if settings.seed is not None else random.randrange(2**31)
         run = GenerationSettings(**{**asdict(settings), "max_new_tokens": plan.max_new_tokens, "seed": seed})
         turn = conversation.pending()
-        rows, encoded = ([], 0) if stop_event.is_set() else self.image_rows(plan)
+        rows, encoded = self.image_rows(plan, stop_event)
+        if stop_event.is_set():  # stopped before the prompt was computed: nothing to say
+            turn.answer = ""
+            yield _final(plan, "", [], "stopped", seed, started, None, 0, encoded)
+            return
         items, sizes = _items(plan)
         matched, cached_positions, kv = self.prefixes.match(items)
         rest_ids = plan.prompt_ids[matched:]
@@ -237,23 +244,29 @@ class Engine:
             if state.get("cache") is not None:
                 fed = state["fed"]
                 self.prefixes.store(items + token_ids[:fed], sizes + [1] * fed, state["cache"])
-        first = times[0] - started if times else None
-        decode_rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
-        yield {
-            "type": "done", "text": stops.text, "token_ids": token_ids, "finish_reason": reason, "seed": seed,
-            "prompt": plan.prompt, "image_mode": plan.image_mode, "dropped_turns": plan.dropped_turns,
-            "visual_tokens_per_image": [p.tokens for p in plan.images],
-            "stats": {"ttft_s": first, "decode_tokens_per_s": decode_rate, "generated_tokens": len(token_ids),
-                      "prompt_tokens": plan.prompt_tokens, "visual_tokens": plan.visual_tokens,
-                      "cached_prefix_tokens": cached_positions, "images_encoded": encoded,
-                      "images_from_cache": len(plan.images) - encoded, "total_s": time.perf_counter() - started},
-        }
+        yield _final(plan, stops.text, token_ids, reason, seed, started, times, cached_positions, encoded)
 
     def generate(self, conversation: Conversation, settings: GenerationSettings | None = None, **kwargs) -> dict:
         final = None
         for event in self.stream(conversation, settings, **kwargs):
             final = event
         return final
+
+
+def _final(plan: Plan, text: str, token_ids: list[int], reason: str, seed: int, started: float, times,
+           cached_positions: int, encoded: int) -> dict:
+    times = times or []
+    first = times[0] - started if times else None
+    decode_rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
+    return {
+        "type": "done", "text": text, "token_ids": token_ids, "finish_reason": reason, "seed": seed,
+        "prompt": plan.prompt, "image_mode": plan.image_mode, "dropped_turns": plan.dropped_turns,
+        "visual_tokens_per_image": [p.tokens for p in plan.images],
+        "stats": {"ttft_s": first, "decode_tokens_per_s": decode_rate, "generated_tokens": len(token_ids),
+                  "prompt_tokens": plan.prompt_tokens, "visual_tokens": plan.visual_tokens,
+                  "cached_prefix_tokens": cached_positions, "images_encoded": encoded,
+                  "images_from_cache": len(plan.images) - encoded, "total_s": time.perf_counter() - started},
+    }
 
 
 def _items(plan: Plan) -> tuple[list, list[int]]:

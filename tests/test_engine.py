@@ -226,3 +226,20 @@ def test_concurrent_first_requests_load_once(tiny_dir, monkeypatch):
     [t.join() for t in threads]
     assert len(builds) == 1 and engine.status()["state"] == "ready"
     assert engine.status()["random_weights"] is True
+
+
+def test_stop_before_the_prompt_is_computed_skips_the_model(engine):
+    stop = threading.Event()
+    stop.set()
+    calls = engine.model.vision_calls
+    conversation = chat(images=(41, 42))
+    final = engine.generate(conversation, GREEDY, stop_event=stop)
+    assert final["finish_reason"] == "stopped" and final["token_ids"] == []
+    assert engine.model.vision_calls == calls and conversation.turns[-1].answer == ""
+    conversation.prepare_regenerate()
+    assert engine.generate(conversation, GREEDY)["finish_reason"] == "length"  # the next request works
+
+
+def test_overlong_message_is_refused_with_the_limit():
+    with pytest.raises(UserError, match="100,000 characters long; the limit is 20,000"):
+        Conversation().add_user("x" * 100_000)
