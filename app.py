@@ -65,7 +65,7 @@ def create_app(args):
     from fastapi import FastAPI
 
     from llava_ui.api import create_api_router
-    from llava_ui.ui import build_demo
+    from llava_ui.ui import build_demo, launch_options
 
     backend = make_backend(args)
     if args.eager:
@@ -74,8 +74,8 @@ def create_app(args):
     app = FastAPI(title="llava_ui")
     app.include_router(create_api_router(backend, api_key=args.api_key, allow_file_urls=args.allow_file_urls))
     demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
-    return gr.mount_gradio_app(app, demo, path="", max_file_size=f"{args.max_upload_mb}mb",
-                               allowed_paths=[], show_error=True), demo, backend
+    return gr.mount_gradio_app(app, demo, path="", max_file_size=int(args.max_upload_mb * 2**20),
+                               allowed_paths=[], show_error=True, **launch_options()), demo, backend
 
 
 def main(argv=None) -> None:
@@ -83,7 +83,7 @@ def main(argv=None) -> None:
     if args.share:
         # a share link needs Gradio's own launcher; the API routes join its app once it runs
         from llava_ui.api import create_api_router
-        from llava_ui.ui import build_demo
+        from llava_ui.ui import build_demo, launch_options
 
         backend = make_backend(args)
         if args.eager:
@@ -91,7 +91,7 @@ def main(argv=None) -> None:
         demo = build_demo(backend, args)
         demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
         demo.launch(server_name=args.host, server_port=args.port, share=True, prevent_thread_lock=True,
-                    max_file_size=f"{args.max_upload_mb}mb")
+                    max_file_size=int(args.max_upload_mb * 2**20), **launch_options())
         demo.app.include_router(create_api_router(backend, api_key=args.api_key, allow_file_urls=args.allow_file_urls))
         demo.block_thread()
         return
