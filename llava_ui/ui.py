@@ -18,7 +18,8 @@ from .ui_session import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"
-UNDOCUMENTED = {"api_visibility": "undocumented"}  # callable by name, kept out of the API page
+UNDOCUMENTED = {"api_visibility": "undocumented", "show_progress": "hidden"}  # callable by name, not on the API page
+QUIET = {"api_visibility": "private", "show_progress": "hidden"}
 
 PLACEHOLDER = """### Chat with LLaVA-NeXT-Interleave
 Attach **one or more images** or **a video** (the clip button, drag-and-drop or paste) and ask about them,
@@ -61,7 +62,7 @@ def build_demo(backend, args) -> gr.Blocks:
                                      placeholder=PLACEHOLDER, buttons=["copy", "copy_all"], feedback_options=None)
                 chat_input = gr.MultimodalTextbox(
                     file_count="multiple", file_types=file_types, sources=["upload"], show_label=False,
-                    placeholder="Ask about your images or video…", stop_btn=True, elem_id="chat-input")
+                    placeholder="Ask about your images or video…", elem_id="chat-input")
                 gr.Markdown(help_line(max_files, max_upload_mb), elem_classes=["help-line"])
                 with gr.Row(elem_id="chat-buttons"):
                     stop_button = gr.Button("Stop", variant="stop", size="sm", elem_id="stop-button")
@@ -119,27 +120,26 @@ def build_demo(backend, args) -> gr.Blocks:
         views = [chatbot, session, stats, summary, prompt_view, raw_prompt, gallery]
         answer = dict(fn=chat.respond, inputs=[session, system, temperature, top_p, top_k, repetition_penalty,
                                                max_new_tokens, seed, image_mode],
-                      outputs=views + [chat_input], show_progress="hidden")
+                      outputs=views + [chat_input])
         answering = [
             chat_input.submit(chat.send, [chat_input, session, video_frames], [chatbot, chat_input, session],
-                              api_name="send", show_progress="hidden", **UNDOCUMENTED)
+                              api_name="send", **UNDOCUMENTED)
             .then(api_name="respond", **answer, **UNDOCUMENTED),
             regenerate_button.click(chat.regenerate, [session], views, api_name="regenerate", **UNDOCUMENTED)
-            .then(api_visibility="private", **answer),
-            chatbot.retry(chat.retry, [session], views, api_visibility="private").then(api_visibility="private", **answer),
-            chatbot.edit(chat.edit_at, [session], views, api_visibility="private").then(api_visibility="private", **answer),
+            .then(**answer, **QUIET),
+            chatbot.retry(chat.retry, [session], views, **QUIET).then(**answer, **QUIET),
+            chatbot.edit(chat.edit_at, [session], views, **QUIET).then(**answer, **QUIET),
         ]
-        gr.on([stop_button.click, chat_input.stop], chat.stop, [session], views, cancels=answering, api_name="stop",
-              **UNDOCUMENTED)
+        stop_button.click(chat.stop, [session], views, cancels=answering, api_name="stop", **UNDOCUMENTED)
         undo_button.click(chat.undo, [session], views + [chat_input], api_name="undo", **UNDOCUMENTED)
-        chatbot.undo(chat.undo_at, [session], views + [chat_input], api_visibility="private")
+        chatbot.undo(chat.undo_at, [session], views + [chat_input], **QUIET)
         clear_button.click(chat.clear, [session], views, api_name="clear", **UNDOCUMENTED)
-        chatbot.clear(chat.clear, [session], views, api_visibility="private")
+        chatbot.clear(chat.clear, [session], views, **QUIET)
         export_button.click(chat.export, [session], [export_file], api_name="export", **UNDOCUMENTED)
 
         status_outputs = [status, load_button, timer]
         demo.load(chat.status, None, status_outputs, api_name="status", **UNDOCUMENTED)
-        timer.tick(chat.status, None, status_outputs, show_progress="hidden", api_visibility="private")
+        timer.tick(chat.status, None, status_outputs, **QUIET)
         load_button.click(chat.load, None, status_outputs, api_name="load", **UNDOCUMENTED)
         api_button.click(chat.chat_api, api_inputs, [api_answer], api_name="chat",
                          api_description="Answer one message (text with optional <image>/<video> markers, plus "

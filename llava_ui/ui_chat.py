@@ -84,6 +84,7 @@ class ChatHandlers:
             shown = session.turns[-1]
             shown.settings = make_settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
             session.conversation.system = (system or "").strip() or None
+            yield self.streaming(session)  # "…" in place of the answer until the first token
             for _ in self._wait_for_model(session):
                 yield self.streaming(session)
             yield from self._stream(session, shown, image_mode or None)
