@@ -89,20 +89,22 @@ class ReferenceAnswerer:
     def __init__(self, engine, image_mode: str, trace_path: str | None = None, repetition_penalty: float = 1.0):
         self.engine, self.image_mode, self.trace_path = engine, image_mode, trace_path
         self.repetition_penalty = repetition_penalty
-        self.generated: dict[str, tuple[list[int], str]] = {}  # this sample's answers → (raw ids, as text)
+        self.answers: list[tuple[str, list[int], str]] = []  # this sample's answers: (answer, raw ids, ids as text)
         self.turns = []  # (seconds, generated tokens, finish reason) per answered turn
 
     def render(self, messages) -> tuple[list[int], str]:
         """The whole prompt of the last question; earlier answers as generated (re-tokenized if not generated here)."""
         tokenizer = self.engine.tokenizer
-        ids, text = [], ""
+        ids, text, answered = [], "", 0
         for message in messages:
+            content = message["content"]
             if message["role"] == "user":
-                block_ids, block_text = question_block(tokenizer, message["content"])
+                block_ids, block_text = question_block(tokenizer, content)
+            elif answered < len(self.answers) and self.answers[answered][0] == content:
+                _, block_ids, block_text = self.answers[answered]
+                answered += 1
             else:
-                content = message["content"]
-                block_ids, block_text = self.generated.get(content) or (
-                    tokenizer.encode_text(content) + [tokenizer.special_ids[IM_END]], content + IM_END)
+                block_ids, block_text = tokenizer.encode_text(content) + [tokenizer.special_ids[IM_END]], content + IM_END
             ids += block_ids
             text += block_text
         return ids, text
@@ -114,7 +116,7 @@ class ReferenceAnswerer:
 
         engine = self.engine
         if len(messages) == 1:
-            self.generated.clear()  # a new sample
+            self.answers.clear()  # a new sample
         started = time.perf_counter()
         ids, text = self.render(messages)
         images = _load_images(image_paths, ids.count(IMAGE_MARKER))
@@ -145,7 +147,7 @@ class ReferenceAnswerer:
             tokens.close()
         decoded = engine.tokenizer.decode(generated)
         answer = decoded.strip()
-        self.generated[answer] = (generated + [stop] * (stop is not None), decoded + names.get(stop, ""))
+        self.answers.append((answer, generated + [stop] * (stop is not None), decoded + names.get(stop, "")))
         seconds = time.perf_counter() - started
         finish = "stop" if stop is not None else "length"
         self.turns.append((seconds, len(generated), finish))
