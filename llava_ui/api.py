@@ -40,13 +40,19 @@ class OpenAIRoute(APIRoute):
             except APIError as err:
                 return error_response(err)
             except UserError as err:
-                return error_response(APIError(getattr(err, "http_status", 400), str(err)))
+                return error_response(user_error(err))
             except Exception:
                 logger.exception("unexpected error in %s %s", request.method, request.url.path)
                 return error_response(APIError(500, "internal server error (details are in the server log)",
                                                "server_error", "internal_error"))
 
         return guarded
+
+
+def user_error(err: UserError) -> APIError:
+    """Something the request can fix (400), or a remote engine that failed (its http_status, 502)."""
+    status = getattr(err, "http_status", 400)
+    return APIError(status, str(err), "server_error" if status >= 500 else "invalid_request_error")
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -247,8 +253,8 @@ async def stream_chunks(reply: Reply, events, first, stop_event: threading.Event
         finished = True
         if not isinstance(err, UserError):
             logger.exception("generation failed mid-stream (%s)", reply.id)
-        message = str(err) if isinstance(err, UserError) else "internal server error (details are in the server log)"
-        yield sse(APIError(getattr(err, "http_status", 400 if isinstance(err, UserError) else 500), message).body())
+        yield sse((user_error(err) if isinstance(err, UserError) else
+                   APIError(500, "internal server error (details are in the server log)", "server_error")).body())
     finally:
         if not finished:
             stop_event.set()

@@ -1,6 +1,5 @@
 """Remote mode: a RemoteEngine (B) in front of another instance's API (A) answers exactly as A does, and stops A."""
 
-import argparse
 import base64
 import io
 import threading
@@ -50,7 +49,7 @@ class BlockedEngine(Engine):
 
 @contextmanager
 def serve(app):
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -223,10 +222,27 @@ def test_a_ui_instance_in_remote_mode_chats_like_the_engine(engine_a, url_a, tmp
     RED.save(image)
     with serve(ui_app) as root:
         client = Client(root + "/", verbose=False)
-        answer = client.predict("look at <image> please", [handle_file(str(image))], "", 0.0, 1.0, 0, 1.0, 12, 4, 1,
-                                None, api_name="/chat")
+        job = client.submit("look at <image> please", [handle_file(str(image))], "", 0, 1.0, 0, 1.0, 12, 4, 1, "",
+                            api_name="/chat")
+        answer = job.result(timeout=120)
     direct = engine_a.generate(chat("look at <image> please", [RED]), GenerationSettings(max_new_tokens=12,
                                                                                           temperature=0, seed=1))
-    assert backend.status()["state"] == "ready"
-    assert (answer if isinstance(answer, str) else answer[-1]) == direct["text"]
-    assert isinstance(args, argparse.Namespace)
+    assert backend.status()["state"] == "ready" and backend.status()["model"] == engine_a.status()["model"]
+    assert answer == direct["text"] and len(job.outputs()) >= 1
+
+
+def test_the_vllm_chat_template_in_the_docs_builds_this_apps_prompt():
+    import jinja2
+
+    from llava_ui.openai_format import openai_messages
+    from llava_ui.prompt import render_prompt
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    template = jinja2.Environment().from_string(docs.split("```jinja\n")[1].split("```")[0])
+    conversation = chat("two: <image> and\n<image>!", [RED, BLUE], history=[("hello", "hi")])
+    messages = openai_messages(conversation, lambda image, digest: "data:,")
+    for message in messages:  # vLLM hands image parts to the template as {"type": "image"}
+        if isinstance(message["content"], list):
+            message["content"] = [p if p["type"] == "text" else {"type": "image"} for p in message["content"]]
+    rendered = template.render(messages=messages, add_generation_prompt=True)
+    assert rendered == render_prompt(conversation.system, conversation.messages())
