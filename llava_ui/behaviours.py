@@ -44,16 +44,17 @@ def check_image_mode(mode: str, has_newline: bool) -> str:
     return mode
 
 
-def prepare_images(images: list[Image.Image], mode: str, config: ModelConfig, digests=None) -> list[PreparedImage]:
-    """Plan every image of a request. `trained` uses anyres only when the request holds exactly one image."""
-    size = config.vision.image_size
+def prepare_images(images: list[Image.Image], mode: str, config: ModelConfig, digests=None,
+                   has_video: bool = False) -> list[PreparedImage]:
+    """Plan every image of a request. `trained` uses anyres only for exactly one image that is not a video frame
+    (a one-frame video is still a video: its frame is square-padded, as frames were in training)."""
     patches = config.vision.num_patches
-    lone = len(images) == 1
+    lone = len(images) == 1 and not has_video
     prepared = []
     for i, image in enumerate(images):
         digest = digests[i] if digests else image_digest(image)
         if mode == "trained" and lone:
-            tokens = anyres_token_count(image.size, config.image_grid_pinpoints, tile=size,
+            tokens = anyres_token_count(image.size, config.image_grid_pinpoints, tile=config.vision.image_size,
                                         patches_per_side=config.vision.patches_per_side)
             prepared.append(PreparedImage(digest, image.size, "anyres", "anyres", tokens))
         elif mode == "trained":

@@ -83,6 +83,7 @@ class Engine:
         self.prefixes = PrefixCache(prefix_cache_mb << 20, prefix_cache_entries)
         self.model = self.tokenizer = self.config = None
         self.on_progress = None  # e.g. the command line prints load progress to stderr
+        self.model_dir = None  # the resolved checkpoint folder, once loaded
         self._load_lock = threading.Lock()
         self.compute_lock = threading.Lock()
 
@@ -134,6 +135,7 @@ class Engine:
         paddle.set_device(device)
         paddle.set_grad_enabled(False)  # the product never trains; grad state is global, not per thread
         model_dir = resolve_model_dir(self.model_id, self._progress)
+        self.model_dir = model_dir
         model, config, layout = build_model(model_dir, dtype, self._progress)
         self._progress("loading the tokenizer ...")
         self.tokenizer = load_tokenizer(model_dir)
@@ -153,7 +155,8 @@ class Engine:
         for dropped in range(len(turns)):
             kept = turns[dropped:]
             media = conversation.media(kept)
-            images = prepare_images([m[0] for m in media], mode, self.config, [m[1] for m in media])
+            images = prepare_images([m[0] for m in media], mode, self.config, [m[1] for m in media],
+                                    has_video=any(turn.video is not None for turn in kept))
             messages = conversation.messages(kept)
             ids = self.tokenizer.encode_prompt(conversation.system, messages)
             visual = sum(p.tokens for p in images)
@@ -161,11 +164,16 @@ class Engine:
             if total < self.context_length:
                 return Plan(ids, images, [m[0] for m in media], render_prompt(conversation.system, messages),
                             total, visual, min(max_new_tokens, self.context_length - total), dropped, mode)
-        n, per_image = len(images), visual // max(len(images), 1)
-        fit = max(0, (self.context_length - 1 - (total - visual)) // max(per_image, 1))
-        raise UserError(f"this message needs {total:,} tokens ({n} image{'s' * (n != 1)} or frames take {visual:,}) "
-                        f"but the context holds {self.context_length:,}: there is room for at most {fit} image"
-                        f"{'s' * (fit != 1)} or frame{'s' * (fit != 1)}; attach fewer or lower the frame count")
+        n, text = len(images), total - visual
+        per_image = max(visual // max(n, 1), 1)
+        fit = max(0, (self.context_length - 1 - text) // per_image)
+        hint = "attach fewer images or lower the frame count"
+        if mode == "trained" and n == 1 and per_image > self.config.vision.num_patches + 1:
+            hint = "this lone image uses anyres tiles in 'trained' mode; 'eval' or 'flat' mode needs about 730 tokens"
+        raise UserError(f"this message needs {total:,} tokens ({n} image{'s' * (n != 1)} or frames take {visual:,}, "
+                        f"{per_image:,} each) but the context holds {self.context_length:,} and the text takes "
+                        f"{text:,}: there is room for at most {fit} image{'s' * (fit != 1)} or frame"
+                        f"{'s' * (fit != 1)}; {hint}")
 
     def image_rows(self, plan: Plan, stop_event: threading.Event | None = None) -> tuple[list, int]:
         """Packed feature rows per image; only images not in the feature cache go through the vision tower.

@@ -54,7 +54,7 @@ def test_video_frames_are_reported(tiny_dir, capsys):
     (["--image", "missing.png"], "not found"),
     (["--image", "requirements.txt"], "not a readable image"),
     (["--video", "assets/shapes_before.png"], "video"),
-    (["--image", ASSETS[0], "--image", ASSETS[1], "--context-length", "1000"], "context holds 1,000: there is room for at most 1 image or frame"),
+    (["--image", ASSETS[0], "--image", ASSETS[1], "--context-length", "1000"], "context holds 1,000 and the text takes 53: there is room for at most 1 image or frame"),
     (["--image", ASSETS[0], "--prompt", "two <image> <image>"], "marker"),
 ])
 def test_user_errors_exit_2_with_one_line(tiny_dir, capsys, extra, message):

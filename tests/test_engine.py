@@ -243,3 +243,15 @@ def test_stop_before_the_prompt_is_computed_skips_the_model(engine):
 def test_overlong_message_is_refused_with_the_limit():
     with pytest.raises(UserError, match="100,000 characters long; the limit is 20,000"):
         Conversation().add_user("x" * 100_000)
+
+
+def test_a_one_frame_video_is_square_padded_not_tiled_in_trained_mode(engine):
+    from llava_ui.media import Frame, Video
+
+    conversation = Conversation()
+    conversation.add_user("What is this?", [], Video([Frame(picture(50, (900, 300)), 0, 0.0)], 1, 10.0))
+    plan = engine.plan(conversation, image_mode="trained")
+    assert [(p.view, p.tokens) for p in plan.images] == [("square", 730)]
+    photo = Conversation()
+    photo.add_user("What is this?", [picture(50, (900, 300))])
+    assert engine.plan(photo, image_mode="trained").images[0].view == "anyres"
