@@ -10,7 +10,6 @@ import json
 import logging
 import threading
 import time
-import uuid
 
 import anyio
 from fastapi import APIRouter, Request
@@ -19,7 +18,7 @@ from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
 from .errors import UserError
-from .openai_format import APIError, ChatRequest, conversation_from_messages
+from .openai_format import APIError, ChatRequest, Reply, conversation_from_messages, finish_reason
 
 logger = logging.getLogger(__name__)
 LOADING_RETRY_S = 5
@@ -74,6 +73,9 @@ class LoadGate:
             if status["state"] == "not_loaded" or retry:
                 self.started = time.monotonic()
                 self.backend.load_in_background()
+                status = self.backend.status()
+                if status["state"] == "not_loaded":  # the load thread has not begun yet
+                    status = {**status, "state": "loading", "message": "starting"}
         return status
 
     def check(self) -> None:
@@ -110,13 +112,13 @@ def create_api_router(backend, api_key: str | None = None, allow_file_urls: bool
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
-        body = await parse_request(request)
+        body = await anyio.to_thread.run_sync(parse_request, await request.body())  # large images: off the loop
         settings = body.settings()
         served = backend.status().get("model")
         if body.model and served and body.model != served:
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {served!r}",
                            code="model_not_found", param="model")
-        conversation = conversation_from_messages(body.messages, allow_file_urls)
+        conversation = await anyio.to_thread.run_sync(conversation_from_messages, body.messages, allow_file_urls)
         gate.check()
         stop_event = threading.Event()
         events = backend.stream(conversation, settings, image_mode=body.image_mode, stop_event=stop_event)
@@ -150,9 +152,9 @@ def create_api_router(backend, api_key: str | None = None, allow_file_urls: bool
     return router
 
 
-async def parse_request(request: Request) -> ChatRequest:
+def parse_request(raw: bytes) -> ChatRequest:
     try:
-        payload = await request.json()
+        payload = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise APIError(400, "the request body is not valid JSON") from None
     try:
@@ -170,51 +172,6 @@ def model_card(status: dict, created: int) -> dict:
     card["llava_ui"] = {key: status.get(key) for key in ("state", "message", "error", "image_mode", "random_weights",
                                                          "context_length", "device", "dtype", "layout")}
     return card
-
-
-class Reply:
-    """The id, timestamps and shapes of one chat completion, streamed or not."""
-
-    def __init__(self, model: str, include_usage: bool = False):
-        self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model
-        self.include_usage = include_usage
-
-    def _head(self, object_name: str) -> dict:
-        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
-
-    def chunk(self, delta: dict, finish_reason: str | None = None, final: dict | None = None) -> dict:
-        chunk = {**self._head("chat.completion.chunk"),
-                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
-        if self.include_usage:
-            chunk["usage"] = None
-        if final is not None:
-            chunk["llava_ui"] = details(final)
-        return chunk
-
-    def usage_chunk(self, final: dict) -> dict:
-        return {**self._head("chat.completion.chunk"), "choices": [], "usage": usage(final)}
-
-    def completion(self, final: dict) -> dict:
-        message = {"role": "assistant", "content": final["text"]}
-        return {**self._head("chat.completion"),
-                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(final)}],
-                "usage": usage(final), "llava_ui": details(final)}
-
-
-def finish_reason(final: dict) -> str:
-    return "length" if final["finish_reason"] == "length" else "stop"
-
-
-def usage(final: dict) -> dict:
-    prompt = final["stats"].get("prompt_tokens") or 0
-    completion = final["stats"].get("generated_tokens") or 0
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def details(final: dict) -> dict:
-    """What this server adds for inspection (another instance's RemoteEngine reads it); clients may ignore it."""
-    keys = ("seed", "image_mode", "dropped_turns", "visual_tokens_per_image")
-    return {**{key: final.get(key) for key in keys}, "stats": final.get("stats")}
 
 
 class ClosingStreamingResponse(StreamingResponse):

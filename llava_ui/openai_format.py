@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import time
+import uuid
 from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlparse
@@ -91,6 +93,51 @@ class ChatRequest(BaseModel):
             top_k=top_k, repetition_penalty=self.repetition_penalty or default.repetition_penalty,
             seed=self.seed, stop=stop)
         return settings.validate()
+
+
+class Reply:
+    """The id, timestamps and shapes of one chat completion, streamed or not."""
+
+    def __init__(self, model: str, include_usage: bool = False):
+        self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model
+        self.include_usage = include_usage
+
+    def _head(self, object_name: str) -> dict:
+        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
+
+    def chunk(self, delta: dict, finish_reason: str | None = None, final: dict | None = None) -> dict:
+        chunk = {**self._head("chat.completion.chunk"),
+                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+        if self.include_usage:
+            chunk["usage"] = None
+        if final is not None:
+            chunk["llava_ui"] = details(final)
+        return chunk
+
+    def usage_chunk(self, final: dict) -> dict:
+        return {**self._head("chat.completion.chunk"), "choices": [], "usage": usage(final)}
+
+    def completion(self, final: dict) -> dict:
+        message = {"role": "assistant", "content": final["text"]}
+        return {**self._head("chat.completion"),
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(final)}],
+                "usage": usage(final), "llava_ui": details(final)}
+
+
+def finish_reason(final: dict) -> str:
+    return "length" if final["finish_reason"] == "length" else "stop"
+
+
+def usage(final: dict) -> dict:
+    prompt = final["stats"].get("prompt_tokens") or 0
+    completion = final["stats"].get("generated_tokens") or 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def details(final: dict) -> dict:
+    """What this server adds for inspection (another instance's RemoteEngine reads it); clients may ignore it."""
+    keys = ("seed", "image_mode", "dropped_turns", "visual_tokens_per_image")
+    return {**{key: final.get(key) for key in keys}, "stats": final.get("stats")}
 
 
 def conversation_from_messages(messages: list[ChatMessage], allow_file_urls: bool = False) -> Conversation:
