@@ -24,7 +24,7 @@ from .prompt import render_prompt
 
 CONNECT_TIMEOUT_S = 10.0
 POLL_S = 1.0
-IMAGE_URL_CACHE = 64  # encoded images kept (history images are re-sent every turn)
+IMAGE_URL_CACHE_CHARS = 64 << 20  # encoded images kept (history images are re-sent every turn)
 
 
 class RemoteError(UserError):
@@ -46,6 +46,7 @@ class RemoteEngine:
         self.same_app = False
         self._load_lock = threading.Lock()
         self._image_urls: OrderedDict[str, str] = OrderedDict()
+        self._image_urls_lock = threading.Lock()
 
     def status(self) -> dict:
         info = self.remote_info
@@ -180,12 +181,16 @@ class RemoteEngine:
         return payload
 
     def _image_url(self, image, digest: str) -> str:
-        url = self._image_urls.get(digest)
-        if url is None:
-            url = self._image_urls[digest] = image_data_url(image, self.image_format)
-            while len(self._image_urls) > IMAGE_URL_CACHE:
+        with self._image_urls_lock:
+            url = self._image_urls.get(digest)
+            if url is not None:
+                self._image_urls.move_to_end(digest)
+                return url
+        url = image_data_url(image, self.image_format)
+        with self._image_urls_lock:
+            self._image_urls[digest] = url
+            while sum(map(len, self._image_urls.values())) > IMAGE_URL_CACHE_CHARS and len(self._image_urls) > 1:
                 self._image_urls.popitem(last=False)
-        self._image_urls.move_to_end(digest)
         return url
 
     @contextmanager
@@ -194,22 +199,24 @@ class RemoteEngine:
         deadline = time.monotonic() + self.load_timeout_s
         with self._client() as client:
             while True:
+                if stop_event.is_set():
+                    yield None
+                    return
                 request = client.build_request("POST", f"{self.base_url}/chat/completions", json=payload)
                 try:
                     response = client.send(request, stream=True)
                 except httpx.HTTPError as err:
                     raise RemoteError(f"cannot reach {self.base_url} ({type(err).__name__}: {err})") from None
-                if response.status_code == 503 and time.monotonic() < deadline and not stop_event.is_set():
+                if response.status_code == 503 and time.monotonic() < deadline:
                     wait = _retry_after(response)
                     response.close()
-                    if stop_event.wait(wait):
-                        yield None  # stopped while the remote model was still loading
-                        return
+                    stop_event.wait(wait)
                     continue
                 try:
                     if response.status_code != 200:
                         response.read()
-                        error = RemoteError if response.status_code >= 500 else UserError
+                        # the request's fault (400, 413, 422): a user error; anything else is the remote's
+                        error = UserError if response.status_code in (400, 413, 422) else RemoteError
                         raise error(f"the remote engine answered HTTP {response.status_code}: "
                                     f"{_error_message(response)}")
                     yield response
