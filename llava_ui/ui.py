@@ -59,7 +59,8 @@ def build_demo(backend, args) -> gr.Blocks:
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=420):
                 chatbot = gr.Chatbot(elem_id="chatbot", label="Chat", editable="user", height=560,
-                                     placeholder=PLACEHOLDER, buttons=["copy", "copy_all"], feedback_options=None)
+                                     placeholder=PLACEHOLDER, buttons=["copy", "copy_all"], feedback_options=None,
+                                     group_consecutive_messages=False)  # a turn's files and text: separate bubbles
                 chat_input = gr.MultimodalTextbox(
                     file_count="multiple", file_types=file_types, sources=["upload"], show_label=False,
                     placeholder="Ask about your images or video…", elem_id="chat-input")

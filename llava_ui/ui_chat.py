@@ -18,7 +18,8 @@ from .conversation import Conversation, Picture
 from .errors import UserError
 from .media import load_image, load_video
 from .ui_inspector import inspector_views, stats_line, status_html, write_export
-from .ui_session import ChatSession, add_message, chat_messages, check_files, settle, turn_index, typed_text
+from .ui_render import chat_messages, turn_index, typed_text
+from .ui_session import ChatSession, add_message, check_files, settle
 
 REFRESH_S = 0.05  # at most ~20 screen updates a second while tokens stream
 TEST_DELAY_ENV = "LLAVA_UI_TEST_TOKEN_DELAY"
@@ -40,7 +41,7 @@ class ChatHandlers:
     def __init__(self, backend, frames: int = 16, max_files: int = 8, max_upload_mb: float = 50):
         self.backend = backend
         self.frames, self.max_files, self.max_upload_mb = frames, max_files, max_upload_mb
-        self.files_dir = tempfile.mkdtemp(prefix="llava_ui_")  # frame sheets and exports (Gradio serves temp files)
+        self.files_dir = tempfile.mkdtemp(prefix="llava_ui_")  # previews, frame sheets, exports (Gradio serves temp files)
 
     def views(self, session: ChatSession | None) -> tuple:
         """What most handlers return: (chatbot, session, stats line, summary, tagged prompt, raw prompt, frames);

@@ -1,24 +1,21 @@
 """One browser tab's chat: the conversation, what each turn showed, and how its answers were made.
 
 Kept in a `gr.State`, so every handler gets the same object. The Chatbot's value is always drawn from here
-(`chat_messages`), never read back, so the model's conversation and the screen cannot drift apart.
+(`ui_render.chat_messages`), never read back, so the model's conversation and the screen cannot drift apart.
 """
 from __future__ import annotations
 
 import os
-import re
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
 from .config import GenerationSettings
-from .conversation import VIDEO_TOKEN, Conversation, Picture
+from .conversation import Conversation, Picture
 from .errors import UserError
-from .media import Video, load_image, load_video
+from .media import load_image, load_video
 from .prompt import IMAGE_TOKEN
+from .ui_render import contact_sheet, numbered_preview
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mov", ".mkv")
@@ -26,10 +23,12 @@ VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mov", ".mkv")
 
 @dataclass
 class TurnRecord:
-    """What the UI keeps beside a conversation turn: the files as uploaded and how its answer was made."""
+    """What the UI keeps beside a conversation turn: the files as uploaded, what the chat shows for them, and how
+    its answer was made."""
 
-    files: list[str]
-    sheet: str | None = None  # contact sheet of the sampled video frames, shown in the chat
+    files: list[str]  # uploaded paths: the images in order, then the video
+    previews: list[str] = field(default_factory=list)  # per image, the picture shown (numbered when it helps)
+    sheet: str | None = None  # contact sheet of the sampled video frames
     record: dict | None = None  # the engine's final "done" event
     settings: GenerationSettings | None = None
 
@@ -81,7 +80,7 @@ def check_files(paths: list[str], max_files: int, max_upload_mb: float) -> tuple
 
 
 def add_message(session: ChatSession, text: str, paths: list[str], frames: int, max_files: int,
-                max_upload_mb: float, sheet_dir: str | None = None) -> None:
+                max_upload_mb: float, folder: str) -> None:
     """Decode the uploads and append the user's turn, or raise UserError leaving the session as it was."""
     if session.busy:
         raise UserError("an answer is still being written: wait for it or press Stop")
@@ -89,9 +88,12 @@ def add_message(session: ChatSession, text: str, paths: list[str], frames: int, 
     images, video_path = check_files(paths, max_files, max_upload_mb)
     pictures = [load_image(p, name=Path(p).name) for p in images]
     video = load_video(video_path, int(frames), name=Path(video_path).name) if video_path else None
-    session.conversation.add_user(text, [Picture(img, Path(p).name) for img, p in zip(pictures, images)], video)
-    shown = images + ([video_path] if video_path else [])
-    session.turns.append(TurnRecord(shown, contact_sheet(video, sheet_dir) if video else None))
+    turn = session.conversation.add_user(text, [Picture(img, Path(p).name) for img, p in zip(pictures, images)], video)
+    numbered = len(images) > 1 or IMAGE_TOKEN in text  # a badge "2" on the picture that `<image 2>` names
+    previews = [numbered_preview(p.image, i, p.digest, folder) if numbered else path
+                for i, (p, path) in enumerate(zip(turn.pictures, images), 1)]
+    session.turns.append(TurnRecord(images + ([video_path] if video_path else []), previews,
+                                    contact_sheet(video, folder) if video else None))
 
 
 def settle(session: ChatSession) -> None:
@@ -103,75 +105,3 @@ def settle(session: ChatSession) -> None:
         turns[-1].answer = session.turns[-1].record.get("text", "")
     elif turns[-1].answer is None:
         turns[-1].answer = session.partial  # stopped before (or while) generating
-
-
-def contact_sheet(video: Video, folder: str | None = None, columns: int = 4, width: int = 640) -> str:
-    """The sampled frames as one grid image: browsers cannot play every codec, but they can show this."""
-    count = len(video.frames)
-    columns = min(columns, count)
-    rows = -(-count // columns)
-    first = video.frames[0].image
-    cell_w = width // columns
-    cell_h = max(1, round(cell_w * first.height / max(first.width, 1)))
-    sheet = Image.new("RGB", (cell_w * columns, cell_h * rows), "white")
-    for i, frame in enumerate(video.frames):
-        sheet.paste(frame.image.resize((cell_w - 2, cell_h - 2)), ((i % columns) * cell_w + 1, (i // columns) * cell_h + 1))
-    folder = folder or tempfile.mkdtemp(prefix="llava_ui_frames_")
-    path = Path(folder) / f"frames-{video.digest}-{count}.png"
-    if not path.exists():
-        sheet.save(path)
-    return str(path)
-
-
-def user_content(text: str, files: list[str], sheet: str | None, has_video: bool) -> list:
-    """The user's turn as Chatbot content: the text with numbered markers (`<image 2>` is the 2nd image), then the
-    images in that order, then the video and its sampled frames.
-
-    The text stays one piece: the Chatbot's edit event reports only a message's first text piece.
-    """
-    images = files[:-1] if has_video else files
-    parts = [{"path": p, "alt_text": f"Image {i}: {Path(p).name}"} for i, p in enumerate(images, 1)]
-    if has_video:
-        parts.append({"path": files[-1], "alt_text": f"video: {Path(files[-1]).name}"})
-    if sheet:
-        parts.append({"path": sheet, "alt_text": "the video frames the model sees"})
-    return ([shown_text(text)] if text.strip() else []) + parts
-
-
-def shown_text(text: str) -> str:
-    """Markers as visible, numbered code spans (raw `<image>` would be swallowed as an HTML tag)."""
-    count = iter(range(1, text.count(IMAGE_TOKEN) + 1))
-    text = re.sub(re.escape(IMAGE_TOKEN), lambda _: f"`<image {next(count)}>`", text)
-    return text.replace(VIDEO_TOKEN, f"`{VIDEO_TOKEN}`")
-
-
-def typed_text(shown: str) -> str:
-    """Undo `shown_text` (for an edited message coming back from the Chatbot)."""
-    shown = re.sub(r"`?<image(?: \d+)?>`?", IMAGE_TOKEN, shown)
-    return re.sub(r"`?<video>`?", VIDEO_TOKEN, shown)
-
-
-def chat_messages(session: ChatSession | None) -> list[dict]:
-    """The Chatbot value: per turn the user's message and the answer (partial while it is being written)."""
-    if session is None:
-        return []
-    messages, turns = [], session.conversation.turns
-    for i, (turn, shown) in enumerate(zip(turns, session.turns)):
-        messages.append({"role": "user", "content": user_content(turn.text, shown.files, shown.sheet,
-                                                                   turn.video is not None)})
-        if turn.answer is not None:
-            answer = turn.answer if turn.answer.strip() else "*(stopped before any text)*"
-        elif i == len(turns) - 1 and session.busy:
-            answer = session.partial or session.notice or "…"
-        else:
-            continue
-        messages.append({"role": "assistant", "content": answer})
-    return messages
-
-
-def turn_index(session: ChatSession, message_index: int) -> int:
-    """Which conversation turn a Chatbot message index (from a retry/undo/edit event) belongs to."""
-    if isinstance(message_index, (tuple, list)):
-        message_index = message_index[0]
-    roles = [m["role"] for m in chat_messages(session)]
-    return max(0, sum(1 for role in roles[:message_index + 1] if role == "user") - 1)

@@ -147,8 +147,9 @@ def test_chat_streams_stops_regenerates_and_undoes(page):
     grown = sorted(set(lengths))
     assert len(grown) >= 4 and lengths[-1] > lengths[0], f"the answer should grow on screen: {lengths}"
     shot(page, "02-streaming")
-    user = page.locator("#chatbot [data-testid=user]").first.inner_text()
-    assert "<image 1>" in user and "<image 2>" in user  # where each image went
+    user = page.locator("#chatbot [data-testid=user]").all_inner_texts()
+    assert "first <image 1> then <image 2>: which has the taller blue bar?" in user  # where each image went
+    assert page.locator("#chatbot [data-testid=user] img").count() == 2  # the numbered pictures
 
     page.locator("#stop-button").click()
     line = wait_for_answer(page, "", timeout_s=20)
@@ -202,3 +203,20 @@ def test_a_corrupt_file_shows_an_error_and_the_chat_keeps_working(page, tmp_path
     wait_for_answer(page, before, timeout_s=60)
     assert page.locator("#chatbot [data-testid=bot]").count() == 1
     shot(page, "08-after-error")
+
+
+def test_editing_an_earlier_message_drops_later_turns_and_answers_again(page):
+    set_settings(page, max_new_tokens=8)
+    first = wait_for_answer(page, send(page, "how many stars? <image>", [ROOT / "assets/stars_two.png"]))
+    second = wait_for_answer(page, send(page, "and now?"))
+    assert page.locator("#chatbot [data-testid=bot]").count() == 2
+    page.locator("#chatbot button[aria-label=Edit]").first.click()
+    box = page.locator("#chatbot textarea").first
+    assert box.input_value() == "how many stars? `<image 1>`"
+    box.fill("count the stars in `<image 1>`")
+    page.locator("#chatbot button[aria-label=Submit]").first.click()
+    wait_for_answer(page, second)
+    texts = page.locator("#chatbot [data-testid=user]").all_inner_texts()
+    assert "count the stars in <image 1>" in texts and "and now?" not in texts
+    assert page.locator("#chatbot [data-testid=bot]").count() == 1
+    shot(page, "09-edited")

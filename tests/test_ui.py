@@ -79,10 +79,11 @@ def test_answer_streams_token_by_token_and_fills_the_inspector(chat):
 
 def test_markers_place_images_and_the_ui_shows_where_each_went(chat):
     session, _ = send(chat, "before <image> middle <image> after", [CHART_A, CHART_B])
-    user = chat.views(session)[0][0]["content"]
-    assert user[0] == "before `<image 1>` middle `<image 2>` after"
-    assert [part["path"] for part in user[1:]] == [CHART_A, CHART_B]
-    assert [part["alt_text"] for part in user[1:]] == ["Image 1: chart_sales_2023.png", "Image 2: chart_sales_2024.png"]
+    attachments, text = chat.views(session)[0]
+    first, second = attachments["content"]
+    assert [first["alt_text"], second["alt_text"]] == ["Image 1: chart_sales_2023.png", "Image 2: chart_sales_2024.png"]
+    assert first["path"].endswith("-1.png") and second["path"].endswith("-2.png")  # previews with a number badge
+    assert text == {"role": "user", "content": "before `<image 1>` middle `<image 2>` after"}
     updates = answer(chat, session, max_new_tokens=2)
     spans = value(updates[-1][4])
     tagged = [(text, label) for text, label in spans if label]
@@ -160,12 +161,12 @@ def test_editing_a_past_message_drops_later_turns_and_answers_again(chat, warnin
     answer(chat, session, max_new_tokens=2)
     session, _ = send(chat, "second", session=session)
     answer(chat, session, max_new_tokens=2)
-    chat.edit(session, 0, "edited `<image 1>` question")  # the Chatbot hands back the shown text
+    chat.edit(session, 1, "edited `<image 1>` question")  # message 1: the text under the image; shown text back
     assert [t.text for t in session.conversation.turns] == ["edited <image> question"]
     assert session.conversation.turns[0].answer is None and len(session.turns) == 1
     answer(chat, session, max_new_tokens=2)
     assert session.turns[0].record["prompt"].count("<image>") == 1
-    chat.edit(session, 0, "now two markers <image> <image>")
+    chat.edit(session, 1, "now two markers <image> <image>")
     assert warnings and "marker" in warnings[-1]
     assert session.conversation.turns[0].text == "edited <image> question"
 
@@ -207,8 +208,8 @@ def test_unsupported_and_corrupt_files_give_a_visible_error_and_the_chat_keeps_w
 
 def test_video_frames_show_in_the_inspector_with_timestamps(chat):
     session, _ = send(chat, "what happens?", [VIDEO])
-    user = chat.views(session)[0][0]["content"]
-    assert user[1]["path"] == VIDEO and user[2]["path"].endswith(".png")  # the clip and its frame sheet
+    clip, sheet = chat.views(session)[0][0]["content"]
+    assert clip["path"] == VIDEO and sheet["path"].endswith(".png")  # the clip and a sheet of the frames it gave
     updates = answer(chat, session, max_new_tokens=2)
     frames = value(updates[-1][6])
     assert len(frames) == 2
@@ -229,8 +230,8 @@ def test_a_message_sent_while_the_model_loads_waits_and_says_so(tiny_dir, monkey
     chat = ChatHandlers(slow, frames=2)
     session, _ = send(chat, "hi")
     updates = chat.respond(session, "", 0, 1.0, 0, 1.0, 4, 1, "")
-    first = next(updates)
-    assert "The model is loading" in first[0][-1]["content"]
+    assert next(updates)[0][-1]["content"] == "…"  # at once: the answer has begun
+    assert "The model is loading" in next(updates)[0][-1]["content"]
     assert "Loading" in chat.status()[0]
     slow.release.set()
     list(updates)
