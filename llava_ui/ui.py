@@ -134,8 +134,8 @@ def build_demo(backend, args) -> gr.Blocks:
         stop_button.click(chat.stop, [session], views, cancels=answering, api_name="stop", **UNDOCUMENTED)
         undo_button.click(chat.undo, [session], views + [chat_input], api_name="undo", **UNDOCUMENTED)
         chatbot.undo(chat.undo_at, [session], views + [chat_input], **QUIET)
-        clear_button.click(chat.clear, [session], views, api_name="clear", **UNDOCUMENTED)
-        chatbot.clear(chat.clear, [session], views, **QUIET)
+        clear_button.click(chat.clear, [session], views, cancels=answering, api_name="clear", **UNDOCUMENTED)
+        chatbot.clear(chat.clear, [session], views, cancels=answering, **QUIET)
         export_button.click(chat.export, [session], [export_file], api_name="export", **UNDOCUMENTED)
 
         status_outputs = [status, load_button, timer]

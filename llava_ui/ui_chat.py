@@ -53,7 +53,9 @@ class ChatHandlers:
 
     @staticmethod
     def streaming(session: ChatSession) -> tuple:
-        """A mid-answer update of `respond`'s outputs: only the chat changes."""
+        """A mid-answer update of `respond`'s outputs: only the chat changes (nothing, once the chat was cleared)."""
+        if session.cleared:
+            return (gr.skip(),) * 8
         return (chat_messages(session), session) + (gr.skip(),) * 6
 
     def send(self, message: dict | None, session: ChatSession | None, frames: int | None = None):
@@ -96,7 +98,7 @@ class ChatHandlers:
         finally:
             session.idle.set()
             settle(session)
-        yield *self.views(session), restore
+        yield self.streaming(session) if session.cleared else (*self.views(session), restore)
 
     def _stream(self, session: ChatSession, shown, image_mode: str | None):
         delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
@@ -211,7 +213,8 @@ class ChatHandlers:
         return self.views(session)
 
     def clear(self, session: ChatSession | None):
-        if session is not None and session.busy:
+        if session is not None:  # an answer still being written stops and no longer touches the screen
+            session.cleared = True
             session.stop.set()
         return self.views(ChatSession())
 

@@ -41,6 +41,7 @@ class ChatSession:
     idle: threading.Event = field(default_factory=threading.Event)  # set when no answer is being generated
     partial: str = ""  # the answer so far while one is being written
     notice: str = ""  # shown in place of the answer before the first token (e.g. "the model is loading")
+    cleared: bool = False  # replaced by a fresh session (Clear): a late answer must not come back
 
     def __post_init__(self):
         self.idle.set()

@@ -178,6 +178,16 @@ def test_clear_starts_a_fresh_conversation(chat):
     assert chatbot == [] and fresh is not session and not fresh.conversation.turns and stats == ""
 
 
+def test_clear_during_an_answer_stops_it_and_the_old_chat_never_comes_back(chat):
+    session, _ = send(chat, "hi")
+    updates = chat.respond(session, "", 1.0, 1.0, 0, 1.0, 400, 1, "")
+    next(updates), next(updates)
+    chat.clear(session)
+    rest = list(updates)
+    assert rest and all(update == (ui_chat.gr.skip(),) * 8 for update in rest)  # nothing touched
+    assert session.turns[0].record["finish_reason"] == "stopped"
+
+
 @pytest.mark.parametrize("files, limit, says", [
     ([CHART_A] * 4, 5, "4 files; the limit is 3"),
     ([CHART_A], 0.001, "the limit is 0.001 MB"),
