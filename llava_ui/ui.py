@@ -85,7 +85,8 @@ def build_demo(backend, args) -> gr.Blocks:
                         video_frames = gr.Slider(1, 64, value=frames, step=1, label="Video frames",
                                                  info="sampled evenly; each frame costs ~730 tokens")
                     with gr.Row():
-                        seed = gr.Number(value=None, precision=0, label="Seed", info="empty = random")
+                        seed = gr.Textbox(value="", label="Seed", placeholder="random", info="empty = random",
+                                          elem_id="seed")
                         image_mode = gr.Dropdown([("model default", ""), *[(m, m) for m in IMAGE_MODES]], value="",
                                                  label="Image mode", info="trained = anyres as trained")
                 gr.Examples(load_examples(), inputs=[chat_input], label="Examples (click one, then send)",

@@ -27,10 +27,21 @@ TEST_DELAY_ENV = "LLAVA_UI_TEST_TOKEN_DELAY"
 
 def make_settings(temperature=0.2, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=1024,
                   seed=None) -> GenerationSettings:
-    """Settings from UI/API values; an empty seed or -1 means a random one."""
-    seed = None if seed in (None, "", -1) else int(seed)
+    """Settings from UI/API values; an empty or negative seed means a random one."""
     return GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
-                              top_k=int(top_k or 0), repetition_penalty=float(repetition_penalty), seed=seed).validate()
+                              top_k=int(top_k or 0), repetition_penalty=float(repetition_penalty),
+                              seed=parse_seed(seed)).validate()
+
+
+def parse_seed(seed) -> int | None:
+    text = "" if seed is None else str(seed).strip()
+    try:
+        value = float(text) if text else -1.0
+    except ValueError:
+        value = 0.5
+    if not value.is_integer():
+        raise UserError(f"the seed must be a whole number (or empty for a random one), not {text!r}")
+    return int(value) if value >= 0 else None
 
 
 def warn(message: str) -> None:

@@ -99,13 +99,13 @@ def set_settings(page, **values) -> None:
     """Open Settings and type into the sliders' number boxes, e.g. max_new_tokens=400."""
     if not page.locator("#settings input[type=number]").first.is_visible():
         page.locator("#settings").get_by_text("Settings").first.click()
-    labels = {"max_new_tokens": "Max new tokens", "temperature": "Temperature", "seed": "Seed"}
+    boxes = {"max_new_tokens": "#settings input[aria-label='number input for Max new tokens']",
+             "temperature": "#settings input[aria-label='number input for Temperature']",
+             "seed": "#seed textarea, #seed input"}
     for key, value in values.items():
-        box = page.locator(f"#settings input[type=number][aria-label*='{labels[key]}']")
-        if not box.count():
-            box = page.locator("#settings").get_by_label(labels[key], exact=True)
-        box.first.fill(str(value))
-        box.first.press("Tab")
+        box = page.locator(boxes[key]).first
+        box.fill(str(value))
+        box.press("Tab")
 
 
 def send(page, text: str, files=()) -> str:

@@ -332,3 +332,16 @@ def test_chat_endpoint_defaults_and_errors(served):
     assert isinstance(client.predict("hello", [], max_new_tokens=4, api_name="/chat"), str)
     with pytest.raises(AppError, match="marker"):
         client.predict("two markers <image> <image>", [handle_file(CHART_A)], api_name="/chat")
+
+
+def test_an_empty_seed_is_random_and_a_bad_one_is_explained(chat, warnings):
+    session, _ = send(chat, "hi")
+    seeds = []
+    for _ in range(2):
+        chat.regenerate(session)
+        list(chat.respond(session, "", 1.0, 1.0, 0, 1.0, 2, "", ""))
+        seeds.append(session.turns[0].record["seed"])
+    assert all(isinstance(seed, int) for seed in seeds) and seeds[0] != seeds[1]
+    session, _ = send(chat, "again", session=session)
+    *_, box = list(chat.respond(session, "", 0.2, 1.0, 0, 1.0, 2, "12abc", ""))[-1]
+    assert "seed must be a whole number" in warnings[-1] and box == {"text": "again", "files": []}
