@@ -34,11 +34,14 @@ def make_settings(temperature=0.2, top_p=1.0, top_k=0, repetition_penalty=1.0, m
 
 
 def parse_seed(seed) -> int | None:
+    """A whole number, or None (random) for an empty or negative one."""
     text = "" if seed is None else str(seed).strip()
+    if not text:
+        return None
     try:
-        value = float(text) if text else -1.0
+        value = float(text)
     except ValueError:
-        value = 0.5
+        value = float("nan")
     if not value.is_integer():
         raise UserError(f"the seed must be a whole number (or empty for a random one), not {text!r}")
     return int(value) if value >= 0 else None

@@ -111,20 +111,24 @@ def status_html(status: dict) -> str:
     state, model = status.get("state"), html.escape(str(status.get("model") or ""))
     if state == "ready":
         details = " · ".join(html.escape(str(status[k])) for k in ("device", "dtype") if status.get(k))
-        badge = ('<span class="badge-random" title="a test model: its answers are noise">random weights — '
+        badge = (' <span class="badge-random" title="a test model: its answers are noise">random weights — '
                  'output is meaningless</span>' if status.get("random_weights") else "")
-        return f'<div class="status ready"><span class="dot"></span><b>Ready</b> · {model} · {details} {badge}</div>'
+        return _status("ready", f"<b>Ready</b> · {model} · {details}{badge}")
     if state == "loading":
         message = html.escape(status.get("message") or "starting")
-        return (f'<div class="status loading"><span class="dot"></span><b>Loading</b> {model}: {message}. '
-                f'You can browse the examples meanwhile; messages are answered once it is ready.</div>')
+        return _status("loading", f"<b>Loading</b> {model}: {message}. You can browse the examples meanwhile; "
+                                  f"messages are answered once it is ready.")
     if state == "failed":
         reason = html.escape(status.get("error") or status.get("message") or "unknown reason")
-        return (f'<div class="status failed"><span class="dot"></span><b>The model failed to load</b>: {reason}. '
-                f'Check the model id or folder (--model / LLAVA_MODEL), the network and the free disk space, '
-                f'then press <b>Retry load</b>.</div>')
-    return (f'<div class="status idle"><span class="dot"></span><b>Model not loaded yet</b> · {model} · it loads '
-            f'with your first message (or press <b>Load now</b>).</div>')
+        return _status("failed", f"<b>The model failed to load</b>: {reason}. Check the model id or folder "
+                                 f"(--model / LLAVA_MODEL), the network and the free disk space, then press "
+                                 f"<b>Retry load</b>.")
+    return _status("idle", f"<b>Model not loaded yet</b> · {model} · it loads with your first message (or press "
+                           f"<b>Load now</b>).")
+
+
+def _status(kind: str, text: str) -> str:
+    return f'<div class="status {kind}"><span class="dot"></span><span>{text}</span></div>'
 
 
 def write_export(session: ChatSession, model: str, folder: str) -> str:
