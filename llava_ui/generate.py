@@ -99,7 +99,10 @@ class IncrementalDecoder:
         self.ids.append(token)
         before = self.decode(self.ids[self.prefix:self.read])
         after = self.decode(self.ids[self.prefix:])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
+        # a partial character is held back, but never more than 4 tokens: a UTF-8 character has at most 4 bytes,
+        # so past that the bytes are simply invalid and are shown as they are
+        complete = not after.endswith("\ufffd") or len(self.ids) - self.read > 4
+        if len(after) > len(before) and complete:
             delta = after[len(before):]
             self.prefix, self.read = self.read, len(self.ids)
             self.text += delta

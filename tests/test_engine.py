@@ -255,3 +255,11 @@ def test_a_one_frame_video_is_square_padded_not_tiled_in_trained_mode(engine):
     photo = Conversation()
     photo.add_user("What is this?", [picture(50, (900, 300))])
     assert engine.plan(photo, image_mode="trained").images[0].view == "anyres"
+
+
+def test_incremental_decoder_streams_invalid_bytes_instead_of_holding_them_forever(engine):
+    invalid = engine.tokenizer.encode_text("\u00e9")[:1] * 12  # a lone UTF-8 lead byte, twelve times
+    decoder = IncrementalDecoder(engine.tokenizer.decode)
+    released = [decoder.push(t) for t in invalid]
+    assert sum(1 for piece in released if piece) >= 2
+    assert "".join(released) + decoder.finish() == engine.tokenizer.decode(invalid)
