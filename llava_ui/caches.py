@@ -43,7 +43,8 @@ class FeatureCache:
 
 
 class PrefixCache:
-    """KV caches of earlier prompts (+ their answers), found again by the longest shared prefix of prompt items.
+    """KV caches (llava_ui.language.KVCache) of earlier prompts (+ their answers), found again by the longest
+    shared prefix of prompt items.
 
     An item is a token id or an image key; an image is one item spanning its visual tokens, so a match never ends
     inside an image. Entries are read-only: a match is sliced, never extended in place.
@@ -56,7 +57,7 @@ class PrefixCache:
         self._lock = threading.Lock()
 
     def store(self, items: list, sizes: list[int], kv) -> None:
-        size = sum(tensor_bytes(k) + tensor_bytes(v) for k, v in kv)
+        size = kv.nbytes
         if size > self.max_bytes or self.max_entries == 0:
             return
         with self._lock:
@@ -81,7 +82,7 @@ class PrefixCache:
         n, positions, kv = best
         if kv is None:
             return 0, 0, None
-        return n, positions, tuple((k[:, :positions], v[:, :positions]) for k, v in kv)
+        return n, positions, kv.prefix(positions)  # shared read-only: the first write copies it
 
     def clear(self) -> None:
         with self._lock:

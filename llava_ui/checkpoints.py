@@ -144,6 +144,10 @@ def build_model(model_dir: Path, dtype: str = "float32", progress=None):
     if not any(k.startswith("vision_tower.") for k in state):
         raise UserError(f"{model_dir} carries no vision tower weights (a separate {config.raw.get('mm_vision_tower')} "
                         "checkpoint is not supported); use a checkpoint that includes them")
+    if paddle.get_device() == "cpu":
+        from .runtime import configure_cpu
+
+        progress(f"using {configure_cpu()} CPU threads")
     progress(f"building the model ({dtype}) ...")
     previous = paddle.get_default_dtype()
     paddle.set_default_dtype(dtype)

@@ -7,6 +7,7 @@ from paddlenlp.transformers import Qwen2Config, Qwen2ForCausalLM
 
 from .anyres import unpad_crop
 from .config import ModelConfig
+from .language import Qwen2Runner
 from .vision import SiglipVisionModel
 
 IMAGE_MARKER = -200  # stands for one image in prompt ids, as in the reference's tokenizer_image_token
@@ -24,6 +25,7 @@ class LlavaQwen(nn.Layer):
         self.mm_projector = nn.Sequential(nn.Linear(config.mm_hidden_size, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.image_newline = self.create_parameter([hidden]) if has_image_newline else None
         self.language_model = Qwen2ForCausalLM(Qwen2Config(**config.text, use_flash_attention=False))
+        self.runner = Qwen2Runner(self.language_model.qwen2, config.text)  # inference forward over those weights
         self.vision_calls = 0  # how many times the vision tower ran; caches are tested against it
 
     @property
@@ -78,13 +80,12 @@ class LlavaQwen(nn.Layer):
         return paddle.concat(pieces, axis=0).unsqueeze(0)
 
     def forward_hidden(self, embeds, cache=None, start: int = 0):
-        """Run the language model over embeds placed at positions start.. ; returns (hidden [1, L, H], cache)."""
-        length = embeds.shape[1]
-        position_ids = paddle.arange(start, start + length, dtype="int64").unsqueeze(0)
-        hidden, cache = self.language_model.qwen2(
-            inputs_embeds=embeds, position_ids=position_ids, past_key_values=cache, use_cache=True, return_dict=False
-        )[:2]
-        return hidden, cache
+        """Run the language model over embeds placed at positions start.. ; returns (hidden [1, L, H], cache).
+
+        `cache` is a language.KVCache holding positions < start (None when start is 0); the one returned holds
+        start + L positions. A shared (prefix) cache is copied before the first write, never changed.
+        """
+        return self.runner.forward(embeds, cache, start)
 
     def logits(self, hidden) -> paddle.Tensor:
         return self.language_model.lm_head(hidden).astype("float32")

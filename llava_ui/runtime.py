@@ -1,0 +1,41 @@
+"""CPU math setup: how many threads Paddle's kernels use, and which code path its bundled MKL takes.
+
+Paddle runs CPU math on one thread unless told otherwise, and the MKL it ships (2019.5) picks a slow generic
+code path on AMD processors; MKL_DEBUG_CPU_TYPE=5 (read by that MKL at its first call) selects the AVX2 kernels
+there, about 2.5× faster sgemm. Neither changes a result beyond float rounding order.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cpu_threads() -> int:
+    """LLAVA_UI_THREADS, else every core this process may run on (importing paddle sets OMP_NUM_THREADS=1
+    itself, so that variable says nothing about the user's wish)."""
+    value = os.environ.get("LLAVA_UI_THREADS", "")
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def is_amd() -> bool:
+    try:
+        return "AuthenticAMD" in Path("/proc/cpuinfo").read_text(errors="ignore")
+    except OSError:
+        return False
+
+
+def configure_cpu() -> int:
+    """Use every allowed core for Paddle's CPU kernels; returns the thread count."""
+    import paddle
+
+    if is_amd():
+        os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
+    threads = cpu_threads()
+    paddle.set_flags({"FLAGS_paddle_num_threads": threads})
+    paddle.base.core.set_num_threads(threads)
+    return threads
