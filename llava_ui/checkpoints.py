@@ -117,6 +117,12 @@ def convert_state(arrays: dict, layout: str, tied: bool) -> dict[str, np.ndarray
     return state
 
 
+def _beyond_feature_layer(name: str, layers: int) -> bool:
+    """Tower layers after the one whose output LLaVA uses are never run (a full 27-layer so400m, feature layer -2)."""
+    found = re.match(r"vision_tower\.vision_model\.encoder\.layers\.(\d+)\.", name)
+    return found is not None and int(found.group(1)) >= layers
+
+
 def vision_layers_in(state: dict) -> int:
     found = {int(m.group(1)) for k in state if (m := re.search(r"encoder\.layers\.(\d+)\.", k))}
     return max(found) + 1 if found else 0
@@ -141,6 +147,7 @@ def build_model(model_dir: Path, dtype: str = "float32", progress=None):
         raise UserError(f"could not read the weights in {model_dir}: {type(err).__name__}: {err}") from None
     if config.vision_layers_from_weights:
         config.vision.num_hidden_layers = vision_layers_in(state)
+    state = {k: v for k, v in state.items() if not _beyond_feature_layer(k, config.vision.num_hidden_layers)}
     if not any(k.startswith("vision_tower.") for k in state):
         raise UserError(f"{model_dir} carries no vision tower weights (a separate {config.raw.get('mm_vision_tower')} "
                         "checkpoint is not supported); use a checkpoint that includes them")

@@ -72,8 +72,11 @@ def read_config(model_dir: Path, layout: str) -> ModelConfig:
         text = dict(raw["text_config"])
         text.setdefault("tie_word_embeddings", raw.get("tie_word_embeddings", False))
         vision = VisionConfig.from_dict(raw.get("vision_config", {}))
-        if raw.get("vision_feature_layer", -1) != -1 or raw.get("vision_feature_select_strategy", "full") != "full":
-            raise ValueError("only vision_feature_layer=-1 with the 'full' strategy is supported for llava-hf checkpoints")
+        layer = raw.get("vision_feature_layer", -1)
+        if not isinstance(layer, int) or layer > -1 or raw.get("vision_feature_select_strategy", "full") != "full":
+            raise ValueError("llava-hf checkpoints: only one negative vision_feature_layer with the 'full' strategy "
+                             "is supported")
+        vision.num_hidden_layers += layer + 1  # features of layer -2 = a tower one layer shorter
         return ModelConfig(
             layout=layout, text=_qwen2_fields(text), vision=vision, mm_hidden_size=vision.hidden_size,
             projector_type="mlp2x_gelu", merge_type="flat", image_token_index=raw.get("image_token_index"), raw=raw,

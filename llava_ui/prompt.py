@@ -104,6 +104,13 @@ def clean_user_text(text: str) -> str:
 
 
 def load_tokenizer(model_dir):
+    """paddlenlp's Qwen2 tokenizer from vocab.json + merges.txt, or its fast twin when only tokenizer.json is there."""
+    from pathlib import Path
+
     from paddlenlp.transformers import AutoTokenizer
 
-    return PromptTokenizer(AutoTokenizer.from_pretrained(str(model_dir)))
+    folder = Path(model_dir)
+    has_bpe_files = (folder / "vocab.json").exists() and (folder / "merges.txt").exists()
+    if not has_bpe_files and not (folder / "tokenizer.json").exists():
+        raise UserError(f"{folder} has no tokenizer (vocab.json + merges.txt, or tokenizer.json)")
+    return PromptTokenizer(AutoTokenizer.from_pretrained(str(folder), use_fast=not has_bpe_files))

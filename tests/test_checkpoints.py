@@ -117,3 +117,47 @@ def test_tiny_random_model_is_made_once_and_labelled(monkeypatch, tmp_path):
     stamp = (folder / "config.json").stat().st_mtime_ns
     assert resolve_model_dir("tiny-random", progress=lambda m: None) == folder
     assert (folder / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_hf_feature_layer_minus_two_runs_one_layer_less(tmp_path):
+    """A llava-hf config may keep the full tower and select layer -2: the last layer is loaded but never run."""
+    folder = write_random_checkpoint(tmp_path / "ck", "hf", vocab="bytes")
+    reference, _, _ = build_model(folder)
+
+    def add_layer(arrays):
+        prefix = "vision_tower.vision_model.encoder.layers."
+        for key in [k for k in arrays if k.startswith(prefix + "1.")]:
+            arrays[key.replace(prefix + "1.", prefix + "2.")] = arrays[key] * 3
+
+    _edit_weights(folder, add_layer)
+    config = json.loads((folder / "config.json").read_text())
+    config["vision_config"]["num_hidden_layers"] += 1
+    config["vision_feature_layer"] = -2
+    (folder / "config.json").write_text(json.dumps(config))
+    model, parsed, _ = build_model(folder)
+    assert parsed.vision.num_hidden_layers == 2
+    pixels = np.random.default_rng(0).standard_normal((1, 3, 384, 384)).astype(np.float32)
+    assert np.allclose(model.encode_views(pixels).numpy(), reference.encode_views(pixels).numpy(), atol=1e-6)
+
+
+def test_a_tokenizer_json_alone_gives_the_same_prompt_ids(tmp_path, checkpoints):
+    import shutil
+
+    from llava_ui.prompt import Message, load_tokenizer
+
+    folder = checkpoints("paddlenlp")
+    only_json = tmp_path / "tok"
+    only_json.mkdir()
+    for name in ("config.json", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json"):
+        shutil.copy(folder / name, only_json / name)
+    transformers = pytest.importorskip("transformers")
+    transformers.AutoTokenizer.from_pretrained(str(folder)).backend_tokenizer.save(str(only_json / "tokenizer.json"))
+    messages = [Message("user", "<image>\nWhat is in the picture? 你好 <|im_end|>")]
+    assert load_tokenizer(only_json).encode_prompt(None, messages) == load_tokenizer(folder).encode_prompt(None, messages)
+
+
+def test_no_tokenizer_files_is_a_clear_error(tmp_path):
+    from llava_ui.prompt import load_tokenizer
+
+    with pytest.raises(UserError, match="no tokenizer"):
+        load_tokenizer(tmp_path)
