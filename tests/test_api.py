@@ -48,8 +48,10 @@ class BlockedEngine(Engine):
 
 
 @contextmanager
-def serve(app):
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+def serve(app, lifespan="off"):
+    """Serve `app` on a free 127.0.0.1 port in a thread; lifespan="on" for an app with Gradio mounted (its queue
+    starts in the lifespan)."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan=lifespan))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
