@@ -5,6 +5,7 @@ Layouts (see MODEL_FACTS.md): "paddlenlp" (model_state.pdparams, `qwen2.*`, Line
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 import sys
@@ -14,7 +15,7 @@ import numpy as np
 
 from .config import ModelConfig, read_config
 from .errors import UserError
-from .weights import read_weights, weight_files
+from .weights import StoredArray, open_weights, weight_files
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "added_tokens.json",
                    "special_tokens_map.json", "tokenizer.json", "preprocessor_config.json", "generation_config.json")
@@ -132,6 +133,8 @@ def build_model(model_dir: Path, dtype: str = "float32", progress=None):
     """Read config + weights, build LlavaQwen in `dtype`, load every weight; fail loudly on any mismatch."""
     import paddle
 
+    from paddlenlp.transformers.model_utils import no_init_weights
+
     from .model import LlavaQwen
 
     progress = progress or _stderr
@@ -142,7 +145,7 @@ def build_model(model_dir: Path, dtype: str = "float32", progress=None):
     config = read_config(model_dir, layout)
     progress(f"reading {layout} weights from {model_dir} ...")
     try:
-        state = convert_state(read_weights(weight_files(model_dir)), layout, config.text["tie_word_embeddings"])
+        state = convert_state(open_weights(weight_files(model_dir)), layout, config.text["tie_word_embeddings"])
     except Exception as err:
         raise UserError(f"could not read the weights in {model_dir}: {type(err).__name__}: {err}") from None
     if config.vision_layers_from_weights:
@@ -159,7 +162,9 @@ def build_model(model_dir: Path, dtype: str = "float32", progress=None):
     previous = paddle.get_default_dtype()
     paddle.set_default_dtype(dtype)
     try:
-        model = LlavaQwen(config, has_image_newline="image_newline" in state)
+        # parameters get memory only when their weight arrives, and paddlenlp's random init is skipped
+        with paddle.LazyGuard(), no_init_weights():
+            model = LlavaQwen(config, has_image_newline="image_newline" in state)
     finally:
         paddle.set_default_dtype(previous)
     load_state(model, state)
@@ -167,7 +172,11 @@ def build_model(model_dir: Path, dtype: str = "float32", progress=None):
     return model, config, layout
 
 
-def load_state(model, state: dict[str, np.ndarray]) -> None:
+def load_state(model, state: dict) -> None:
+    """Load numpy arrays or weights.StoredArray into the parameters, one at a time, dropping each from `state`
+    once loaded: peak memory is the model plus its largest weight."""
+    import paddle
+
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))
@@ -177,10 +186,24 @@ def load_state(model, state: dict[str, np.ndarray]) -> None:
                         + ("; " if missing and unexpected else "")
                         + (f"unexpected {_names(unexpected)}" if unexpected else ""))
     for name, param in params.items():
-        array = state[name]
-        if tuple(array.shape) != tuple(param.shape):
-            raise UserError(f"checkpoint weight {name} has shape {list(array.shape)}, the model expects {param.shape}")
-        param.set_value(np.ascontiguousarray(array, dtype=np.float32).astype(_numpy_dtype(param.dtype), copy=False))
+        if tuple(state[name].shape) != tuple(param.shape):
+            raise UserError(f"checkpoint weight {name} has shape {list(state[name].shape)}, the model expects "
+                            f"{param.shape}")
+    in_place = paddle.get_device() == "cpu"
+    for name, param in params.items():
+        array = state.pop(name)
+        if in_place and isinstance(array, StoredArray) and param.dtype == paddle.float32:
+            param.set_value(np.empty(array.shape, np.float32))  # untouched pages: memory, no data copied
+            array.read_into(_writable_view(param))  # the file's bytes go straight into the parameter
+        else:
+            param.set_value(np.ascontiguousarray(array, dtype=np.float32).astype(_numpy_dtype(param.dtype), copy=False))
+
+
+def _writable_view(tensor) -> np.ndarray:
+    """A numpy array over a CPU tensor's own memory (numpy's dlpack import is read-only)."""
+    count = int(tensor.numel())
+    memory = (ctypes.c_float * count).from_address(tensor.data_ptr())
+    return np.frombuffer(memory, dtype=np.float32).reshape(tensor.shape)
 
 
 def _numpy_dtype(dtype) -> str:

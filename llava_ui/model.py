@@ -26,6 +26,11 @@ class LlavaQwen(nn.Layer):
         self.image_newline = self.create_parameter([hidden]) if has_image_newline else None
         self.language_model = Qwen2ForCausalLM(Qwen2Config(**config.text, use_flash_attention=False))
         self.runner = Qwen2Runner(self.language_model.qwen2, config.text)  # inference forward over those weights
+        for layer in self.language_model.qwen2.layers:
+            # paddlenlp gives every layer its own cos/sin table for 32k positions (400 MB in all); the runner has
+            # one. Emptied, a table is rebuilt to the length needed if paddlenlp's own forward ever runs.
+            rotary = layer.self_attn.rotary_emb
+            rotary.max_seq_len_cached, rotary.cos_cached, rotary.sin_cached = 0, None, None
         self.vision_calls = 0  # how many times the vision tower ran; caches are tested against it
 
     @property

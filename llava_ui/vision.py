@@ -35,13 +35,21 @@ class SiglipAttention(nn.Layer):
         self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x):
-        batch, length, _ = x.shape
-        shape = [batch, length, self.num_heads, self.head_dim]
-        q, k, v = (proj(x).reshape(shape).transpose([0, 2, 1, 3]) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        scores = paddle.matmul(q, k, transpose_y=True) * (self.head_dim ** -0.5)
-        attn = F.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
-        out = paddle.matmul(attn, v).transpose([0, 2, 1, 3]).reshape([batch, length, -1])
-        return self.out_proj(out)
+        """Full attention, image by image, computed transposed: W^T x^T gives each head's q, k, v as contiguous
+        [head_dim, L] rows straight from the matmul, so no activation is ever transposed (Paddle's CPU kernels
+        copy strided views element by element) and the per-head matmuls only set transpose flags."""
+        batch, length, hidden = x.shape
+        heads, dim = self.num_heads, self.head_dim
+        outs = []
+        for n in range(batch):
+            q, k, v = (paddle.matmul(proj.weight, x[n], transpose_x=True, transpose_y=True) + proj.bias.unsqueeze(1)
+                       for proj in (self.q_proj, self.k_proj, self.v_proj))  # [hidden, L] each
+            scores = paddle.matmul((q * dim ** -0.5).reshape([heads, dim, length]), k.reshape([heads, dim, length]),
+                                   transpose_x=True)  # [heads, L, L]
+            probs = F.softmax(scores, axis=-1, dtype="float32").astype(x.dtype)
+            out = paddle.matmul(probs, v.reshape([heads, dim, length]), transpose_y=True)  # [heads, L, dim]
+            outs.append(paddle.concat(paddle.unbind(out), axis=-1))
+        return self.out_proj(paddle.stack(outs))
 
 
 class SiglipMLP(nn.Layer):

@@ -40,6 +40,92 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+class StoredArray:
+    """A weight in a file, read as float32 only when loaded; `.T` is a lazy transpose. Loading one weight at a
+    time straight into the model's memory keeps a load at one copy of the weights (mmap pages read by a copy
+    would count in RSS too)."""
+
+    def __init__(self, shape, fill, transposed: bool = False):
+        self.shape, self._fill, self.transposed = tuple(shape), fill, transposed
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def T(self) -> "StoredArray":
+        return StoredArray(self.shape[::-1], self._fill, not self.transposed)
+
+    def read_into(self, out: np.ndarray) -> None:
+        """Fill a C-contiguous float32 array of this shape."""
+        if not self.transposed:
+            self._fill(out)
+            return
+        stored = np.empty(self.shape[::-1], np.float32)
+        self._fill(stored)
+        out[...] = stored.T
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.empty(self.shape, np.float32)
+        self.read_into(out)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def open_safetensors(path: Path) -> dict[str, StoredArray]:
+    """Every tensor of a safetensors file as a StoredArray (only the header is read now)."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    base = 8 + header_len
+
+    def filler(info):
+        begin, end = info["data_offsets"]
+        stored = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+
+        def fill(out: np.ndarray) -> None:
+            with open(path, "rb", buffering=0) as f:
+                f.seek(base + begin)
+                if info["dtype"] == "F32":
+                    _read_exactly(f, memoryview(out).cast("B"), end - begin)
+                    return
+                raw = np.empty(info["shape"], stored)
+                _read_exactly(f, memoryview(raw).cast("B"), end - begin)
+                out[...] = bf16_to_float32(raw) if info["dtype"] == "BF16" else raw
+
+        return fill
+
+    return {name: StoredArray(info["shape"], filler(info)) for name, info in header.items() if name != "__metadata__"}
+
+
+def _read_exactly(f, target: memoryview, size: int) -> None:
+    done = 0
+    while done < size:
+        got = f.readinto(target[done:])
+        if not got:
+            raise EOFError(f"{f.name} ends early")
+        done += got
+
+
+def open_weights(files: list[Path]) -> dict[str, StoredArray]:
+    """Like read_weights, but nothing is read until a StoredArray is loaded. A .pdparams pickle is read whole
+    (as stored: bf16 stays 2 bytes a weight until loaded); drop each StoredArray once loaded to free it."""
+    stored = {}
+    for path in files:
+        if path.suffix == ".safetensors":
+            stored.update(open_safetensors(path))
+        else:
+            import paddle
+
+            for name, array in paddle.load(str(path), return_numpy=True).items():
+                stored[name] = StoredArray(np.shape(array), lambda out, a=array: _copy_widened(out, np.asarray(a)))
+    return stored
+
+
+def _copy_widened(out: np.ndarray, array: np.ndarray) -> None:
+    # paddle pickles bf16 as uint16 bit patterns; no weight of this model is an integer
+    out[...] = bf16_to_float32(array) if array.dtype == np.uint16 else array
+
+
 def read_pdparams(path: Path) -> dict[str, np.ndarray]:
     import paddle
 
