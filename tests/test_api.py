@@ -50,8 +50,9 @@ class BlockedEngine(Engine):
 @contextmanager
 def serve(app, lifespan="off"):
     """Serve `app` on a free 127.0.0.1 port in a thread; lifespan="on" for an app with Gradio mounted (its queue
-    starts in the lifespan)."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan=lifespan))
+    starts in the lifespan). Streams still open at the end (a gradio_client heartbeat) are cut after 1 s."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan=lifespan,
+                                           timeout_graceful_shutdown=1))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
