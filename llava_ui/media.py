@@ -110,6 +110,10 @@ def load_video(path, count: int = 16, name: str = "") -> Video:
     try:
         if not capture.isOpened():
             raise UserError(f"{label} is not a readable video")
+        width, height = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        if width * height > MAX_IMAGE_PIXELS:  # checked before any frame is decoded, as for images
+            raise UserError(f"{label} has frames of {width}×{height} pixels; the limit is "
+                            f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels")
         fps = capture.get(cv2.CAP_PROP_FPS) or None
         total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         frames = _read_frames(capture, frame_indices(total, count), fps) if total > 0 else []

@@ -357,3 +357,17 @@ def test_bad_input_gets_a_clear_answer_and_the_next_request_works(front, row, me
         assert "Traceback" not in outcome.error and len(outcome.error) < 600
     after = front.normal()
     assert after["finish_reason"] in ("stop", "length") and after["stats"]["generated_tokens"] >= 1
+
+
+@pytest.mark.parametrize("front", ["engine", "ui"], indirect=True)
+def test_video_frames_over_the_pixel_limit_are_refused_before_decoding(front, media, monkeypatch):
+    """As an image over 40 MP is refused, so is a video of such frames (16 of them would hold ~2 GB); shown with the
+    limit lowered to 1,000 pixels, since a real 40 MP video is costly to write. The API takes no video."""
+    from llava_ui import media as media_module
+
+    with monkeypatch.context() as patch:
+        patch.setattr(media_module, "MAX_IMAGE_PIXELS", 1000)
+        outcome = front.ask("what happens?", [media["one.mp4"]])
+    assert outcome.error and "one.mp4 has frames of 32×32 pixels" in outcome.error
+    assert READS == {"read": 0, "grab": 0}
+    assert front.normal()["finish_reason"] in ("stop", "length")
