@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -140,6 +141,8 @@ def write_export(session: ChatSession, model: str, folder: str) -> str:
     records = [shown.record for _, shown in answered]
     image_mode = next((r["image_mode"] for r in reversed(records) if r), None)
     export = export_conversation(conversation, records, [shown.settings for _, shown in answered], model, image_mode)
-    path = Path(folder) / f"llava-conversation-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    # a folder of its own: every tab shares `folder`, and two exports in the same second must not share a file
+    name = f"llava-conversation-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = Path(tempfile.mkdtemp(prefix="export-", dir=folder)) / name
     path.write_text(json.dumps(export, ensure_ascii=False, indent=1))
     return str(path)

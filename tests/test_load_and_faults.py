@@ -150,6 +150,22 @@ def test_eight_sessions_at_once_each_get_their_own_answers_and_wait_their_turn(s
           f"{max(s.queue_size or 0 for s in queued)}")
 
 
+def test_two_tabs_exporting_in_the_same_second_each_get_their_own_file(engine, monkeypatch):
+    """The export's file name has one-second resolution and every tab shares one folder: found by the test above,
+    where one session downloaded another's half-written export."""
+    from llava_ui import ui_inspector
+
+    monkeypatch.setattr(ui_inspector.time, "strftime", lambda *args: "20260101-000000")
+    chat = ChatHandlers(engine)
+    paths = []
+    for text in ("first tab", "second tab"):
+        _, _, session = chat.send({"text": text, "files": []}, None)
+        list(chat.respond(session, "", 0, 1.0, 0, 1.0, 2, "0", ""))
+        paths.append(chat.export(session)["value"])
+    assert paths[0] != paths[1]
+    assert [json.loads(Path(p).read_text())["turns"][0]["text"] for p in paths] == ["first tab", "second tab"]
+
+
 # --- stop -----------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
