@@ -40,7 +40,7 @@ from llava_ui.ui_chat import ChatHandlers
 from test_api import serve
 
 SESSIONS, TURNS, MAX_NEW = 8, 5, 8
-GREEDY_UI = ("", 0, 1.0, 0, 1.0, MAX_NEW, "0", "")  # respond: system, temperature, top_p, top_k, penalty, max, seed, mode
+GREEDY_UI = ("", 0, 1.0, 0, 1.0, MAX_NEW, "0", "")  # respond: system, temperature, top-p/k, penalty, max, seed, mode
 
 
 def gradient(seed: int, size=(40, 28)) -> Image.Image:

@@ -169,8 +169,10 @@ def test_naming_a_server_file_as_an_input_is_refused(site, secret_image, tmp_pat
     link = Path(get_upload_folder()) / f"link-{uuid.uuid4().hex}.png"  # inside the folder, pointing out of it
     link.parent.mkdir(parents=True, exist_ok=True)
     link.symlink_to(secret_image)
-    names = [secret_image, "/etc/passwd", ROOT / "README.md", CHART, f"{get_upload_folder()}/../{secret_image.parent.name}/"
-             f"{secret_image.name}", link, "assets/chart_sales_2023.png", "http://127.0.0.1:1/x.png"]
+    traversal = f"{get_upload_folder()}/{os.path.relpath(secret_image, get_upload_folder())}"  # .../gradio/../...
+    assert ".." in traversal and Path(traversal).resolve() == secret_image.resolve()
+    names = [secret_image, traversal, link, "/etc/passwd", ROOT / "README.md", CHART, "assets/chart_sales_2023.png",
+             "http://127.0.0.1:1/x.png"]
     try:
         for name in names:
             requests = [
