@@ -12,6 +12,9 @@ from __future__ import annotations
 import numpy as np
 import paddle
 import paddle.nn.functional as F
+from paddle.incubate.nn.functional import fused_rms_norm
+
+from .parallel import map_shares
 
 BLOCK = 512  # query rows per prefill attention block: bounds the score matrix and skips most masked entries
 HEADROOM = 128  # positions a cache allocates beyond what is asked, so decoding grows it rarely
@@ -96,14 +99,26 @@ class RotaryTables:
         return self.cos[start:end].unsqueeze(1), self.sin[start:end].unsqueeze(1)  # [L, 1, head_dim]
 
 
-def rms_norm(x, weight, eps: float):
-    variance = x.astype("float32").pow(2).mean(-1, keepdim=True)
-    return (x.astype("float32") * paddle.rsqrt(variance + eps)).astype(x.dtype) * weight
+def rms_norm(x, weight, eps: float, residual=None):
+    """RMSNorm of x (+ residual, when given); returns (normed, the sum it normed) in one kernel."""
+    normed, total = fused_rms_norm(x, weight, None, eps, 1, residual=residual)
+    return normed, x if residual is None else total
 
 
-def rotate(x, cos, sin):
-    half = x.shape[-1] // 2
-    return x * cos + paddle.concat([-x[..., half:], x[..., :half]], axis=-1) * sin
+def softmax(scores):
+    """Softmax over the last axis in float32 (a no-op cast costs a full copy in Paddle, so only when needed)."""
+    if scores.dtype == paddle.float32:
+        return F.softmax(scores, axis=-1)
+    return F.softmax(scores, axis=-1, dtype="float32").astype(scores.dtype)
+
+
+def rotation(head_dim: int, dtype) -> paddle.Tensor:
+    """R with x @ R == rotate_half(x) == concat(-x2, x1): one exact matmul instead of slices, a neg and a concat."""
+    half = head_dim // 2
+    r = np.zeros((head_dim, head_dim), np.float32)
+    r[np.arange(half) + half, np.arange(half)] = -1.0
+    r[np.arange(half), np.arange(half) + half] = 1.0
+    return paddle.to_tensor(r, dtype=dtype)
 
 
 class Qwen2Runner:
@@ -116,6 +131,7 @@ class Qwen2Runner:
         self.head_dim = config["hidden_size"] // self.heads
         self.eps = config["rms_norm_eps"]
         self.rotary = RotaryTables(self.head_dim, config.get("rope_theta", 10000.0))
+        self.rotate = None
 
     def forward(self, embeds, cache: KVCache | None, start: int):
         length = embeds.shape[1]
@@ -130,29 +146,35 @@ class Qwen2Runner:
         if length == 1:
             mask = cache.decode_mask(dtype)
             mask[..., start] = 0.0
-        hidden = embeds[0]
-        for i, layer in enumerate(self.qwen2.layers):
-            x = rms_norm(hidden, layer.input_layernorm.weight, self.eps)
+        layers = self.qwen2.layers
+        rotate = self._rotation(dtype)
+        x, residual = rms_norm(embeds[0], layers[0].input_layernorm.weight, self.eps)
+        for i, layer in enumerate(layers):
             attn = layer.self_attn
             q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias)
             k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias)
             v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias)
-            qk = rotate(paddle.concat([q, k], axis=-1).reshape([length, self.heads + self.kv_heads, self.head_dim]),
-                        cos, sin)
+            qk = paddle.concat([q, k], axis=-1).reshape([length, self.heads + self.kv_heads, self.head_dim])
+            qk = qk * cos + paddle.matmul(qk, rotate) * sin
             if length == 1:
                 out = self._decode_attention(qk[0], v, cache, i, rows, mask)
             else:
                 out = self._prefill_attention(qk, v, cache, i, rows, start, masks)
-            hidden = hidden + F.linear(out, attn.o_proj.weight)
-            x = rms_norm(hidden, layer.post_attention_layernorm.weight, self.eps)
+            x, residual = rms_norm(F.linear(out, attn.o_proj.weight), layer.post_attention_layernorm.weight,
+                                   self.eps, residual)
             mlp = layer.mlp
             gated = F.swiglu(F.linear(x, mlp.gate_proj.weight), F.linear(x, mlp.up_proj.weight))
-            hidden = hidden + F.linear(gated, mlp.down_proj.weight)
+            following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.qwen2.norm
+            x, residual = rms_norm(F.linear(gated, mlp.down_proj.weight), following.weight, self.eps, residual)
         cache.length = start + length
         if length > 1:
             cache.mask = None  # rebuilt from the length by the next decode step
-        hidden = rms_norm(hidden, self.qwen2.norm.weight, self.eps)
-        return hidden.unsqueeze(0), cache
+        return x.unsqueeze(0), cache  # the last layer's output, through the final norm
+
+    def _rotation(self, dtype):
+        if self.rotate is None or self.rotate.dtype != dtype:
+            self.rotate = rotation(self.head_dim, dtype)
+        return self.rotate
 
     def _decode_attention(self, qk, v, cache: KVCache, layer: int, rows, mask):
         """One new position: attend over the whole buffer at once; the mask hides positions not yet filled."""
@@ -163,7 +185,7 @@ class Qwen2Runner:
         keys = cache.keys[layer].reshape([kv_heads, -1, dim])
         values = cache.values[layer].reshape([kv_heads, -1, dim])
         scores = paddle.matmul(q, keys, transpose_y=True) + mask
-        probs = F.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
+        probs = softmax(scores)
         return paddle.matmul(probs, values).reshape([1, heads * dim])
 
     def _prefill_attention(self, qk, v, cache: KVCache, layer: int, rows, start: int, masks):
@@ -178,17 +200,21 @@ class Qwen2Runner:
         keys = cache.keys[layer].reshape([kv_heads, -1, dim])
         values = cache.values[layer].reshape([kv_heads, -1, dim])
         group = heads // kv_heads
-        blocks = []
-        for (lo, hi), mask in zip(_blocks(length), masks):
-            visible = start + hi
-            outs = []
-            for h in range(heads):
-                kv = h // group
-                scores = paddle.matmul(q[h, lo:hi], keys[kv, :visible], transpose_y=True) + mask
-                probs = F.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
-                outs.append(paddle.matmul(probs, values[kv, :visible]))
-            blocks.append(paddle.concat(outs, axis=-1))
-        return paddle.concat(blocks, axis=0) if len(blocks) > 1 else blocks[0]
+
+        def attend(share):  # one worker's heads, every query block: [L, len(share) * dim]
+            blocks = []
+            for (lo, hi), mask in zip(_blocks(length), masks):
+                visible = start + hi
+                outs = []
+                for h in share:
+                    kv = h // group
+                    scores = paddle.matmul(q[h, lo:hi], keys[kv, :visible], transpose_y=True) + mask
+                    outs.append(paddle.matmul(softmax(scores), values[kv, :visible]))
+                blocks.append(paddle.concat(outs, axis=-1))
+            return paddle.concat(blocks, axis=0) if len(blocks) > 1 else blocks[0]
+
+        parts = map_shares(attend, heads)
+        return paddle.concat(parts, axis=-1) if len(parts) > 1 else parts[0]
 
 
 def _blocks(length: int):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .parallel import use_threads
+
 
 def cpu_threads() -> int:
     """LLAVA_UI_THREADS, else every core this process may run on (importing paddle sets OMP_NUM_THREADS=1
@@ -35,7 +37,9 @@ def configure_cpu() -> int:
 
     if is_amd():
         os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
+    os.environ.setdefault("KMP_BLOCKTIME", "1")  # idle MKL threads sleep after 1 ms: cores go to the head workers
     threads = cpu_threads()
     paddle.set_flags({"FLAGS_paddle_num_threads": threads})
     paddle.base.core.set_num_threads(threads)
+    use_threads(threads)
     return threads

@@ -10,6 +10,8 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from .config import VisionConfig
+from .language import softmax
+from .parallel import map_shares
 
 
 class SiglipEmbeddings(nn.Layer):
@@ -44,11 +46,16 @@ class SiglipAttention(nn.Layer):
         for n in range(batch):
             q, k, v = (paddle.matmul(proj.weight, x[n], transpose_x=True, transpose_y=True) + proj.bias.unsqueeze(1)
                        for proj in (self.q_proj, self.k_proj, self.v_proj))  # [hidden, L] each
-            scores = paddle.matmul((q * dim ** -0.5).reshape([heads, dim, length]), k.reshape([heads, dim, length]),
-                                   transpose_x=True)  # [heads, L, L]
-            probs = F.softmax(scores, axis=-1, dtype="float32").astype(x.dtype)
-            out = paddle.matmul(probs, v.reshape([heads, dim, length]), transpose_y=True)  # [heads, L, dim]
-            outs.append(paddle.concat(paddle.unbind(out), axis=-1))
+            q, k, v = (q * dim ** -0.5).reshape([heads, dim, length]), k.reshape([heads, dim, length]), \
+                v.reshape([heads, dim, length])
+
+            def attend(share):  # one worker's heads: [len(share), L, dim]
+                part = slice(share.start, share.stop)
+                scores = paddle.matmul(q[part], k[part], transpose_x=True)  # [heads, L, L]
+                return paddle.matmul(softmax(scores), v[part], transpose_y=True)
+
+            per_head = [head for part in map_shares(attend, heads) for head in paddle.unbind(part)]
+            outs.append(paddle.concat(per_head, axis=-1))
         return self.out_proj(paddle.stack(outs))
 
 

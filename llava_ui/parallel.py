@@ -1,0 +1,52 @@
+"""Split independent work (attention heads) over the CPU cores with Python threads.
+
+Paddle's CPU elementwise kernels (softmax, masks, concat) run on one thread, and its batched matmuls with a
+small inner dimension scale poorly over MKL's threads. Attention heads are independent, so each worker thread
+takes a share of them with MKL limited to one thread for that worker (no oversubscription); Paddle kernels
+release the GIL, so the shares really run at once. Elsewhere MKL keeps every core for the big matmuls.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+_pool: ThreadPoolExecutor | None = None
+_workers = 1
+_lock = threading.Lock()
+
+
+def _single_threaded_mkl() -> None:
+    """In a worker thread: MKL calls made from this thread use one thread (thread-local setting)."""
+    import paddle
+
+    library = Path(paddle.__file__).parent / "libs" / "libmklml_intel.so"
+    if library.exists():
+        ctypes.CDLL(str(library)).MKL_Set_Num_Threads_Local(1)
+
+
+def use_threads(count: int) -> None:
+    """Called once the CPU thread count is known (runtime.configure_cpu); 1 turns the splitting off."""
+    global _pool, _workers
+    with _lock:
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+        _workers = max(1, count)
+        _pool = ThreadPoolExecutor(_workers, thread_name_prefix="llava-heads",
+                                   initializer=_single_threaded_mkl) if _workers > 1 else None
+
+
+def shares(count: int) -> list[range]:
+    """`count` items (heads) cut into one contiguous range per worker."""
+    parts = min(_workers, count)
+    bounds = [count * i // parts for i in range(parts + 1)]
+    return [range(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+def map_shares(fn, count: int) -> list:
+    """fn(range) for each worker's share of `count` items, at once when workers exist; results in order."""
+    pieces = shares(count)
+    if _pool is None or len(pieces) == 1:
+        return [fn(piece) for piece in pieces]
+    return list(_pool.map(fn, pieces))
