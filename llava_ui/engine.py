@@ -22,7 +22,7 @@ from .model import IMAGE_MARKER
 from .prompt import render_prompt
 from .stopping import StopStrings
 
-VISION_BATCH = 8
+VISION_BATCH = {"cpu": 1}  # per device type; a CPU gains little from batching and a stop waits a whole batch
 
 
 @dataclass
@@ -183,10 +183,11 @@ class Engine:
             rows[i] = self.features.get(prepared.cache_key)
             if rows[i] is None:
                 todo.append(i)
-        for start in range(0, len(todo), VISION_BATCH):
+        batch_size = VISION_BATCH.get(self.load_state.device.split(":")[0], 8)
+        for start in range(0, len(todo), batch_size):
             if stop_event is not None and stop_event.is_set():
                 break
-            batch = todo[start:start + VISION_BATCH]
+            batch = todo[start:start + batch_size]
             pixels = [pixel_views(plan.pil_images[i], plan.images[i], self.config) for i in batch]
             with self.compute_lock:
                 import numpy as np

@@ -140,15 +140,28 @@ def details(final: dict) -> dict:
     return {**{key: final.get(key) for key in keys}, "stats": final.get("stats")}
 
 
+MAX_REQUEST_IMAGES = 64
+MAX_REQUEST_PIXELS = 160_000_000  # decoded RGB ≈ 480 MB: one request cannot exhaust the server's memory
+
+
 def conversation_from_messages(messages: list[ChatMessage], allow_file_urls: bool = False) -> Conversation:
     """system/developer messages set the system prompt; user + assistant pairs become answered turns; the last
     message must come from the user. Consecutive user (or assistant) messages are joined by a newline."""
+    parts = sum(1 for m in messages if isinstance(m.content, list) for p in m.content if p.type == "image_url")
+    if parts > MAX_REQUEST_IMAGES:
+        raise APIError(400, f"the request has {parts} images; the limit is {MAX_REQUEST_IMAGES} per request",
+                       param="messages")
     system, turns = [], []  # turns: [text, pictures, answer or None]
+    decoded = 0
     for i, message in enumerate(messages):
         if message.role in ("system", "developer"):
             system.append(_text_only(message, i))
         elif message.role == "user":
             text, pictures = user_content(message, i, allow_file_urls)
+            decoded += sum(p.image.width * p.image.height for p in pictures)
+            if decoded > MAX_REQUEST_PIXELS:
+                raise APIError(400, f"the request's images hold more than {MAX_REQUEST_PIXELS // 1_000_000} "
+                                    "megapixels in all; send fewer or smaller images", param=f"messages.{i}")
             if turns and turns[-1][2] is None:
                 turns[-1][0] += "\n" + text
                 turns[-1][1] += pictures

@@ -24,6 +24,8 @@ def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Arrays are views into a read-only memory map: loading copies them once, straight into the model."""
+    if path.stat().st_size < 8:
+        raise ValueError(f"{path.name} is truncated ({path.stat().st_size} bytes)")
     with open(path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     (header_len,) = struct.unpack("<Q", mapped[:8])

@@ -182,6 +182,18 @@ def test_a_bad_image_is_a_400_saying_why(client):
     assert caught.value.body["param"] == "messages.0.content.1"
 
 
+def test_one_request_cannot_hold_unbounded_images(client, monkeypatch):
+    import llava_ui.openai_format as openai_format
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="", messages=[interleaved("many", *[RED] * 65)])
+    assert "65 images; the limit is 64" in caught.value.body["message"]
+    monkeypatch.setattr(openai_format, "MAX_REQUEST_PIXELS", 2000)  # RED is 1,200 pixels: two exceed it
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="", messages=[interleaved("two", RED, RED)])
+    assert "megapixels in all" in caught.value.body["message"]
+
+
 @pytest.mark.parametrize("url, words", [("https://example.com/cat.png", "not fetched"),
                                         ("data:image/png;base64,@@@", "not valid base64")])
 def test_unusable_image_urls_are_refused(client, url, words):
