@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig, read_config
+from .config import read_config
 from .errors import UserError
 from .weights import StoredArray, open_weights, weight_files
 

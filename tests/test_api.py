@@ -2,14 +2,11 @@
 
 import base64
 import io
-import threading
 import time
-from contextlib import contextmanager
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 
@@ -17,52 +14,9 @@ from llava_ui.api import create_api_router
 from llava_ui.config import GenerationSettings
 from llava_ui.conversation import Conversation
 from llava_ui.engine import Engine
+from servers import BlockedEngine, RecordingEngine, serve
 
 KEY = "test-key"
-
-
-class RecordingEngine(Engine):
-    """The local engine, keeping every final record (finish reason, token counts) for the tests to inspect."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.finals = []
-
-    def stream(self, *args, **kwargs):
-        for event in super().stream(*args, **kwargs):
-            if event["type"] == "done":
-                self.finals.append(event)
-            yield event
-
-
-class BlockedEngine(Engine):
-    """Loads only once `release` is set: the API must answer 503 meanwhile."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.release = threading.Event()
-
-    def _load(self):
-        self.release.wait(60)
-        super()._load()
-
-
-@contextmanager
-def serve(app, lifespan="off"):
-    """Serve `app` on a free 127.0.0.1 port in a thread; lifespan="on" for an app with Gradio mounted (its queue
-    starts in the lifespan). Streams still open at the end (a gradio_client heartbeat) are cut after 1 s."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan=lifespan,
-                                           timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def data_url(image: Image.Image) -> str:

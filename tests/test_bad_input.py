@@ -33,7 +33,7 @@ from llava_ui.api import create_api_router
 from llava_ui.prompt import IM_END, IM_START
 from llava_ui.ui_chat import ChatHandlers
 from llava_ui.ui_session import VIDEO_EXTENSIONS
-from test_api import RecordingEngine, serve
+from servers import RecordingEngine, serve
 from test_media import write_video
 
 CONTEXT = 8192

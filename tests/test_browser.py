@@ -211,7 +211,7 @@ def test_a_corrupt_file_shows_an_error_and_the_chat_keeps_working(page, tmp_path
 
 def test_editing_an_earlier_message_drops_later_turns_and_answers_again(page):
     set_settings(page, max_new_tokens=8)
-    first = wait_for_answer(page, send(page, "how many stars? <image>", [ROOT / "assets/stars_two.png"]))
+    wait_for_answer(page, send(page, "how many stars? <image>", [ROOT / "assets/stars_two.png"]))
     second = wait_for_answer(page, send(page, "and now?"))
     assert page.locator("#chatbot [data-testid=bot]").count() == 2
     page.locator("#chatbot button[aria-label=Edit]").first.click()

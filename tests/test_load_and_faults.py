@@ -37,7 +37,7 @@ from llava_ui.conversation import Conversation, Picture
 from llava_ui.engine import Engine
 from llava_ui.media import load_image
 from llava_ui.ui_chat import ChatHandlers
-from test_api import serve
+from servers import serve
 
 SESSIONS, TURNS, MAX_NEW = 8, 5, 8
 GREEDY_UI = ("", 0, 1.0, 0, 1.0, MAX_NEW, "0", "")  # respond: system, temperature, top-p/k, penalty, max, seed, mode

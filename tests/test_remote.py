@@ -4,61 +4,23 @@ import base64
 import io
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import openai
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 
 from llava_ui.api import create_api_router
 from llava_ui.config import GenerationSettings
 from llava_ui.conversation import Conversation
-from llava_ui.engine import Engine
 from llava_ui.errors import UserError
 from llava_ui.media import Frame, Video
 from llava_ui.remote import RemoteEngine
+from servers import BlockedEngine, RecordingEngine, serve
 
 KEY = "a-key"
 RED, BLUE = Image.new("RGB", (40, 30), (200, 30, 30)), Image.new("RGB", (30, 50), (20, 40, 220))
-
-
-class RecordingEngine(Engine):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.finals = []
-
-    def stream(self, *args, **kwargs):
-        for event in super().stream(*args, **kwargs):
-            if event["type"] == "done":
-                self.finals.append(event)
-            yield event
-
-
-class BlockedEngine(Engine):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.release = threading.Event()
-
-    def _load(self):
-        self.release.wait(60)
-        super()._load()
-
-
-@contextmanager
-def serve(app):
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def api_app(backend, **options) -> FastAPI:
@@ -220,7 +182,7 @@ def test_a_ui_instance_in_remote_mode_chats_like_the_engine(engine_a, url_a, tmp
     ui_app, _, backend = entry.create_app(args)
     image = tmp_path / "red.png"
     RED.save(image)
-    with serve(ui_app) as root:
+    with serve(ui_app, lifespan="on") as root:
         client = Client(root + "/", verbose=False)
         job = client.submit("look at <image> please", [handle_file(str(image))], "", 0, 1.0, 0, 1.0, 12, 4, 1, "",
                             api_name="/chat")

@@ -18,7 +18,7 @@ from PIL import Image
 
 import app as app_module
 from llava_ui.engine import Engine
-from test_api import serve
+from servers import serve
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "security-test-key"
