@@ -15,9 +15,11 @@ import paddle.nn.functional as F
 from paddle.incubate.nn.functional import fused_rms_norm
 
 from .parallel import map_shares
+from .runtime import release_free_memory
 
 BLOCK = 512  # query rows per prefill attention block: bounds the score matrix and skips most masked entries
 HEADROOM = 128  # positions a cache allocates beyond what is asked, so decoding grows it rarely
+MLP_ROWS = 1024  # prompt rows per MLP pass: bounds the [rows, intermediate] activations of a long prompt
 
 
 class KVCache:
@@ -66,9 +68,10 @@ class KVCache:
         return KVCache([copy(k) for k in self.keys], [copy(v) for v in self.values], self.kv_heads, self.length)
 
     def rows(self, start: int, length: int) -> paddle.Tensor:
-        """Buffer row of every (kv head, position) in start..start+length, head-major: the scatter_ index."""
-        heads = np.arange(self.kv_heads)[:, None] * self.capacity
-        return paddle.to_tensor((heads + np.arange(start, start + length)[None, :]).reshape(-1), dtype="int64")
+        """Buffer row of every (kv head, position) in start..start+length, head-major: the scatter_ index
+        (made on the device: no host-to-device copy per step)."""
+        heads = paddle.arange(self.kv_heads, dtype="int64").unsqueeze(1) * self.capacity
+        return (heads + paddle.arange(start, start + length, dtype="int64").unsqueeze(0)).reshape([-1])
 
     def decode_mask(self, dtype) -> paddle.Tensor:
         if self.mask is None or self.mask.shape[-1] != self.capacity:
@@ -132,6 +135,7 @@ class Qwen2Runner:
         self.eps = config["rms_norm_eps"]
         self.rotary = RotaryTables(self.head_dim, config.get("rope_theta", 10000.0))
         self.rotate = None
+        self.fused_attention = None  # None: fused attention on a GPU, the blockwise CPU path on the CPU
 
     def forward(self, embeds, cache: KVCache | None, start: int):
         length = embeds.shape[1]
@@ -142,7 +146,8 @@ class Qwen2Runner:
         cache = cache.writable(start + length)
         rows = cache.rows(start, length)
         cos, sin = self.rotary.get(start, length, dtype)
-        masks = _block_masks(start, length, dtype) if length > 1 else None
+        fused = self.fused_attention if self.fused_attention is not None else not embeds.place.is_cpu_place()
+        masks = _block_masks(start, length, dtype) if length > 1 and not fused else None
         if length == 1:
             mask = cache.decode_mask(dtype)
             mask[..., start] = 0.0
@@ -150,53 +155,61 @@ class Qwen2Runner:
         rotate = self._rotation(dtype)
         x, residual = rms_norm(embeds[0], layers[0].input_layernorm.weight, self.eps)
         for i, layer in enumerate(layers):
-            attn = layer.self_attn
-            q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias)
-            k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias)
-            v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias)
-            qk = paddle.concat([q, k], axis=-1).reshape([length, self.heads + self.kv_heads, self.head_dim])
-            qk = qk * cos + paddle.matmul(qk, rotate) * sin
-            if length == 1:
-                out = self._decode_attention(qk[0], v, cache, i, rows, mask)
-            else:
-                out = self._prefill_attention(qk, v, cache, i, rows, start, masks)
-            x, residual = rms_norm(F.linear(out, attn.o_proj.weight), layer.post_attention_layernorm.weight,
-                                   self.eps, residual)
-            mlp = layer.mlp
-            gated = F.swiglu(F.linear(x, mlp.gate_proj.weight), F.linear(x, mlp.up_proj.weight))
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.qwen2.norm
-            x, residual = rms_norm(F.linear(gated, mlp.down_proj.weight), following.weight, self.eps, residual)
+            if length == 1:
+                out = self._decode_attention(self._rotated(layer.self_attn, x, cos, sin, rotate), cache, i, rows, mask)
+            else:
+                out = self._prefill_attention(self._rotated(layer.self_attn, x, cos, sin, rotate), cache, i, rows,
+                                              start, masks, fused)
+            x, residual = rms_norm(F.linear(out, layer.self_attn.o_proj.weight), layer.post_attention_layernorm.weight,
+                                   self.eps, residual)
+            x, residual = rms_norm(_mlp(layer.mlp, x), following.weight, self.eps, residual)
         cache.length = start + length
         if length > 1:
             cache.mask = None  # rebuilt from the length by the next decode step
+            release_free_memory()
         return x.unsqueeze(0), cache  # the last layer's output, through the final norm
+
+    def _rotated(self, attn, x, cos, sin, rotate):
+        """[L, heads + 2 kv_heads, dim]: q and k with RoPE applied, then v."""
+        length = x.shape[0]
+        qk = paddle.concat([F.linear(x, attn.q_proj.weight, attn.q_proj.bias),
+                            F.linear(x, attn.k_proj.weight, attn.k_proj.bias)], axis=-1)
+        qk = qk.reshape([length, self.heads + self.kv_heads, self.head_dim])
+        turned = paddle.matmul(qk, rotate).multiply_(sin)
+        qk = qk.multiply_(cos).add_(turned)  # in place: a long prompt keeps fewer copies alive
+        v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).reshape([length, self.kv_heads, self.head_dim])
+        return paddle.concat([qk, v], axis=1)
 
     def _rotation(self, dtype):
         if self.rotate is None or self.rotate.dtype != dtype:
             self.rotate = rotation(self.head_dim, dtype)
         return self.rotate
 
-    def _decode_attention(self, qk, v, cache: KVCache, layer: int, rows, mask):
+    def _decode_attention(self, qkv, cache: KVCache, layer: int, rows, mask):
         """One new position: attend over the whole buffer at once; the mask hides positions not yet filled."""
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
-        paddle.scatter_(cache.keys[layer], rows, qk[heads:], overwrite=True)
-        paddle.scatter_(cache.values[layer], rows, v.reshape([kv_heads, dim]), overwrite=True)
-        q = qk[:heads].reshape([kv_heads, heads // kv_heads, dim]) * (dim ** -0.5)
+        qkv = qkv[0]
+        paddle.scatter_(cache.keys[layer], rows, qkv[heads:heads + kv_heads], overwrite=True)
+        paddle.scatter_(cache.values[layer], rows, qkv[heads + kv_heads:], overwrite=True)
+        q = qkv[:heads].reshape([kv_heads, heads // kv_heads, dim]) * (dim ** -0.5)
         keys = cache.keys[layer].reshape([kv_heads, -1, dim])
         values = cache.values[layer].reshape([kv_heads, -1, dim])
         scores = paddle.matmul(q, keys, transpose_y=True) + mask
         probs = softmax(scores)
         return paddle.matmul(probs, values).reshape([1, heads * dim])
 
-    def _prefill_attention(self, qk, v, cache: KVCache, layer: int, rows, start: int, masks):
-        """Many new positions: per head and block of query rows, attend over the contiguous prefix it may see."""
+    def _prefill_attention(self, qkv, cache: KVCache, layer: int, rows, start: int, masks, fused: bool):
+        """Many new positions: per head and block of query rows, attend over the contiguous prefix it may see
+        (CPU), or one fused attention kernel (GPU)."""
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
-        length = qk.shape[0]
-        qkv = paddle.concat([qk, v.reshape([length, kv_heads, dim])], axis=1)
+        length = qkv.shape[0]
         per_head = paddle.transpose(qkv, [1, 0, 2]).contiguous()  # [heads + 2 kv_heads, L, dim]
-        q = per_head[:heads] * (dim ** -0.5)
         paddle.scatter_(cache.keys[layer], rows, per_head[heads:heads + kv_heads].reshape([-1, dim]), overwrite=True)
         paddle.scatter_(cache.values[layer], rows, per_head[heads + kv_heads:].reshape([-1, dim]), overwrite=True)
+        if fused:
+            return self._fused_attention(qkv, cache, layer, start)
+        q = per_head[:heads] * (dim ** -0.5)
         keys = cache.keys[layer].reshape([kv_heads, -1, dim])
         values = cache.values[layer].reshape([kv_heads, -1, dim])
         group = heads // kv_heads
@@ -215,6 +228,36 @@ class Qwen2Runner:
 
         parts = map_shares(attend, heads)
         return paddle.concat(parts, axis=-1) if len(parts) > 1 else parts[0]
+
+
+    def _fused_attention(self, qkv, cache: KVCache, layer: int, start: int):
+        """Paddle's scaled_dot_product_attention ([1, L, heads, dim] layout; flash attention for bf16/fp16 on a
+        GPU that has it): causal over the new positions, or over the cached prefix + them with an explicit mask."""
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        length = qkv.shape[0]
+        q = qkv[:, :heads].unsqueeze(0)
+        if start == 0:
+            k, v = qkv[:, heads:heads + kv_heads].unsqueeze(0), qkv[:, heads + kv_heads:].unsqueeze(0)
+            mask = None
+        else:
+            visible = start + length
+
+            def gather(buffer):  # [1, visible, kv_heads, dim]
+                return buffer.reshape([kv_heads, -1, dim])[:, :visible].transpose([1, 0, 2]).unsqueeze(0)
+
+            k, v = gather(cache.keys[layer]), gather(cache.values[layer])
+            causal = np.arange(visible)[None, :] <= np.arange(start, visible)[:, None]
+            mask = paddle.to_tensor(np.where(causal, 0.0, -np.inf)[None, None], dtype=q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0, training=False,
+                                             scale=dim ** -0.5)
+        return out.reshape([length, heads * dim])
+
+
+def _mlp(mlp, x):
+    """SwiGLU MLP, at most MLP_ROWS rows at a time: a long prompt's [L, intermediate] tensors stay small."""
+    if x.shape[0] > MLP_ROWS:
+        return paddle.concat([_mlp(mlp, x[lo:lo + MLP_ROWS]) for lo in range(0, x.shape[0], MLP_ROWS)], axis=0)
+    return F.linear(F.swiglu(F.linear(x, mlp.gate_proj.weight), F.linear(x, mlp.up_proj.weight)), mlp.down_proj.weight)
 
 
 def _blocks(length: int):

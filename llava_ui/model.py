@@ -8,6 +8,7 @@ from paddlenlp.transformers import Qwen2Config, Qwen2ForCausalLM
 from .anyres import unpad_crop
 from .config import ModelConfig
 from .language import Qwen2Runner
+from .runtime import release_free_memory
 from .vision import SiglipVisionModel
 
 IMAGE_MARKER = -200  # stands for one image in prompt ids, as in the reference's tokenizer_image_token
@@ -41,7 +42,11 @@ class LlavaQwen(nn.Layer):
         """[N, 3, S, S] float pixels → [N, patches, hidden] projected features."""
         self.vision_calls += 1
         pixels = paddle.to_tensor(pixel_values, dtype=self.embed_tokens.weight.dtype)
-        return self.mm_projector(self.vision_tower(pixels))
+        # one view at a time: the same matmuls (729 rows each), a working set that does not grow with the batch
+        features = paddle.concat([self.mm_projector(self.vision_tower(view)) for view in paddle.split(
+            pixels, pixels.shape[0])]) if pixels.shape[0] > 1 else self.mm_projector(self.vision_tower(pixels))
+        release_free_memory()
+        return features
 
     def pack_image(self, view_features: paddle.Tensor, pack: str, image_size=None, grid=None) -> paddle.Tensor:
         """One image's view features [V, patches, hidden] → the rows it occupies in the prompt [T, hidden].
