@@ -156,13 +156,16 @@ class Qwen2Runner:
         x, residual = rms_norm(embeds[0], layers[0].input_layernorm.weight, self.eps)
         for i, layer in enumerate(layers):
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.qwen2.norm
+            attn = layer.self_attn
+            qkv = self._rotated(*[F.linear(x, p.weight, p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj)],
+                                cos, sin, rotate)
             if length == 1:
-                out = self._decode_attention(self._rotated(layer.self_attn, x, cos, sin, rotate), cache, i, rows, mask)
+                out = self._decode_attention(qkv, cache, i, rows, mask)
             else:
-                out = self._prefill_attention(self._rotated(layer.self_attn, x, cos, sin, rotate), cache, i, rows,
-                                              start, masks, fused)
-            x, residual = rms_norm(F.linear(out, layer.self_attn.o_proj.weight), layer.post_attention_layernorm.weight,
-                                   self.eps, residual)
+                out = self._prefill_attention(qkv, cache, i, rows, start, masks, fused)
+            del qkv
+            x, residual = rms_norm(F.linear(out, attn.o_proj.weight), layer.post_attention_layernorm.weight, self.eps,
+                                   residual)
             x, residual = rms_norm(_mlp(layer.mlp, x), following.weight, self.eps, residual)
         cache.length = start + length
         if length > 1:
@@ -170,16 +173,13 @@ class Qwen2Runner:
             release_free_memory()
         return x.unsqueeze(0), cache  # the last layer's output, through the final norm
 
-    def _rotated(self, attn, x, cos, sin, rotate):
+    def _rotated(self, q, k, v, cos, sin, rotate):
         """[L, heads + 2 kv_heads, dim]: q and k with RoPE applied, then v."""
-        length = x.shape[0]
-        qk = paddle.concat([F.linear(x, attn.q_proj.weight, attn.q_proj.bias),
-                            F.linear(x, attn.k_proj.weight, attn.k_proj.bias)], axis=-1)
-        qk = qk.reshape([length, self.heads + self.kv_heads, self.head_dim])
+        length = q.shape[0]
+        qk = paddle.concat([q, k], axis=-1).reshape([length, self.heads + self.kv_heads, self.head_dim])
         turned = paddle.matmul(qk, rotate).multiply_(sin)
         qk = qk.multiply_(cos).add_(turned)  # in place: a long prompt keeps fewer copies alive
-        v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).reshape([length, self.kv_heads, self.head_dim])
-        return paddle.concat([qk, v], axis=1)
+        return paddle.concat([qk, v.reshape([length, self.kv_heads, self.head_dim])], axis=1)
 
     def _rotation(self, dtype):
         if self.rotate is None or self.rotate.dtype != dtype:
@@ -251,6 +251,18 @@ class Qwen2Runner:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0, training=False,
                                              scale=dim ** -0.5)
         return out.reshape([length, heads * dim])
+
+
+def head_logits(lm_head, hidden):
+    """The LM head over [positions, hidden]. One position's logits (each decode step reads the 622 MB head) are
+    computed with the vocabulary rows shared among the workers: MKL's own threads read a matrix-vector product
+    at ~18 GB/s here, one worker per core at ~33 GB/s. (For the 4-50 MB layer matrices the hand-off costs what
+    it gains, so they stay with MKL.)"""
+    if hidden.shape[0] != 1 or not lm_head.transpose_y:  # an untied head is stored [hidden, vocab]: as it is
+        return lm_head(hidden)
+    parts = map_shares(lambda rows: paddle.matmul(hidden, lm_head.weight[rows.start:rows.stop], transpose_y=True),
+                       lm_head.weight.shape[0])  # tied: the embedding, [vocab, hidden]
+    return paddle.concat(parts, axis=-1) if len(parts) > 1 else parts[0]
 
 
 def _mlp(mlp, x):

@@ -7,7 +7,7 @@ from paddlenlp.transformers import Qwen2Config, Qwen2ForCausalLM
 
 from .anyres import unpad_crop
 from .config import ModelConfig
-from .language import Qwen2Runner
+from .language import Qwen2Runner, head_logits
 from .runtime import release_free_memory
 from .vision import SiglipVisionModel
 
@@ -98,4 +98,8 @@ class LlavaQwen(nn.Layer):
         return self.runner.forward(embeds, cache, start)
 
     def logits(self, hidden) -> paddle.Tensor:
-        return self.language_model.lm_head(hidden).astype("float32")
+        if hidden.ndim == 2:  # one position (generate.prefill / decode_one_token): the vocabulary split over cores
+            logits = head_logits(self.language_model.lm_head, hidden)
+        else:
+            logits = self.language_model.lm_head(hidden)
+        return logits if logits.dtype == paddle.float32 else logits.astype("float32")

@@ -17,13 +17,19 @@ _workers = 1
 _lock = threading.Lock()
 
 
-def _single_threaded_mkl() -> None:
-    """In a worker thread: MKL calls made from this thread use one thread (thread-local setting)."""
-    import paddle
+def _mkl():
+    global _mkl_library
+    if _mkl_library is None:
+        import paddle
 
-    library = Path(paddle.__file__).parent / "libs" / "libmklml_intel.so"
-    if library.exists():
-        ctypes.CDLL(str(library)).MKL_Set_Num_Threads_Local(1)
+        path = Path(paddle.__file__).parent / "libs" / "libmklml_intel.so"
+        _mkl_library = ctypes.CDLL(str(path)) if path.exists() else False
+    return _mkl_library
+
+
+def _mkl_threads_here(count: int) -> int:
+    """MKL threads for calls made from this thread (0: the global setting); returns the previous value."""
+    return _mkl().MKL_Set_Num_Threads_Local(count) if _mkl() else 0
 
 
 def use_threads(count: int) -> None:
@@ -33,20 +39,30 @@ def use_threads(count: int) -> None:
         if _pool is not None:
             _pool.shutdown(wait=False)
         _workers = max(1, count)
-        _pool = ThreadPoolExecutor(_workers, thread_name_prefix="llava-heads",
-                                   initializer=_single_threaded_mkl) if _workers > 1 else None
+        _pool = ThreadPoolExecutor(_workers - 1, thread_name_prefix="llava-share",
+                                   initializer=_mkl_threads_here, initargs=(1,)) if _workers > 1 else None
 
 
 def shares(count: int) -> list[range]:
-    """`count` items (heads) cut into one contiguous range per worker."""
+    """`count` items (heads, rows) cut into one contiguous range per worker."""
     parts = min(_workers, count)
     bounds = [count * i // parts for i in range(parts + 1)]
     return [range(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
 def map_shares(fn, count: int) -> list:
-    """fn(range) for each worker's share of `count` items, at once when workers exist; results in order."""
+    """fn(range) for each worker's share of `count` items, all at once (the calling thread takes the first share,
+    with MKL on one thread meanwhile); results in order."""
     pieces = shares(count)
     if _pool is None or len(pieces) == 1:
         return [fn(piece) for piece in pieces]
-    return list(_pool.map(fn, pieces))
+    others = [_pool.submit(fn, piece) for piece in pieces[1:]]
+    previous = _mkl_threads_here(1)
+    try:
+        first = fn(pieces[0])
+    finally:
+        _mkl_threads_here(previous)
+    return [first] + [future.result() for future in others]
+
+
+_mkl_library = None
