@@ -18,17 +18,11 @@ from llava_ui.engine import get_engine
 from llava_ui.evaluation_cli import question_block
 from llava_ui.prompt import load_tokenizer
 
+from test_evaluation import sample  # noqa: E402  (the benchmark sample format)
+
 SPLIT = "multi_image_in_domain"
 NEW_TOKENS = 6
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-
-
-def sample(sample_id, dataset, question_type, images, *turns):
-    conversation = []
-    for question, truth in turns:
-        conversation += [{"from": "human", "value": question}, {"from": "gpt", "value": truth}]
-    return {"sample_id": sample_id, "image": images, "conversations": conversation,
-            "metadata": {"dataset": dataset, "question_type": question_type}}
 
 
 BENCH = [
