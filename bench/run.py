@@ -135,15 +135,21 @@ def summarise(runs: dict, sizes: dict, bandwidth: float) -> dict:
                 row[side]["second_ttft_s"] = median([r["second"]["ttft_s"] for r in results])
         p, t = row.get("paddle"), row.get("transformers")
         if p and t:
-            row["ttft_ratio"] = p["ttft_s"] / t["ttft_s"]
-            row["decode_ratio"] = p["decode_tokens_per_s"] / t["decode_tokens_per_s"]
+            # ratios of the runs made back to back (repetition i of each side), then their median: the
+            # machine's load drifts over minutes, and neighbours see the same load
+            pairs = list(zip(sides["paddle"], sides["transformers"]))
+            row["ttft_ratio"] = median([a["first"]["ttft_s"] / b["first"]["ttft_s"] for a, b in pairs])
+            row["decode_ratio"] = median([a["first"]["decode_tokens_per_s"] / b["first"]["decode_tokens_per_s"]
+                                          for a, b in pairs])
             row["same_first_tokens"] = p["first_ids"] == t["first_ids"]
             if "second_ttft_s" in p:
-                row["second_turn_ttft_ratio_vs_transformers"] = p["second_ttft_s"] / t["second_ttft_s"]
+                row["second_turn_ttft_ratio_vs_transformers"] = median(
+                    [a["second"]["ttft_s"] / b["second"]["ttft_s"] for a, b in pairs])
         if p:
             row["paddle_rss_ratio"] = p["peak_rss_bytes"] / sizes["model_fp32"]
             if "second_ttft_s" in p:
-                row["second_turn_ratio"] = p["second_ttft_s"] / p["ttft_s"]
+                row["second_turn_ratio"] = median([r["second"]["ttft_s"] / r["first"]["ttft_s"]
+                                                   for r in sides["paddle"]])
         table[case] = row
     bound = bandwidth / sizes["decode_read_per_token"]
     return {"cases": table, "decode_bound_tokens_per_s": bound}
@@ -156,6 +162,8 @@ def markdown(report: dict) -> str:
         f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores, {m['memory_gb']:.0f} GB), "
         f"{report['reps']} runs per side, medians; paddle {m['versions']['paddle']}, paddlenlp "
         f"{m['versions']['paddlenlp']}, torch {m['versions']['torch']}, transformers {m['versions']['transformers']}.",
+        "",
+        "Ratios are medians of the per-repetition ratios (each Paddle run against the transformers run next to it).",
         "",
         "| case | prompt tokens | first token: Paddle | transformers | ratio | decode tok/s: Paddle | transformers "
         "| ratio | peak RSS: Paddle | transformers |",
@@ -210,9 +218,11 @@ def targets(report: dict) -> list[tuple[str, str, str, bool]]:
         r = cases["second-turn"]["second_turn_ratio"]
         out.append(("second turn first token vs first turn", f"{r:.2f}×", f"≤ {TARGETS['second_turn_ratio']}×",
                     r <= TARGETS["second_turn_ratio"]))
-    worst = max((row["paddle_rss_ratio"], case) for case, row in cases.items() if "paddle_rss_ratio" in row)
-    out.append((f"peak RSS / fp32 weights (worst: {worst[1]})", f"{worst[0]:.2f}×", f"≤ {TARGETS['rss_ratio']}×",
-                worst[0] <= TARGETS["rss_ratio"]))
+    for case, row in cases.items():
+        if "paddle_rss_ratio" in row:
+            r = row["paddle_rss_ratio"]
+            out.append((f"peak RSS / fp32 weights, {case}", f"{r:.2f}×", f"≤ {TARGETS['rss_ratio']}×",
+                        r <= TARGETS["rss_ratio"]))
     return out
 
 

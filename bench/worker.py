@@ -66,6 +66,10 @@ def run_paddle(case: Case, model_dir: Path, device: str | None) -> dict:
         result["second"] = _paddle_turn(engine.generate(conversation, settings))
     result.update(load_s=loaded, rss_after_load=after_load, peak_rss=peak_rss_bytes(),
                   threads=_paddle_threads(), device=engine.status()["device"], dtype=engine.status()["dtype"])
+    if result["device"].startswith("gpu"):
+        import paddle
+
+        result["gpu_peak_bytes"] = paddle.device.cuda.max_memory_allocated()
     return result
 
 
@@ -111,7 +115,7 @@ def run_transformers(case: Case, model_dir: Path, device: str | None) -> dict:
 
     from llava_ui.media import preprocess
 
-    device = device or "cpu"
+    device = {"gpu": "cuda", None: "cpu"}.get(device, device)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     torch.set_grad_enabled(False)
     started = time.perf_counter()
@@ -157,6 +161,8 @@ def run_transformers(case: Case, model_dir: Path, device: str | None) -> dict:
         record.pop("answer")
     result.update(load_s=loaded, rss_after_load=after_load, peak_rss=peak_rss_bytes(),
                   threads=torch.get_num_threads(), device=device, dtype=str(dtype).replace("torch.", ""))
+    if device != "cpu":
+        result["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
     return result
 
 
