@@ -271,7 +271,12 @@ def _mlp(mlp, x):
     """SwiGLU MLP, at most MLP_ROWS rows at a time: a long prompt's [L, intermediate] tensors stay small."""
     if x.shape[0] > MLP_ROWS:
         return paddle.concat([_mlp(mlp, x[lo:lo + MLP_ROWS]) for lo in range(0, x.shape[0], MLP_ROWS)], axis=0)
-    return F.linear(F.swiglu(F.linear(x, mlp.gate_proj.weight), F.linear(x, mlp.up_proj.weight)), mlp.down_proj.weight)
+    if x.shape[0] == 1:  # decode: gate and up read side by side, one matrix per core
+        gate, up = [y for part in map_shares(lambda share: [F.linear(x, (mlp.gate_proj, mlp.up_proj)[i].weight)
+                                                            for i in share], 2) for y in part]
+    else:
+        gate, up = F.linear(x, mlp.gate_proj.weight), F.linear(x, mlp.up_proj.weight)
+    return F.linear(F.swiglu(gate, up), mlp.down_proj.weight)
 
 
 def _blocks(length: int):
