@@ -168,6 +168,7 @@ def build_model(model_dir: Path, dtype: str = "float32", progress=None):
     finally:
         paddle.set_default_dtype(previous)
     load_state(model, state)
+    model.runner.pack()  # the language model's weights regrouped per CPU worker (each still held once)
     model.eval()
     return model, config, layout
 

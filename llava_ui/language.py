@@ -1,11 +1,15 @@
-"""Qwen2 inference forward over paddlenlp's Qwen2 weights: a preallocated KV cache and block-causal attention.
+"""Qwen2 inference forward over paddlenlp's Qwen2 weights: tensor-parallel parts, a preallocated KV cache and
+block-causal attention.
 
-paddlenlp's `Qwen2ForCausalLM` holds the weights (and stays usable as it is); its forward rebuilds an [L, L] mask
-and concatenates the whole KV cache on every step, and Paddle's CPU kernels copy strided views element by
-element. This forward computes the same function while every tensor a matmul reads is contiguous: K and V live per
-kv-head as rows of [kv_heads * capacity, head_dim] buffers written in place with `scatter_`, a prefill attends
-block by block over contiguous per-head prefixes (skipping the masked half), and a decode step attends over the
-whole buffer with one additive mask.
+paddlenlp's `Qwen2ForCausalLM` is built and loaded as usual; its forward rebuilds an [L, L] mask and concatenates
+the whole KV cache on every step, and Paddle's CPU kernels copy strided views element by element. This forward
+computes the same function while every tensor a matmul reads is contiguous. Once loaded, each layer's weights are
+regrouped into one part per CPU worker (whole heads with their q|k|v columns side by side and their o_proj rows;
+a slice of the MLP with gate|up side by side and the down_proj rows), so a layer is two hand-offs and both cores
+stream weights at once: decoding reads memory at the rate of two readers, not MKL's threaded matrix-vector
+product. K and V live per kv-head as rows of [kv_heads * capacity, head_dim] buffers written in place with
+`scatter_`; a prefill goes through in chunks, attending block by block over contiguous per-head prefixes
+(skipping the masked half); a decode step attends over the whole buffer with one additive mask.
 """
 from __future__ import annotations
 
@@ -14,12 +18,12 @@ import paddle
 import paddle.nn.functional as F
 from paddle.incubate.nn.functional import fused_rms_norm
 
-from .parallel import map_shares
+from .parallel import map_shares, run_parts, shares
 from .runtime import release_free_memory
 
 BLOCK = 512  # query rows per prefill attention block: bounds the score matrix and skips most masked entries
 HEADROOM = 128  # positions a cache allocates beyond what is asked, so decoding grows it rarely
-MLP_ROWS = 1024  # prompt rows per MLP pass: bounds the [rows, intermediate] activations of a long prompt
+PREFILL_CHUNK = 512  # prompt positions per pass through the layers (CPU): bounds a long prompt's activations
 
 
 class KVCache:
@@ -67,10 +71,10 @@ class KVCache:
 
         return KVCache([copy(k) for k in self.keys], [copy(v) for v in self.values], self.kv_heads, self.length)
 
-    def rows(self, start: int, length: int) -> paddle.Tensor:
-        """Buffer row of every (kv head, position) in start..start+length, head-major: the scatter_ index
-        (made on the device: no host-to-device copy per step)."""
-        heads = paddle.arange(self.kv_heads, dtype="int64").unsqueeze(1) * self.capacity
+    def rows(self, start: int, length: int, heads: range) -> paddle.Tensor:
+        """Buffer row of every (kv head in `heads`, position in start..start+length), head-major: the scatter_
+        index (made on the device: no host-to-device copy per step)."""
+        heads = paddle.arange(heads.start, heads.stop, dtype="int64").unsqueeze(1) * self.capacity
         return (heads + paddle.arange(start, start + length, dtype="int64").unsqueeze(0)).reshape([-1])
 
     def decode_mask(self, dtype) -> paddle.Tensor:
@@ -124,8 +128,39 @@ def rotation(head_dim: int, dtype) -> paddle.Tensor:
     return paddle.to_tensor(r, dtype=dtype)
 
 
+class AttentionPart:
+    """One worker's share of a layer's attention: kv heads `kv` (and their query heads), with q|k|v weights for
+    just those heads side by side ([hidden, (q + 2 kv) heads * dim], one matmul) and the o_proj rows they feed."""
+
+    def __init__(self, kv: range, group: int, dim: int, attn):
+        self.kv, self.q_heads, self.kv_heads = kv, len(kv) * group, len(kv)
+        q_cols = slice(kv.start * group * dim, kv.stop * group * dim)
+        kv_cols = slice(kv.start * dim, kv.stop * dim)
+        self.qkv = paddle.concat([attn.q_proj.weight[:, q_cols], attn.k_proj.weight[:, kv_cols],
+                                  attn.v_proj.weight[:, kv_cols]], axis=1)
+        biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+        self.bias = None if biases[0] is None else paddle.concat(
+            [biases[0][q_cols], biases[1][kv_cols], biases[2][kv_cols]])
+        self.o_rows = attn.o_proj.weight[q_cols]  # a view: rows of a matrix are contiguous
+
+
+class MLPPart:
+    """One worker's share of the SwiGLU intermediate: gate|up columns side by side, and the down_proj rows."""
+
+    def __init__(self, cols: range, mlp):
+        share = slice(cols.start, cols.stop)
+        self.gate_up = paddle.concat([mlp.gate_proj.weight[:, share], mlp.up_proj.weight[:, share]], axis=1)
+        self.down_rows = mlp.down_proj.weight[share]
+
+
 class Qwen2Runner:
-    """Runs paddlenlp's Qwen2Model weights for inference: forward(embeds [1, L, H], cache, start) → (hidden, cache)."""
+    """Runs paddlenlp's Qwen2Model weights for inference: forward(embeds [1, L, H], cache, start) → (hidden, cache).
+
+    `pack()` (called once the weights are loaded) regroups every layer's weights into one part per CPU worker,
+    tensor-parallel style: a part holds whole heads and a slice of the MLP, so a layer is two hand-offs (attention,
+    MLP), each part's matmuls read contiguous weights, and the sums of the parts' o_proj and down_proj products
+    are the layer's outputs. On a GPU (or one thread) there is one part: q|k|v and gate|up fused matmuls.
+    """
 
     def __init__(self, qwen2, config: dict):
         self.qwen2 = qwen2
@@ -136,123 +171,167 @@ class Qwen2Runner:
         self.rotary = RotaryTables(self.head_dim, config.get("rope_theta", 10000.0))
         self.rotate = None
         self.fused_attention = None  # None: fused attention on a GPU, the blockwise CPU path on the CPU
+        self.parts = None  # per layer: ([AttentionPart], [MLPPart]), made by pack()
+
+    def pack(self) -> None:
+        """Regroup the q/k/v and gate/up weights into the workers' parts (the originals are released: the model
+        holds each weight once; paddlenlp's own forward is not usable afterwards)."""
+        group = self.heads // self.kv_heads
+        self.parts = []
+        for layer in self.qwen2.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attention = [AttentionPart(kv, group, self.head_dim, attn) for kv in shares(self.kv_heads)]
+            feed = [MLPPart(cols, mlp) for cols in shares(mlp.gate_proj.weight.shape[1])]
+            for owner in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+                owner._parameters["weight"] = None
+                if owner._parameters.get("bias") is not None:
+                    owner._parameters["bias"] = None
+            self.parts.append((attention, feed))
+        release_free_memory()
 
     def forward(self, embeds, cache: KVCache | None, start: int):
+        if self.parts is None:
+            self.pack()
         length = embeds.shape[1]
-        dtype = embeds.dtype
         if cache is None:
             cache = KVCache.empty(len(self.qwen2.layers), self.kv_heads, self.head_dim,
-                                  _round_up(start + length + HEADROOM), dtype)
+                                  _round_up(start + length + HEADROOM), embeds.dtype)
         cache = cache.writable(start + length)
-        rows = cache.rows(start, length)
-        # one [L, q+k heads, dim] table per forward: Paddle's CPU multiply broadcasting over the middle axis is ~4x
-        # slower than an elementwise one, and the 24 layers share the table
-        cos, sin = (paddle.tile(t, [1, self.heads + self.kv_heads, 1]) for t in self.rotary.get(start, length, dtype))
         fused = self.fused_attention if self.fused_attention is not None else not embeds.place.is_cpu_place()
-        masks = _block_masks(start, length, dtype) if length > 1 and not fused else None
-        if length == 1:
-            mask = cache.decode_mask(dtype)
-            mask[..., start] = 0.0
-        layers = self.qwen2.layers
-        rotate = self._rotation(dtype)
-        x, residual = rms_norm(embeds[0], layers[0].input_layernorm.weight, self.eps)
-        for i, layer in enumerate(layers):
-            following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.qwen2.norm
-            attn = layer.self_attn
-            qkv = self._rotated(*[F.linear(x, p.weight, p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj)],
-                                cos, sin, rotate)
-            if length == 1:
-                out = self._decode_attention(qkv, cache, i, rows, mask)
-            else:
-                out = self._prefill_attention(qkv, cache, i, rows, start, masks, fused)
-            del qkv
-            x, residual = rms_norm(F.linear(out, attn.o_proj.weight), layer.post_attention_layernorm.weight, self.eps,
-                                   residual)
-            x, residual = rms_norm(_mlp(layer.mlp, x), following.weight, self.eps, residual)
-        cache.length = start + length
+        # a long prompt goes through in chunks (each attends to the cache the earlier ones filled): the same
+        # arithmetic, with activations bounded by the chunk instead of the prompt (a GPU takes it whole)
+        chunk = length if fused else PREFILL_CHUNK
+        outs = [self._layers(embeds[0, lo:lo + chunk], cache, start + lo, fused) for lo in range(0, length, chunk)]
         if length > 1:
             cache.mask = None  # rebuilt from the length by the next decode step
             release_free_memory()
-        return x.unsqueeze(0), cache  # the last layer's output, through the final norm
+        hidden = outs[0] if len(outs) == 1 else paddle.concat(outs, axis=0)
+        return hidden.unsqueeze(0), cache  # the last layer's output, through the final norm
 
-    def _rotated(self, q, k, v, cos, sin, rotate):
-        """[L, heads + 2 kv_heads, dim]: q and k with RoPE applied, then v."""
-        length = q.shape[0]
-        qk = paddle.concat([q, k], axis=-1).reshape([length, self.heads + self.kv_heads, self.head_dim])
-        turned = paddle.matmul(qk, rotate).multiply_(sin)
-        qk = qk.multiply_(cos).add_(turned)  # in place: a long prompt keeps fewer copies alive
-        return paddle.concat([qk, v.reshape([length, self.kv_heads, self.head_dim])], axis=1)
+    def _layers(self, embeds, cache: KVCache, start: int, fused: bool):
+        """embeds [L, hidden] at positions start.. through every layer, filling the cache; returns [L, hidden]."""
+        step = _Step(self, cache, start, embeds.shape[0], embeds.dtype, fused)
+        layers = self.qwen2.layers
+        x, residual = rms_norm(embeds, layers[0].input_layernorm.weight, self.eps)
+        for i, (layer, (attention, feed)) in enumerate(zip(layers, self.parts)):
+            following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.qwen2.norm
+            outs = run_parts(lambda part: step.attention(part, x, i), attention)
+            x, residual = rms_norm(_total(outs), layer.post_attention_layernorm.weight, self.eps, residual)
+            outs = run_parts(lambda part: _mlp(part, x), feed)
+            x, residual = rms_norm(_total(outs), following.weight, self.eps, residual)
+        cache.length = start + embeds.shape[0]
+        return x
 
     def _rotation(self, dtype):
         if self.rotate is None or self.rotate.dtype != dtype:
             self.rotate = rotation(self.head_dim, dtype)
         return self.rotate
 
-    def _decode_attention(self, qkv, cache: KVCache, layer: int, rows, mask):
-        """One new position: attend over the whole buffer at once; the mask hides positions not yet filled."""
-        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
-        qkv = qkv[0]
-        paddle.scatter_(cache.keys[layer], rows, qkv[heads:heads + kv_heads], overwrite=True)
-        paddle.scatter_(cache.values[layer], rows, qkv[heads + kv_heads:], overwrite=True)
-        q = qkv[:heads].reshape([kv_heads, heads // kv_heads, dim]) * (dim ** -0.5)
-        keys = cache.keys[layer].reshape([kv_heads, -1, dim])
-        values = cache.values[layer].reshape([kv_heads, -1, dim])
-        scores = paddle.matmul(q, keys, transpose_y=True) + mask
-        probs = softmax(scores)
-        return paddle.matmul(probs, values).reshape([1, heads * dim])
 
-    def _prefill_attention(self, qkv, cache: KVCache, layer: int, rows, start: int, masks, fused: bool):
+class _Step:
+    """What one forward's attention parts share: the cache, RoPE tables, masks."""
+
+    def __init__(self, runner: Qwen2Runner, cache: KVCache, start: int, length: int, dtype, fused: bool):
+        dim = runner.head_dim
+        self.dim, self.cache, self.start, self.length, self.fused = dim, cache, start, length, fused
+        self.rotate = runner._rotation(dtype)
+        cos, sin = runner.rotary.get(start, length, dtype)  # [L, 1, dim]
+        # per part shape, tiled once per forward (Paddle's CPU multiply broadcasting over the middle axis is ~4x
+        # slower than an elementwise one); q's heads carry the attention scale 1/sqrt(dim), v's heads get cos 1 and
+        # sin 0: one rotation gives scaled q, k and v exactly as they go into attention
+        scale = dim ** -0.5
+        self.tables, self.rows = {}, {}
+        for part in runner.parts[0][0]:
+            self.rows[part.kv] = cache.rows(start, length, part.kv)
+            key = part.q_heads, part.kv_heads
+            if key not in self.tables:
+                self.tables[key] = tuple(paddle.concat([
+                    paddle.tile(table * scale, [1, part.q_heads, 1]), paddle.tile(table, [1, part.kv_heads, 1]),
+                    paddle.full([length, part.kv_heads, dim], fill, dtype)], axis=1) for table, fill in ((cos, 1), (sin, 0)))
+        self.masks = _block_masks(start, length, dtype) if length > 1 and not fused else None
+        if length == 1:
+            self.mask = cache.decode_mask(dtype)
+            self.mask[..., start] = 0.0
+
+    def attention(self, part: AttentionPart, x, layer: int):
+        """This part's heads over x [L, hidden]: q|k|v, RoPE, the cache write, attention; returns its o_proj
+        product [L, hidden] (the layer's attention output is the sum over parts)."""
+        dim, length = self.dim, self.length
+        qkv = F.linear(x, part.qkv, part.bias).reshape([length, part.q_heads + 2 * part.kv_heads, dim])
+        cos, sin = self.tables[part.q_heads, part.kv_heads]
+        turned = paddle.matmul(qkv, self.rotate).multiply_(sin)
+        qkv = qkv.multiply_(cos).add_(turned)  # in place: a long prompt keeps fewer copies alive
+        del turned
+        if length == 1:
+            out = self._decode(part, qkv[0], layer)
+        else:
+            out = self._prefill(part, qkv, layer)
+        return paddle.matmul(out, part.o_rows)
+
+    def _heads(self, buffer, part: AttentionPart):
+        """[part's kv heads, capacity, dim]: a contiguous view of the cache buffer."""
+        capacity = self.cache.capacity
+        return buffer[part.kv.start * capacity:part.kv.stop * capacity].reshape([part.kv_heads, capacity, self.dim])
+
+    def _decode(self, part: AttentionPart, qkv, layer: int):
+        """One new position: attend over the whole buffer at once; the mask hides positions not yet filled."""
+        q_heads, kv_heads, dim = part.q_heads, part.kv_heads, self.dim
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        rows = self.rows[part.kv]
+        paddle.scatter_(keys, rows, qkv[q_heads:q_heads + kv_heads], overwrite=True)
+        paddle.scatter_(values, rows, qkv[q_heads + kv_heads:], overwrite=True)
+        q = qkv[:q_heads].reshape([kv_heads, q_heads // kv_heads, dim])
+        scores = paddle.matmul(q, self._heads(keys, part), transpose_y=True) + self.mask
+        return paddle.matmul(softmax(scores), self._heads(values, part)).reshape([1, q_heads * dim])
+
+    def _prefill(self, part: AttentionPart, qkv, layer: int):
         """Many new positions: per head and block of query rows, attend over the contiguous prefix it may see
         (CPU), or one fused attention kernel (GPU)."""
-        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
-        length = qkv.shape[0]
-        per_head = paddle.transpose(qkv, [1, 0, 2]).contiguous()  # [heads + 2 kv_heads, L, dim]
-        paddle.scatter_(cache.keys[layer], rows, per_head[heads:heads + kv_heads].reshape([-1, dim]), overwrite=True)
-        paddle.scatter_(cache.values[layer], rows, per_head[heads + kv_heads:].reshape([-1, dim]), overwrite=True)
-        if fused:
-            return self._fused_attention(qkv, cache, layer, start)
-        q = per_head[:heads] * (dim ** -0.5)
-        keys = cache.keys[layer].reshape([kv_heads, -1, dim])
-        values = cache.values[layer].reshape([kv_heads, -1, dim])
-        group = heads // kv_heads
+        q_heads, kv_heads, dim = part.q_heads, part.kv_heads, self.dim
+        per_head = paddle.transpose(qkv, [1, 0, 2]).contiguous()  # [q + 2 kv heads, L, dim]
+        rows = self.rows[part.kv]
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        paddle.scatter_(keys, rows, per_head[q_heads:q_heads + kv_heads].reshape([-1, dim]), overwrite=True)
+        paddle.scatter_(values, rows, per_head[q_heads + kv_heads:].reshape([-1, dim]), overwrite=True)
+        if self.fused:
+            return self._fused(part, qkv, layer)
+        q = per_head[:q_heads]
+        keys, values = self._heads(keys, part), self._heads(values, part)
+        group = q_heads // kv_heads
+        blocks = []
+        for (lo, hi), mask in zip(_blocks(self.length), self.masks):
+            visible = self.start + hi
+            outs = []
+            for h in range(q_heads):
+                scores = paddle.matmul(q[h, lo:hi], keys[h // group, :visible], transpose_y=True) + mask
+                outs.append(paddle.matmul(softmax(scores), values[h // group, :visible]))
+            blocks.append(paddle.concat(outs, axis=-1))
+        return paddle.concat(blocks, axis=0) if len(blocks) > 1 else blocks[0]
 
-        def attend(share):  # one worker's heads, every query block: [L, len(share) * dim]
-            blocks = []
-            for (lo, hi), mask in zip(_blocks(length), masks):
-                visible = start + hi
-                outs = []
-                for h in share:
-                    kv = h // group
-                    scores = paddle.matmul(q[h, lo:hi], keys[kv, :visible], transpose_y=True) + mask
-                    outs.append(paddle.matmul(softmax(scores), values[kv, :visible]))
-                blocks.append(paddle.concat(outs, axis=-1))
-            return paddle.concat(blocks, axis=0) if len(blocks) > 1 else blocks[0]
-
-        parts = map_shares(attend, heads)
-        return paddle.concat(parts, axis=-1) if len(parts) > 1 else parts[0]
-
-
-    def _fused_attention(self, qkv, cache: KVCache, layer: int, start: int):
+    def _fused(self, part: AttentionPart, qkv, layer: int):
         """Paddle's scaled_dot_product_attention ([1, L, heads, dim] layout; flash attention for bf16/fp16 on a
         GPU that has it): causal over the new positions, or over the cached prefix + them with an explicit mask."""
-        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
-        length = qkv.shape[0]
-        q = qkv[:, :heads].unsqueeze(0)
+        q_heads, kv_heads, dim, start, length = part.q_heads, part.kv_heads, self.dim, self.start, self.length
+        q = qkv[:, :q_heads].unsqueeze(0)
         if start == 0:
-            k, v = qkv[:, heads:heads + kv_heads].unsqueeze(0), qkv[:, heads + kv_heads:].unsqueeze(0)
+            k, v = qkv[:, q_heads:q_heads + kv_heads].unsqueeze(0), qkv[:, q_heads + kv_heads:].unsqueeze(0)
             mask = None
         else:
             visible = start + length
 
             def gather(buffer):  # [1, visible, kv_heads, dim]
-                return buffer.reshape([kv_heads, -1, dim])[:, :visible].transpose([1, 0, 2]).unsqueeze(0)
+                return self._heads(buffer, part)[:, :visible].transpose([1, 0, 2]).unsqueeze(0)
 
-            k, v = gather(cache.keys[layer]), gather(cache.values[layer])
+            k, v = gather(self.cache.keys[layer]), gather(self.cache.values[layer])
             causal = np.arange(visible)[None, :] <= np.arange(start, visible)[:, None]
             mask = paddle.to_tensor(np.where(causal, 0.0, -np.inf)[None, None], dtype=q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0, training=False,
-                                             scale=dim ** -0.5)
-        return out.reshape([length, heads * dim])
+                                             scale=1.0)  # q arrives scaled
+        return out.reshape([length, q_heads * dim])
+
+
+def _total(parts: list):
+    return parts[0] if len(parts) == 1 else paddle.add_n(parts)
 
 
 def head_logits(lm_head, hidden):
@@ -267,16 +346,10 @@ def head_logits(lm_head, hidden):
     return paddle.concat(parts, axis=-1) if len(parts) > 1 else parts[0]
 
 
-def _mlp(mlp, x):
-    """SwiGLU MLP, at most MLP_ROWS rows at a time: a long prompt's [L, intermediate] tensors stay small."""
-    if x.shape[0] > MLP_ROWS:
-        return paddle.concat([_mlp(mlp, x[lo:lo + MLP_ROWS]) for lo in range(0, x.shape[0], MLP_ROWS)], axis=0)
-    if x.shape[0] == 1:  # decode: gate and up read side by side, one matrix per core
-        gate, up = [y for part in map_shares(lambda share: [F.linear(x, (mlp.gate_proj, mlp.up_proj)[i].weight)
-                                                            for i in share], 2) for y in part]
-    else:
-        gate, up = F.linear(x, mlp.gate_proj.weight), F.linear(x, mlp.up_proj.weight)
-    return F.linear(F.swiglu(gate, up), mlp.down_proj.weight)
+def _mlp(part: MLPPart, x):
+    """A part's share of the SwiGLU MLP: its down_proj product [L, hidden] (the MLP's output is the sum over
+    parts)."""
+    return paddle.matmul(F.swiglu(F.linear(x, part.gate_up)), part.down_rows)
 
 
 def _blocks(length: int):

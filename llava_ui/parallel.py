@@ -51,15 +51,19 @@ def shares(count: int) -> list[range]:
 
 
 def map_shares(fn, count: int) -> list:
-    """fn(range) for each worker's share of `count` items, all at once (the calling thread takes the first share,
-    with MKL on one thread meanwhile); results in order."""
-    pieces = shares(count)
-    if _pool is None or len(pieces) == 1:
-        return [fn(piece) for piece in pieces]
-    others = [_pool.submit(fn, piece) for piece in pieces[1:]]
+    """fn(range) for each worker's share of `count` items, all at once; results in order."""
+    return run_parts(fn, shares(count))
+
+
+def run_parts(fn, parts: list) -> list:
+    """fn(part) for every part at once: the calling thread takes the first (with MKL on one thread meanwhile), the
+    workers the others; results in order. A single part runs here with every MKL thread."""
+    if _pool is None or len(parts) == 1:
+        return [fn(part) for part in parts]
+    others = [_pool.submit(fn, part) for part in parts[1:]]
     previous = _mkl_threads_here(1)
     try:
-        first = fn(pieces[0])
+        first = fn(parts[0])
     finally:
         _mkl_threads_here(previous)
     return [first] + [future.result() for future in others]

@@ -1,0 +1,81 @@
+"""The Qwen2 runner's execution strategies compute the same function: one part or one per worker, whole prompt or
+chunks, the CPU's blockwise attention or the fused kernel a GPU uses, prefill or step-by-step decoding.
+(tests/test_parity.py compares the default strategy with transformers.)"""
+import numpy as np
+import paddle
+import pytest
+
+from llava_ui import language, parallel
+from llava_ui.checkpoints import build_model
+from llava_ui.runtime import configure_cpu
+
+LENGTH = 41
+
+
+@pytest.fixture(scope="module")
+def tiny(checkpoints):
+    model, _, _ = build_model(checkpoints("lmms"))
+    embeds = paddle.to_tensor(np.random.default_rng(3).standard_normal((1, LENGTH, 64)).astype(np.float32))
+    return model, embeds
+
+
+def hidden_and_cache(model, embeds):
+    with paddle.no_grad():
+        hidden, cache = model.forward_hidden(embeds)
+    return hidden.numpy(), cache
+
+
+def test_the_model_is_split_over_the_workers(tiny):
+    model, _ = tiny
+    attention, feed = model.runner.parts[0]
+    assert len(attention) == len(feed) == min(parallel._workers, 2)  # tiny: 2 kv heads
+    assert all(layer.self_attn.q_proj.weight is None for layer in model.language_model.qwen2.layers)
+
+
+def test_chunked_prefill_and_small_blocks_equal_one_pass(tiny, monkeypatch):
+    model, embeds = tiny
+    whole, cache = hidden_and_cache(model, embeds)
+    monkeypatch.setattr(language, "PREFILL_CHUNK", 9)
+    monkeypatch.setattr(language, "BLOCK", 4)
+    chunked, chunked_cache = hidden_and_cache(model, embeds)
+    assert np.abs(whole - chunked).max() <= 1e-5
+    assert chunked_cache.length == cache.length == LENGTH
+    for ours, theirs in zip(cache.keys + cache.values, chunked_cache.keys + chunked_cache.values):
+        assert np.abs(ours.numpy() - theirs.numpy()).max() <= 1e-5
+
+
+def test_fused_attention_path_equals_the_blockwise_one(tiny, monkeypatch):
+    """The GPU's scaled_dot_product_attention path, run on the CPU: same outputs, with and without a cached prefix."""
+    model, embeds = tiny
+    whole, _ = hidden_and_cache(model, embeds)
+    _, prefix = hidden_and_cache(model, embeds[:, :30])
+    monkeypatch.setattr(model.runner, "fused_attention", True)
+    fused, _ = hidden_and_cache(model, embeds)
+    with paddle.no_grad():
+        rest, _ = model.forward_hidden(embeds[:, 30:], prefix.prefix(30), 30)
+    assert np.abs(whole - fused).max() <= 1e-5
+    assert np.abs(whole[:, 30:] - rest.numpy()).max() <= 1e-5
+
+
+def test_one_part_equals_one_part_per_worker(checkpoints, tiny, monkeypatch):
+    model, embeds = tiny
+    split, _ = hidden_and_cache(model, embeds)
+    monkeypatch.setenv("LLAVA_UI_THREADS", "1")
+    try:
+        single, _, _ = build_model(checkpoints("lmms"))
+    finally:
+        monkeypatch.delenv("LLAVA_UI_THREADS")
+        configure_cpu()
+    assert len(single.runner.parts[0][0]) == 1
+    whole, _ = hidden_and_cache(single, embeds)
+    assert np.abs(whole - split).max() <= 1e-5
+
+
+def test_decoding_position_by_position_equals_the_prefill(tiny):
+    model, embeds = tiny
+    whole, _ = hidden_and_cache(model, embeds)
+    _, cache = hidden_and_cache(model, embeds[:, :LENGTH - 3])
+    with paddle.no_grad():
+        for position in range(LENGTH - 3, LENGTH):
+            step, cache = model.forward_hidden(embeds[:, position:position + 1], cache, position)
+            assert np.abs(step.numpy()[0, 0] - whole[0, position]).max() <= 1e-5
