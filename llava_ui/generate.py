@@ -8,12 +8,30 @@ import numpy as np
 import paddle
 
 from .config import GenerationSettings
+from .runtime import release_free_memory
 
 
-def prefill(model, embeds, cache=None, start: int = 0):
-    """Run the prompt (or the new part after a cached prefix); logits of the last position only."""
-    hidden, cache = model.forward_hidden(embeds, cache, start)
-    return model.logits(hidden[:, -1])[0], cache
+def prefill(model, embeds, cache=None, start: int = 0, *, lock=None, should_stop: Callable[[], bool] = lambda: False):
+    """Run the prompt (or the new part after a cached prefix); logits of the last position only.
+
+    A long prompt goes through in the model's prefill chunks, each one model step under `lock`: other requests'
+    steps run between them, and when `should_stop()` turns true the prefill ends at the next chunk, returning
+    (None, the partly filled cache)."""
+    lock = lock or contextlib.nullcontext()
+    length = embeds.shape[1]
+    chunk = model.prefill_chunk(embeds) if hasattr(model, "prefill_chunk") else length
+    if hasattr(model, "reserve"):  # room for the whole prompt up front: chunks never regrow the cache
+        with lock:
+            cache = model.reserve(cache, start + length)
+    for lo in range(0, length, chunk):
+        if lo and should_stop():
+            return None, cache
+        with lock:
+            hidden, cache = model.forward_hidden(embeds[:, lo:lo + chunk], cache, start + lo)
+    with lock:
+        logits = model.logits(hidden[:, -1])[0]
+        release_free_memory()
+    return logits, cache
 
 
 def decode_one_token(model, token: int, cache, position: int):
@@ -62,8 +80,9 @@ def generate_ids(model, embeds, settings: GenerationSettings, stop_ids: set[int]
     state.update(finish="stopped", fed=0)
     if should_stop():
         return
-    with lock:
-        logits, cache = prefill(model, embeds, cache, start)
+    logits, cache = prefill(model, embeds, cache, start, lock=lock, should_stop=should_stop)
+    if logits is None:  # stopped between two chunks of a long prompt
+        return
     position = start + embeds.shape[1]
     state["cache"] = cache
     for step in range(settings.max_new_tokens):

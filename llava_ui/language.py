@@ -193,20 +193,32 @@ class Qwen2Runner:
         if self.parts is None:
             self.pack()
         length = embeds.shape[1]
-        if cache is None:
-            cache = KVCache.empty(len(self.qwen2.layers), self.kv_heads, self.head_dim,
-                                  _round_up(start + length + HEADROOM), embeds.dtype)
-        cache = cache.writable(start + length)
-        fused = self.fused_attention if self.fused_attention is not None else not embeds.place.is_cpu_place()
+        cache = self.reserve(cache, start + length, embeds.dtype)
+        fused = self._fused(embeds)
         # a long prompt goes through in chunks (each attends to the cache the earlier ones filled): the same
-        # arithmetic, with activations bounded by the chunk instead of the prompt (a GPU takes it whole)
-        chunk = length if fused else PREFILL_CHUNK
+        # arithmetic, with activations bounded by the chunk instead of the prompt
+        chunk = self.chunk(embeds)
         outs = [self._layers(embeds[0, lo:lo + chunk], cache, start + lo, fused) for lo in range(0, length, chunk)]
         if length > 1:
             cache.mask = None  # rebuilt from the length by the next decode step
-            release_free_memory()
         hidden = outs[0] if len(outs) == 1 else paddle.concat(outs, axis=0)
         return hidden.unsqueeze(0), cache  # the last layer's output, through the final norm
+
+    def reserve(self, cache: KVCache | None, positions: int, dtype=None) -> KVCache:
+        """`cache` (None: a new one, with HEADROOM positions to decode into), writable and with room for
+        `positions` positions."""
+        if cache is None:
+            dtype = dtype or self.qwen2.embed_tokens.weight.dtype
+            return KVCache.empty(len(self.qwen2.layers), self.kv_heads, self.head_dim,
+                                 _round_up(positions + HEADROOM), dtype)
+        return cache.writable(positions)
+
+    def chunk(self, embeds) -> int:
+        """Prompt positions per pass: PREFILL_CHUNK on the CPU; a GPU's fused attention takes the prompt whole."""
+        return embeds.shape[1] if self._fused(embeds) else PREFILL_CHUNK
+
+    def _fused(self, embeds) -> bool:
+        return self.fused_attention if self.fused_attention is not None else not embeds.place.is_cpu_place()
 
     def _layers(self, embeds, cache: KVCache, start: int, fused: bool):
         """embeds [L, hidden] at positions start.. through every layer, filling the cache; returns [L, hidden]."""

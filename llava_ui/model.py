@@ -97,6 +97,14 @@ class LlavaQwen(nn.Layer):
         """
         return self.runner.forward(embeds, cache, start)
 
+    def prefill_chunk(self, embeds) -> int:
+        """How many prompt positions generate.prefill hands to forward_hidden at a time."""
+        return self.runner.chunk(embeds)
+
+    def reserve(self, cache, positions: int):
+        """`cache` (None: a new one), writable and with room for `positions` positions."""
+        return self.runner.reserve(cache, positions)
+
     def logits(self, hidden) -> paddle.Tensor:
         if hidden.ndim == 2:  # one position (generate.prefill / decode_one_token): the vocabulary split over cores
             logits = head_logits(self.language_model.lm_head, hidden)

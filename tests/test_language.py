@@ -1,12 +1,17 @@
 """The Qwen2 runner's execution strategies compute the same function: one part or one per worker, whole prompt or
-chunks, the CPU's blockwise attention or the fused kernel a GPU uses, prefill or step-by-step decoding.
+chunks, the CPU's blockwise attention or the fused kernel a GPU uses, prefill or step-by-step decoding; and a long
+prefill is one model step per chunk.
 (tests/test_parity.py compares the default strategy with transformers.)"""
+import threading
+
 import numpy as np
 import paddle
 import pytest
 
 from llava_ui import language, parallel
 from llava_ui.checkpoints import build_model
+from llava_ui.config import GenerationSettings
+from llava_ui.generate import generate_ids, prefill
 from llava_ui.runtime import configure_cpu
 
 LENGTH = 41
@@ -79,3 +84,41 @@ def test_decoding_position_by_position_equals_the_prefill(tiny):
         for position in range(LENGTH - 3, LENGTH):
             step, cache = model.forward_hidden(embeds[:, position:position + 1], cache, position)
             assert np.abs(step.numpy()[0, 0] - whole[0, position]).max() <= 1e-5
+
+
+class CountingLock:
+    """A lock that records how often it was taken: one model step per acquisition."""
+
+    def __init__(self):
+        self.lock, self.taken = threading.Lock(), 0
+
+    def __enter__(self):
+        self.lock.acquire()
+        self.taken += 1
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def test_a_long_prefill_is_one_model_step_per_chunk(tiny, monkeypatch):
+    """Between chunks the lock is free (other requests' steps run) and a stop request is looked at."""
+    model, embeds = tiny
+    monkeypatch.setattr(language, "PREFILL_CHUNK", 10)
+    chunks = -(-LENGTH // 10)
+    lock, asked = CountingLock(), []
+    logits, cache = prefill(model, embeds, lock=lock, should_stop=lambda: asked.append(1) and False)
+    assert lock.taken == chunks + 2  # the cache reservation, each chunk, the logits
+    assert len(asked) == chunks - 1 and cache.length == LENGTH
+    monkeypatch.setattr(language, "PREFILL_CHUNK", LENGTH)
+    whole, _ = prefill(model, embeds)
+    assert np.abs(logits.numpy() - whole.numpy()).max() <= 1e-5
+
+
+def test_stop_during_a_long_prefill_ends_it_at_the_next_chunk(tiny, monkeypatch):
+    model, embeds = tiny
+    monkeypatch.setattr(language, "PREFILL_CHUNK", 10)
+    logits, cache = prefill(model, embeds, should_stop=lambda: True)
+    assert logits is None and cache.length == 10
+    tokens = list(generate_ids(model, embeds, GenerationSettings(max_new_tokens=3, temperature=0), set(),
+                               should_stop=iter([False, True]).__next__))
+    assert tokens == []  # stopped after the first chunk: no token
