@@ -254,7 +254,7 @@ class _Step:
         scale = dim ** -0.5
         self.tables, self.rows = {}, {}
         for part in runner.parts[0][0]:
-            self.rows[part.kv] = cache.rows(start, length, part.kv)
+            self.rows[part.kv] = cache.rows(start, length, range(part.kv_heads))  # within the part's own rows
             key = part.q_heads, part.kv_heads
             if key not in self.tables:
                 self.tables[key] = tuple(paddle.concat([
@@ -280,15 +280,21 @@ class _Step:
             out = self._prefill(part, qkv, layer)
         return paddle.matmul(out, part.o_rows)
 
-    def _heads(self, buffer, part: AttentionPart):
-        """[part's kv heads, capacity, dim]: a contiguous view of the cache buffer."""
+    def _own(self, part: AttentionPart, layer: int):
+        """The part's rows of the layer's K and V buffers, as views of their own: a write through a view lands in
+        the buffer, and no two workers ever write through the same tensor object."""
         capacity = self.cache.capacity
-        return buffer[part.kv.start * capacity:part.kv.stop * capacity].reshape([part.kv_heads, capacity, self.dim])
+        rows = slice(part.kv.start * capacity, part.kv.stop * capacity)
+        return self.cache.keys[layer][rows], self.cache.values[layer][rows]
+
+    def _heads(self, own, part: AttentionPart):
+        """[part's kv heads, capacity, dim] of a part's view."""
+        return own.reshape([part.kv_heads, self.cache.capacity, self.dim])
 
     def _decode(self, part: AttentionPart, qkv, layer: int):
         """One new position: attend over the whole buffer at once; the mask hides positions not yet filled."""
         q_heads, kv_heads, dim = part.q_heads, part.kv_heads, self.dim
-        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        keys, values = self._own(part, layer)
         rows = self.rows[part.kv]
         paddle.scatter_(keys, rows, qkv[q_heads:q_heads + kv_heads], overwrite=True)
         paddle.scatter_(values, rows, qkv[q_heads + kv_heads:], overwrite=True)
@@ -302,11 +308,11 @@ class _Step:
         q_heads, kv_heads, dim = part.q_heads, part.kv_heads, self.dim
         per_head = paddle.transpose(qkv, [1, 0, 2]).contiguous()  # [q + 2 kv heads, L, dim]
         rows = self.rows[part.kv]
-        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        keys, values = self._own(part, layer)
         paddle.scatter_(keys, rows, per_head[q_heads:q_heads + kv_heads].reshape([-1, dim]), overwrite=True)
         paddle.scatter_(values, rows, per_head[q_heads + kv_heads:].reshape([-1, dim]), overwrite=True)
         if self.fused:
-            return self._fused(part, qkv, layer)
+            return self._fused(part, qkv, keys, values)
         q = per_head[:q_heads]
         keys, values = self._heads(keys, part), self._heads(values, part)
         group = q_heads // kv_heads
@@ -320,7 +326,7 @@ class _Step:
             blocks.append(paddle.concat(outs, axis=-1))
         return paddle.concat(blocks, axis=0) if len(blocks) > 1 else blocks[0]
 
-    def _fused(self, part: AttentionPart, qkv, layer: int):
+    def _fused(self, part: AttentionPart, qkv, keys, values):
         """Paddle's scaled_dot_product_attention ([1, L, heads, dim] layout; flash attention for bf16/fp16 on a
         GPU that has it): causal over the new positions, or over the cached prefix + them with an explicit mask."""
         q_heads, kv_heads, dim, start, length = part.q_heads, part.kv_heads, self.dim, self.start, self.length
@@ -334,7 +340,7 @@ class _Step:
             def gather(buffer):  # [1, visible, kv_heads, dim]
                 return self._heads(buffer, part)[:, :visible].transpose([1, 0, 2]).unsqueeze(0)
 
-            k, v = gather(self.cache.keys[layer]), gather(self.cache.values[layer])
+            k, v = gather(keys), gather(values)
             causal = np.arange(visible)[None, :] <= np.arange(start, visible)[:, None]
             mask = paddle.to_tensor(np.where(causal, 0.0, -np.inf)[None, None], dtype=q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0, training=False,

@@ -225,7 +225,9 @@ def test_503_with_retry_after_while_the_model_loads(urls, engines):
         if response.status_code != 503:
             break
         time.sleep(0.1)
-    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 1
+    # served once loaded (random weights may sample a stop token first: 0 or 1 tokens)
+    assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"] in ("length", "stop")
+    assert response.json()["usage"]["completion_tokens"] <= 1
 
 
 def test_503_with_the_reason_when_loading_failed(urls):
