@@ -19,10 +19,9 @@ def prefill(model, embeds, cache=None, start: int = 0, *, lock=None, should_stop
     (None, the partly filled cache)."""
     lock = lock or contextlib.nullcontext()
     length = embeds.shape[1]
-    chunk = model.prefill_chunk(embeds) if hasattr(model, "prefill_chunk") else length
-    if hasattr(model, "reserve"):  # room for the whole prompt up front: chunks never regrow the cache
-        with lock:
-            cache = model.reserve(cache, start + length)
+    chunk = model.prefill_chunk(embeds)
+    with lock:  # room for the whole prompt up front: chunks never regrow the cache
+        cache = model.reserve(cache, start + length)
     for lo in range(0, length, chunk):
         if lo and should_stop():
             return None, cache

@@ -71,10 +71,11 @@ class KVCache:
 
         return KVCache([copy(k) for k in self.keys], [copy(v) for v in self.values], self.kv_heads, self.length)
 
-    def rows(self, start: int, length: int, heads: range) -> paddle.Tensor:
-        """Buffer row of every (kv head in `heads`, position in start..start+length), head-major: the scatter_
-        index (made on the device: no host-to-device copy per step)."""
-        heads = paddle.arange(heads.start, heads.stop, dtype="int64").unsqueeze(1) * self.capacity
+    def rows(self, start: int, length: int, heads: int) -> paddle.Tensor:
+        """Row of every (kv head < `heads`, position in start..start+length) in a head-major [heads * capacity,
+        dim] buffer (a part's own rows of the cache): the scatter_ index, made on the device (no host-to-device
+        copy per step)."""
+        heads = paddle.arange(heads, dtype="int64").unsqueeze(1) * self.capacity
         return (heads + paddle.arange(start, start + length, dtype="int64").unsqueeze(0)).reshape([-1])
 
     def decode_mask(self, dtype) -> paddle.Tensor:
@@ -252,14 +253,14 @@ class _Step:
         # slower than an elementwise one); q's heads carry the attention scale 1/sqrt(dim), v's heads get cos 1 and
         # sin 0: one rotation gives scaled q, k and v exactly as they go into attention
         scale = dim ** -0.5
-        self.tables, self.rows = {}, {}
+        self.shapes = {}  # (q heads, kv heads) of a part → its cos and sin tables and its cache rows
         for part in runner.parts[0][0]:
-            self.rows[part.kv] = cache.rows(start, length, range(part.kv_heads))  # within the part's own rows
             key = part.q_heads, part.kv_heads
-            if key not in self.tables:
-                self.tables[key] = tuple(paddle.concat([
+            if key not in self.shapes:
+                self.shapes[key] = tuple(paddle.concat([
                     paddle.tile(table * scale, [1, part.q_heads, 1]), paddle.tile(table, [1, part.kv_heads, 1]),
-                    paddle.full([length, part.kv_heads, dim], fill, dtype)], axis=1) for table, fill in ((cos, 1), (sin, 0)))
+                    paddle.full([length, part.kv_heads, dim], fill, dtype)], axis=1) for table, fill in ((cos, 1), (sin, 0))
+                ) + (cache.rows(start, length, part.kv_heads),)
         self.masks = _block_masks(start, length, dtype) if length > 1 and not fused else None
         if length == 1:
             self.mask = cache.decode_mask(dtype)
@@ -270,7 +271,7 @@ class _Step:
         product [L, hidden] (the layer's attention output is the sum over parts)."""
         dim, length = self.dim, self.length
         qkv = F.linear(x, part.qkv, part.bias).reshape([length, part.q_heads + 2 * part.kv_heads, dim])
-        cos, sin = self.tables[part.q_heads, part.kv_heads]
+        cos, sin, _ = self.shapes[part.q_heads, part.kv_heads]
         turned = paddle.matmul(qkv, self.rotate).multiply_(sin)
         qkv = qkv.multiply_(cos).add_(turned)  # in place: a long prompt keeps fewer copies alive
         del turned
@@ -295,7 +296,7 @@ class _Step:
         """One new position: attend over the whole buffer at once; the mask hides positions not yet filled."""
         q_heads, kv_heads, dim = part.q_heads, part.kv_heads, self.dim
         keys, values = self._own(part, layer)
-        rows = self.rows[part.kv]
+        rows = self.shapes[part.q_heads, kv_heads][2]
         paddle.scatter_(keys, rows, qkv[q_heads:q_heads + kv_heads], overwrite=True)
         paddle.scatter_(values, rows, qkv[q_heads + kv_heads:], overwrite=True)
         q = qkv[:q_heads].reshape([kv_heads, q_heads // kv_heads, dim])
@@ -307,7 +308,7 @@ class _Step:
         (CPU), or one fused attention kernel (GPU)."""
         q_heads, kv_heads, dim = part.q_heads, part.kv_heads, self.dim
         per_head = paddle.transpose(qkv, [1, 0, 2]).contiguous()  # [q + 2 kv heads, L, dim]
-        rows = self.rows[part.kv]
+        rows = self.shapes[part.q_heads, kv_heads][2]
         keys, values = self._own(part, layer)
         paddle.scatter_(keys, rows, per_head[q_heads:q_heads + kv_heads].reshape([-1, dim]), overwrite=True)
         paddle.scatter_(values, rows, per_head[q_heads + kv_heads:].reshape([-1, dim]), overwrite=True)
@@ -355,8 +356,7 @@ def _total(parts: list):
 def head_logits(lm_head, hidden):
     """The LM head over [positions, hidden]. One position's logits (each decode step reads the 622 MB head) are
     computed with the vocabulary rows shared among the workers: MKL's own threads read a matrix-vector product
-    at ~18 GB/s here, one worker per core at ~33 GB/s. (For the 4-50 MB layer matrices the hand-off costs what
-    it gains, so they stay with MKL.)"""
+    at ~18 GB/s here, one worker per core at ~33 GB/s (as the layers' parts do)."""
     if hidden.shape[0] != 1 or not lm_head.transpose_y:  # an untied head is stored [hidden, vocab]: as it is
         return lm_head(hidden)
     parts = map_shares(lambda rows: paddle.matmul(hidden, lm_head.weight[rows.start:rows.stop], transpose_y=True),

@@ -164,6 +164,12 @@ class ScriptedModel:
     def embed_tokens(self, ids):
         return paddle.zeros([1, 1, 2])
 
+    def prefill_chunk(self, embeds):
+        return embeds.shape[1]
+
+    def reserve(self, cache, positions):
+        return cache
+
     def forward_hidden(self, embeds, cache=None, start=0):
         self.calls += 1
         return paddle.zeros([1, embeds.shape[1], 2]), cache
