@@ -8,11 +8,14 @@ import numpy as np
 import paddle
 
 from .config import GenerationSettings
+from .language import HEADROOM
 from .runtime import release_free_memory
 
 
-def prefill(model, embeds, cache=None, start: int = 0, *, lock=None, should_stop: Callable[[], bool] = lambda: False):
-    """Run the prompt (or the new part after a cached prefix); logits of the last position only.
+def prefill(model, embeds, cache=None, start: int = 0, *, room: int = 0, lock=None,
+            should_stop: Callable[[], bool] = lambda: False):
+    """Run the prompt (or the new part after a cached prefix); logits of the last position only. The cache gets
+    room for the prompt + `room` positions to decode into.
 
     A long prompt goes through in the model's prefill chunks, each one model step under `lock`: other requests'
     steps run between them, and when `should_stop()` turns true the prefill ends at the next chunk, returning
@@ -21,11 +24,14 @@ def prefill(model, embeds, cache=None, start: int = 0, *, lock=None, should_stop
     length = embeds.shape[1]
     chunk = model.prefill_chunk(embeds)
     with lock:  # room for the whole prompt up front: chunks never regrow the cache
-        cache = model.reserve(cache, start + length)
+        cache = model.reserve(cache, start + length + room)
     for lo in range(0, length, chunk):
         if lo and should_stop():
             return None, cache
         with lock:
+            # each chunk's short-lived blocks land on other freed pages of the heap: handed back before every
+            # chunk, a long prompt's resident size stays that of one chunk (a trim costs ~3 ms)
+            release_free_memory()
             hidden, cache = model.forward_hidden(embeds[:, lo:lo + chunk], cache, start + lo)
     with lock:
         logits = model.logits(hidden[:, -1])[0]
@@ -79,7 +85,9 @@ def generate_ids(model, embeds, settings: GenerationSettings, stop_ids: set[int]
     state.update(finish="stopped", fed=0)
     if should_stop():
         return
-    logits, cache = prefill(model, embeds, cache, start, lock=lock, should_stop=should_stop)
+    # decode room up front for a short answer; a long one grows the cache HEADROOM positions at a time
+    room = min(settings.max_new_tokens, HEADROOM)
+    logits, cache = prefill(model, embeds, cache, start, room=room, lock=lock, should_stop=should_stop)
     if logits is None:  # stopped between two chunks of a long prompt
         return
     position = start + embeds.shape[1]

@@ -22,8 +22,8 @@ from .parallel import map_shares, run_parts, shares
 from .runtime import release_free_memory
 
 BLOCK = 512  # query rows per prefill attention block: bounds the score matrix and skips most masked entries
-HEADROOM = 128  # positions a cache allocates beyond what is asked, so decoding grows it rarely
-PREFILL_CHUNK = 512  # prompt positions per pass through the layers (CPU): bounds a long prompt's activations
+HEADROOM = 128  # positions a cache grows by when decoding outgrows it (and at most what a prefill reserves ahead)
+PREFILL_CHUNK = 256  # prompt positions per pass through the layers (CPU): bounds a long prompt's activations
 
 
 class KVCache:
@@ -57,19 +57,29 @@ class KVCache:
         return KVCache(self.keys, self.values, self.kv_heads, positions, shared=True)
 
     def writable(self, needed: int) -> "KVCache":
-        """This cache, or a copy that is not shared and has room for `needed` positions."""
+        """This cache, or a copy that is not shared, with room for `needed` positions (+ HEADROOM when it grows).
+
+        An unshared cache grows in place one buffer at a time, so growing never holds two whole caches."""
         if needed <= self.capacity and not self.shared:
             return self
-        capacity = self.capacity if needed <= self.capacity else _round_up(needed + HEADROOM)
+        old = self.capacity  # (the property changes as the buffers are replaced)
+        capacity = old if needed <= old else _round_up(needed + HEADROOM)
 
         def copy(buffer):
-            if capacity == self.capacity:
+            if capacity == old:
                 return buffer.clone()
-            rows = buffer.reshape([self.kv_heads, self.capacity, -1])
-            extra = paddle.zeros([self.kv_heads, capacity - self.capacity, rows.shape[-1]], rows.dtype)
+            rows = buffer.reshape([self.kv_heads, old, -1])
+            extra = paddle.zeros([self.kv_heads, capacity - old, rows.shape[-1]], rows.dtype)
             return paddle.concat([rows, extra], axis=1).reshape([self.kv_heads * capacity, -1])
 
-        return KVCache([copy(k) for k in self.keys], [copy(v) for v in self.values], self.kv_heads, self.length)
+        if self.shared:
+            return KVCache([copy(k) for k in self.keys], [copy(v) for v in self.values], self.kv_heads, self.length)
+        self.keys, self.values = list(self.keys), list(self.values)  # prefix views made earlier keep the old lists
+        for buffers in (self.keys, self.values):
+            for i, buffer in enumerate(buffers):
+                buffers[i] = copy(buffer)
+        self.mask = None
+        return self
 
     def rows(self, start: int, length: int, heads: int) -> paddle.Tensor:
         """Row of every (kv head < `heads`, position in start..start+length) in a head-major [heads * capacity,
@@ -113,10 +123,11 @@ def rms_norm(x, weight, eps: float, residual=None):
     return normed, x if residual is None else total
 
 
-def softmax(scores):
-    """Softmax over the last axis in float32 (a no-op cast costs a full copy in Paddle, so only when needed)."""
+def softmax(scores, in_place: bool = False):
+    """Softmax over the last axis in float32 (a no-op cast costs a full copy in Paddle, so only when needed);
+    `in_place` overwrites float32 scores that are not needed afterwards."""
     if scores.dtype == paddle.float32:
-        return F.softmax(scores, axis=-1)
+        return F.softmax_(scores, axis=-1) if in_place else F.softmax(scores, axis=-1)
     return F.softmax(scores, axis=-1, dtype="float32").astype(scores.dtype)
 
 
@@ -206,12 +217,11 @@ class Qwen2Runner:
         return hidden.unsqueeze(0), cache  # the last layer's output, through the final norm
 
     def reserve(self, cache: KVCache | None, positions: int, dtype=None) -> KVCache:
-        """`cache` (None: a new one, with HEADROOM positions to decode into), writable and with room for
-        `positions` positions."""
+        """`cache` (None: a new one), writable and with room for `positions` positions: a caller that knows how
+        many it will decode asks for them up front (generate.prefill), as the cache is zero-filled memory."""
         if cache is None:
             dtype = dtype or self.qwen2.embed_tokens.weight.dtype
-            return KVCache.empty(len(self.qwen2.layers), self.kv_heads, self.head_dim,
-                                 _round_up(positions + HEADROOM), dtype)
+            return KVCache.empty(len(self.qwen2.layers), self.kv_heads, self.head_dim, _round_up(positions), dtype)
         return cache.writable(positions)
 
     def chunk(self, embeds) -> int:
@@ -322,8 +332,8 @@ class _Step:
             visible = self.start + hi
             outs = []
             for h in range(q_heads):
-                scores = paddle.matmul(q[h, lo:hi], keys[h // group, :visible], transpose_y=True) + mask
-                outs.append(paddle.matmul(softmax(scores), values[h // group, :visible]))
+                scores = paddle.matmul(q[h, lo:hi], keys[h // group, :visible], transpose_y=True).add_(mask)
+                outs.append(paddle.matmul(softmax(scores, in_place=True), values[h // group, :visible]))
             blocks.append(paddle.concat(outs, axis=-1))
         return paddle.concat(blocks, axis=0) if len(blocks) > 1 else blocks[0]
 

@@ -39,6 +39,10 @@ def configure_cpu() -> int:
     if is_amd():
         os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
     os.environ.setdefault("KMP_BLOCKTIME", "1")  # idle MKL threads sleep after 1 ms: cores go to the head workers
+    # MKL's own memory manager keeps every gemm's packing buffers (~45 MB after the first image and prompt);
+    # without it they are ordinary malloc blocks, reused and handed back like the rest (same speed here)
+    os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
+    one_malloc_arena()
     threads = cpu_threads()
     paddle.set_flags({"FLAGS_paddle_num_threads": threads})
     paddle.base.core.set_num_threads(threads)
@@ -57,11 +61,19 @@ def _glibc():
     return _libc
 
 
+def one_malloc_arena() -> None:
+    """Let glibc serve every thread from one heap: the workers' short-lived blocks then reuse each other's freed
+    memory instead of touching pages in an arena per thread (~25 MB less at the peak of a long prompt)."""
+    if _glibc():
+        _libc.mallopt(M_ARENA_MAX, 1)
+
+
 def release_free_memory() -> None:
-    """Hand memory freed by a finished phase (vision, prefill) back to the OS: glibc keeps freed small blocks in
-    per-thread arenas, which with the head workers grows the resident size otherwise."""
+    """Hand memory freed by a finished phase (vision, a prefill chunk) back to the OS: glibc keeps freed blocks
+    resident in its heap otherwise, and the next phase's blocks land on other pages of it."""
     if _glibc():
         _libc.malloc_trim(0)
 
 
 _libc = None
+M_ARENA_MAX = -8  # glibc's mallopt parameter number

@@ -122,3 +122,50 @@ def test_stop_during_a_long_prefill_ends_it_at_the_next_chunk(tiny, monkeypatch)
     tokens = list(generate_ids(model, embeds, GenerationSettings(max_new_tokens=3, temperature=0), set(),
                                should_stop=iter([False, True]).__next__))
     assert tokens == []  # stopped after the first chunk: no token
+
+
+def test_prefill_reserves_the_answer_up_front_so_decoding_never_copies_the_cache(tiny, monkeypatch):
+    """generate_ids asks the prefill for room to decode into (up to HEADROOM positions): the cache made for the
+    prompt is the one every step writes to, and only as big as prompt + answer rounded up."""
+    model, embeds = tiny
+    new_tokens = 5
+    grown = []
+    writable = language.KVCache.writable
+    monkeypatch.setattr(language.KVCache, "writable",
+                        lambda self, needed: grown.append(needed) if needed > self.capacity else None
+                        or writable(self, needed))
+    state = {}
+    tokens = list(generate_ids(model, embeds, GenerationSettings(max_new_tokens=new_tokens, temperature=0), set(),
+                               state=state))
+    assert len(tokens) == new_tokens and grown == []
+    assert LENGTH + new_tokens <= state["cache"].capacity == language._round_up(LENGTH + new_tokens)
+
+
+def test_a_cache_grows_in_place_and_a_prefix_view_made_before_keeps_its_buffers(tiny):
+    model, embeds = tiny
+    _, cache = hidden_and_cache(model, embeds)
+    view = cache.prefix(LENGTH)
+    before = [t.numpy() for t in cache.keys + cache.values]
+    old_capacity = cache.capacity
+    grown = cache.writable(old_capacity + 1)
+    assert grown is cache and cache.capacity == language._round_up(old_capacity + 1 + language.HEADROOM)
+    assert view.capacity == old_capacity  # the view's buffers are the old ones, untouched
+    for old, new, kept in zip(before, cache.keys + cache.values, view.keys + view.values):
+        heads = cache.kv_heads
+        new = new.numpy().reshape([heads, cache.capacity, -1])[:, :old_capacity].reshape(old.shape)
+        assert np.array_equal(old, new) and np.array_equal(old, kept.numpy())
+    with paddle.no_grad():  # decoding on in the grown cache equals decoding in the original capacity
+        step, _ = model.forward_hidden(embeds[:, -1:], cache.prefix(LENGTH - 1).writable(LENGTH), LENGTH - 1)
+        again, _ = model.forward_hidden(embeds[:, -1:], view.prefix(LENGTH - 1).writable(LENGTH), LENGTH - 1)
+    assert np.abs(step.numpy() - again.numpy()).max() <= 1e-6
+
+
+def test_memory_freed_by_a_chunk_goes_back_before_the_next(tiny, monkeypatch):
+    import llava_ui.generate as generate
+
+    model, embeds = tiny
+    monkeypatch.setattr(language, "PREFILL_CHUNK", 10)
+    trims = []
+    monkeypatch.setattr(generate, "release_free_memory", lambda: trims.append(1))
+    prefill(model, embeds)
+    assert len(trims) == -(-LENGTH // 10) + 1  # before every chunk, and once after the prefill
