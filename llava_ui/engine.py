@@ -1,6 +1,6 @@
 """The singleton backend every front end talks to: load once, plan a request, stream tokens, stop on demand.
 
-Requests are served concurrently by interleaving model steps under one lock: each prefill chunk (512 prompt
+Requests are served concurrently by interleaving model steps under one lock: each prefill chunk (256 prompt
 positions on a CPU) and each decode step holds the model alone, so concurrent chats all stream (more slowly) and
 never mix, and a long prompt does not hold the others up for its whole prefill; see README "Concurrency".
 """
