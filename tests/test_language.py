@@ -131,9 +131,13 @@ def test_prefill_reserves_the_answer_up_front_so_decoding_never_copies_the_cache
     new_tokens = 5
     grown = []
     writable = language.KVCache.writable
-    monkeypatch.setattr(language.KVCache, "writable",
-                        lambda self, needed: grown.append(needed) if needed > self.capacity else None
-                        or writable(self, needed))
+
+    def recording(self, needed):
+        if needed > self.capacity:
+            grown.append(needed)
+        return writable(self, needed)
+
+    monkeypatch.setattr(language.KVCache, "writable", recording)
     state = {}
     tokens = list(generate_ids(model, embeds, GenerationSettings(max_new_tokens=new_tokens, temperature=0), set(),
                                state=state))
