@@ -40,6 +40,9 @@ def resolve_model_dir(model: str, progress=None) -> Path:
 
 
 def _download(repo_id: str, progress) -> Path:
+    from .paddlenlp_lean import lean_paddlenlp
+
+    lean_paddlenlp()
     from paddlenlp.utils.download import resolve_file_path
 
     def fetch(names, required=True):
@@ -133,9 +136,9 @@ def build_model(model_dir: Path, dtype: str = "float32", progress=None):
     """Read config + weights, build LlavaQwen in `dtype`, load every weight; fail loudly on any mismatch."""
     import paddle
 
-    from paddlenlp.transformers.model_utils import no_init_weights
+    from .model import LlavaQwen  # first: it imports paddlenlp the lean way
 
-    from .model import LlavaQwen
+    from paddlenlp.transformers.model_utils import no_init_weights
 
     progress = progress or _stderr
     model_dir = Path(model_dir)

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import paddle
 import paddle.nn as nn
-from paddlenlp.transformers import Qwen2Config, Qwen2ForCausalLM
 
 from .anyres import unpad_crop
 from .config import ModelConfig
 from .language import Qwen2Runner, head_logits
+from .paddlenlp_lean import lean_paddlenlp
 from .runtime import release_free_memory
 from .vision import SiglipVisionModel
+
+lean_paddlenlp()
+from paddlenlp.transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402 - lean_paddlenlp() goes first
 
 IMAGE_MARKER = -200  # stands for one image in prompt ids, as in the reference's tokenizer_image_token
 

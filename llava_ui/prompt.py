@@ -107,6 +107,9 @@ def load_tokenizer(model_dir):
     """paddlenlp's Qwen2 tokenizer from vocab.json + merges.txt, or its fast twin when only tokenizer.json is there."""
     from pathlib import Path
 
+    from .paddlenlp_lean import lean_paddlenlp
+
+    lean_paddlenlp()
     from paddlenlp.transformers import AutoTokenizer
 
     folder = Path(model_dir)
