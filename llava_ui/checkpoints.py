@@ -40,10 +40,9 @@ def resolve_model_dir(model: str, progress=None) -> Path:
 
 
 def _download(repo_id: str, progress) -> Path:
-    from .paddlenlp_lean import lean_paddlenlp
+    from .paddlenlp_lean import paddlenlp_module
 
-    lean_paddlenlp()
-    from paddlenlp.utils.download import resolve_file_path
+    resolve_file_path = paddlenlp_module("paddlenlp.utils.download").resolve_file_path
 
     def fetch(names, required=True):
         try:
@@ -136,9 +135,10 @@ def build_model(model_dir: Path, dtype: str = "float32", progress=None):
     """Read config + weights, build LlavaQwen in `dtype`, load every weight; fail loudly on any mismatch."""
     import paddle
 
-    from .model import LlavaQwen  # first: it imports paddlenlp the lean way
+    from .model import LlavaQwen
+    from .paddlenlp_lean import paddlenlp_module
 
-    from paddlenlp.transformers.model_utils import no_init_weights
+    no_init_weights = paddlenlp_module("paddlenlp.transformers.model_utils").no_init_weights
 
     progress = progress or _stderr
     model_dir = Path(model_dir)

@@ -7,12 +7,12 @@ import paddle.nn as nn
 from .anyres import unpad_crop
 from .config import ModelConfig
 from .language import Qwen2Runner, head_logits
-from .paddlenlp_lean import lean_paddlenlp
+from .paddlenlp_lean import paddlenlp_module
 from .runtime import release_free_memory
 from .vision import SiglipVisionModel
 
-lean_paddlenlp()
-from paddlenlp.transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402 - lean_paddlenlp() goes first
+_transformers = paddlenlp_module("paddlenlp.transformers")
+Qwen2Config, Qwen2ForCausalLM = _transformers.Qwen2Config, _transformers.Qwen2ForCausalLM
 
 IMAGE_MARKER = -200  # stands for one image in prompt ids, as in the reference's tokenizer_image_token
 

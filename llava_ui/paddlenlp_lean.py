@@ -1,17 +1,25 @@
 """Import paddlenlp's Qwen2 model, tokenizer and downloader without its package-level imports.
 
 `import paddlenlp` runs paddlenlp/__init__.py, which imports every subpackage (datasets, metrics, trainer,
-taskflow, server) and with them scipy, pandas, scikit-learn, pyarrow and Hugging Face `datasets`: 0.24 GB resident
-and about 2 s on top of paddle, where the parts this project uses need 0.065 GB and 0.6 s. `lean_paddlenlp()` registers the package
-without running that file; its submodules import as usual, and the first access to anything else on the package
-(`paddlenlp.Taskflow`, ...) runs the real __init__ then, so other code in the same process still sees the whole
-library. Call it before the first paddlenlp import; once paddlenlp is imported it does nothing.
+taskflow, server) and with them scipy, pandas, scikit-learn, pyarrow and Hugging Face `datasets`: 0.24 GB
+resident and about 2 s on top of paddle, where the parts this project uses need 0.065 GB and 0.6 s.
+`lean_paddlenlp()` registers the package without running that file; its submodules import as usual, and the first
+access to anything else on the package (`paddlenlp.Taskflow`, ...) runs the real __init__ then, so other code in
+the same process still sees the whole library. This project's modules get paddlenlp's through
+`paddlenlp_module(name)`, which does this first; once paddlenlp is imported the lean step does nothing.
 """
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
 import sys
+from types import ModuleType
+
+
+def paddlenlp_module(name: str) -> ModuleType:
+    """`paddlenlp.<...>` module `name`, paddlenlp registered the lean way if it is not imported yet."""
+    lean_paddlenlp()
+    return importlib.import_module(name)
 
 
 def lean_paddlenlp() -> None:

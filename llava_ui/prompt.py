@@ -107,10 +107,9 @@ def load_tokenizer(model_dir):
     """paddlenlp's Qwen2 tokenizer from vocab.json + merges.txt, or its fast twin when only tokenizer.json is there."""
     from pathlib import Path
 
-    from .paddlenlp_lean import lean_paddlenlp
+    from .paddlenlp_lean import paddlenlp_module
 
-    lean_paddlenlp()
-    from paddlenlp.transformers import AutoTokenizer
+    AutoTokenizer = paddlenlp_module("paddlenlp.transformers").AutoTokenizer
 
     folder = Path(model_dir)
     has_bpe_files = (folder / "vocab.json").exists() and (folder / "merges.txt").exists()
