@@ -27,7 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=env("DTYPE"), choices=[None, "float32", "float16", "bfloat16"])
     p.add_argument("--image-mode", default=env("IMAGE_MODE"), choices=[None, *IMAGE_MODES])
     p.add_argument("--context-length", type=int, default=env("CONTEXT_LENGTH") and int(env("CONTEXT_LENGTH")))
-    p.add_argument("--frames", type=int, default=int(env("FRAMES", 16)), help="video frames sampled (default 16)")
+    p.add_argument("--frames", type=int, default=env("FRAMES") and int(env("FRAMES")),
+                   help="video frames sampled (default: 16 on a GPU; on a CPU as many, up to 16, as give the first "
+                        "token within about a minute at this machine's measured speed)")
     p.add_argument("--queue-size", type=int, default=int(env("QUEUE_SIZE", 32)), help="requests waiting at most")
     p.add_argument("--concurrency", type=int, default=int(env("CONCURRENCY", 4)),
                    help="chats generating at once (their model steps interleave)")

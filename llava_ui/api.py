@@ -10,6 +10,7 @@ import json
 import logging
 import threading
 import time
+from contextlib import asynccontextmanager
 
 import anyio
 from fastapi import APIRouter, Request
@@ -123,7 +124,8 @@ def create_api_router(backend, api_key: str | None = None, allow_file_urls: bool
         stop_event = threading.Event()
         events = backend.stream(conversation, settings, image_mode=body.image_mode, stop_event=stop_event)
         try:  # the first event comes before any header, so an overflowing context is still a plain 400
-            first = await next_event(events, request, stop_event)
+            async with watching(request, stop_event):
+                first = await next_event(events)
         except UserError:
             gate.check()  # a load that failed meanwhile is a 503, not the request's fault
             raise
@@ -136,9 +138,10 @@ def create_api_router(backend, api_key: str | None = None, allow_file_urls: bool
                                             media_type="text/event-stream",
                                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         final, event = None, first
-        while event is not _END:
-            final = event if event["type"] == "done" else final
-            event = await next_event(events, request, stop_event)
+        async with watching(request, stop_event):
+            while event is not _END:
+                final = event if event["type"] == "done" else final
+                event = await next_event(events)
         if stop_event.is_set():
             logger.info("client left %s after %d tokens", reply.id, final["stats"]["generated_tokens"])
         return reply.completion(final)
@@ -189,6 +192,12 @@ def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
+def progress_comment(event: dict) -> str:
+    """An SSE comment (OpenAI clients skip comments): `: progress {"stage": ..., "done", "total", "eta_s"}`."""
+    fields = {key: event.get(key) for key in ("stage", "done", "total", "eta_s")}
+    return f": progress {json.dumps(fields)}\n\n"
+
+
 async def stream_chunks(reply: Reply, events, first, stop_event: threading.Event):
     """Role chunk, content chunks, a finish chunk, the usage chunk if asked, then [DONE]. When the client goes away
     the server cancels this generator mid-await: the finally block stops the backend."""
@@ -199,6 +208,8 @@ async def stream_chunks(reply: Reply, events, first, stop_event: threading.Event
         while event is not _END:
             if event["type"] == "delta":
                 yield sse(reply.chunk({"content": event["text"]}))
+            elif event["type"] == "progress":
+                yield progress_comment(event)
             else:
                 final = event
             event = await next_event(events)
@@ -220,18 +231,27 @@ async def stream_chunks(reply: Reply, events, first, stop_event: threading.Event
     yield "data: [DONE]\n\n"
 
 
-async def next_event(events, request: Request | None = None, stop_event: threading.Event | None = None):
-    """The backend's next event, computed in a worker thread; with `request`, a client that leaves sets stop_event."""
-    if request is None:
-        event = await anyio.to_thread.run_sync(_step, events)
-    else:
-        async with anyio.create_task_group() as group:
-            group.start_soon(_watch_disconnect, request, stop_event)
-            event = await anyio.to_thread.run_sync(_step, events)
-            group.cancel_scope.cancel()
+async def next_event(events):
+    """The backend's next event, computed in a worker thread (one model step at most)."""
+    event = await anyio.to_thread.run_sync(_step, events)
     if isinstance(event, _Failed):
         raise event.error
     return event
+
+
+@asynccontextmanager
+async def watching(request: Request, stop_event: threading.Event):
+    """While the body runs, a client that leaves sets stop_event (the backend stops at its next step)."""
+    error = None
+    async with anyio.create_task_group() as group:
+        group.start_soon(_watch_disconnect, request, stop_event)
+        try:
+            yield
+        except BaseException as err:  # raised as itself, not inside the task group's ExceptionGroup
+            error = err
+        group.cancel_scope.cancel()
+    if error is not None:
+        raise error
 
 
 async def _watch_disconnect(request: Request, stop_event: threading.Event) -> None:

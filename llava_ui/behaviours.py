@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .anyres import anyres_token_count, anyres_views, pad_to_square
+from .anyres import anyres_token_count, anyres_views, pad_to_square, select_best_resolution
 from .config import IMAGE_MODES, ModelConfig
 from .errors import UserError
 from .media import PROCESSOR_MEAN, image_digest, preprocess
@@ -29,6 +29,11 @@ class PreparedImage:
     @property
     def cache_key(self) -> tuple:
         return (self.digest, self.view, self.pack)
+
+    @property
+    def views(self) -> int:
+        """Views the vision tower encodes: the base view and the anyres tiles, or the image alone."""
+        return 1 + self.grid[0] * self.grid[1] if self.grid else 1
 
 
 def default_image_mode(config: ModelConfig, has_newline: bool) -> str:
@@ -56,7 +61,9 @@ def prepare_images(images: list[Image.Image], mode: str, config: ModelConfig, di
         if mode == "trained" and lone:
             tokens = anyres_token_count(image.size, config.image_grid_pinpoints, tile=config.vision.image_size,
                                         patches_per_side=config.vision.patches_per_side)
-            prepared.append(PreparedImage(digest, image.size, "anyres", "anyres", tokens))
+            target = select_best_resolution(image.size, config.image_grid_pinpoints)
+            grid = (target[0] // config.vision.image_size, target[1] // config.vision.image_size)
+            prepared.append(PreparedImage(digest, image.size, "anyres", "anyres", tokens, grid))
         elif mode == "trained":
             prepared.append(PreparedImage(digest, image.size, "square", "newline", patches + 1))
         elif mode == "eval":
@@ -70,8 +77,7 @@ def pixel_views(image: Image.Image, plan: PreparedImage, config: ModelConfig) ->
     """The [V, 3, S, S] pixels the vision tower encodes for one planned image."""
     size = config.vision.image_size
     if plan.view == "anyres":
-        views, grid = anyres_views(image, config.image_grid_pinpoints, tile=size)
-        plan.grid = grid
+        views, _ = anyres_views(image, config.image_grid_pinpoints, tile=size)  # the grid planned
         return np.stack([preprocess(v, size) for v in views])
     if plan.view == "square":
         fill = tuple(int(m * 255) for m in PROCESSOR_MEAN)  # (127, 127, 127), as LLaVA's expand2square

@@ -170,15 +170,18 @@ def build_model(model_dir: Path, dtype: str = "float32", progress=None):
             model = LlavaQwen(config, has_image_newline="image_newline" in state)
     finally:
         paddle.set_default_dtype(previous)
-    load_state(model, state)
+    load_state(model, state, progress)
     model.runner.pack()  # the language model's weights regrouped per CPU worker (each still held once)
     model.eval()
+    for param in model.parameters():  # no thread can record autograd history on them, whatever its grad mode
+        param.stop_gradient = True
     return model, config, layout
 
 
-def load_state(model, state: dict) -> None:
+def load_state(model, state: dict, progress=None) -> None:
     """Load numpy arrays or weights.StoredArray into the parameters, one at a time, dropping each from `state`
-    once loaded: peak memory is the model plus its largest weight."""
+    once loaded: peak memory is the model plus its largest weight. `progress(message, done=, total=)` hears how
+    many weights are in."""
     import paddle
 
     params = dict(model.named_parameters())
@@ -194,7 +197,10 @@ def load_state(model, state: dict) -> None:
             raise UserError(f"checkpoint weight {name} has shape {list(state[name].shape)}, the model expects "
                             f"{param.shape}")
     in_place = paddle.get_device() == "cpu"
-    for name, param in params.items():
+    total = len(params)
+    for done, (name, param) in enumerate(params.items()):
+        if progress is not None and done % max(total // 20, 1) == 0:
+            progress("loading the weights", done=done, total=total)
         array = state.pop(name)
         if in_place and isinstance(array, StoredArray) and param.dtype == paddle.float32:
             param.set_value(np.empty(array.shape, np.float32))  # untouched pages: memory, no data copied
@@ -220,5 +226,6 @@ def _names(names: list[str], limit: int = 8) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def _stderr(message: str, done: int | None = None, total: int | None = None) -> None:
+    if done is None:
+        print(message, file=sys.stderr, flush=True)

@@ -56,8 +56,50 @@ def make_backend(args):
 
     engine = get_engine(args.model, device=args.device, dtype=args.dtype, image_mode=getattr(args, "image_mode", None),
                         context_length=args.context_length)
-    engine.on_progress = lambda message: print(message, file=sys.stderr, flush=True)
+    engine.on_progress = ProgressBars().load
     return engine
+
+
+class ProgressBars:
+    """tqdm bars on stderr: loading the weights, encoding the images or frames, reading the prompt. Steps
+    without a count print as lines."""
+
+    def __init__(self, unit: str = "image"):
+        self.unit = unit
+        self.bar = None
+        self.label = None
+
+    def load(self, message: str, done: int | None = None, total: int | None = None) -> None:
+        if done is None:
+            self.close()
+            print(message, file=sys.stderr, flush=True)
+        else:
+            self._show(message, done, total, "weight")
+
+    def event(self, event: dict) -> None:
+        """An engine progress event."""
+        if event["stage"] == "vision":
+            self._show(f"encoding {self.unit}s", event["done"], event["total"], self.unit, event.get("eta_s"))
+        else:
+            self._show("reading the prompt", event["done"], event["total"], "tok", event.get("eta_s"))
+
+    def _show(self, label: str, done: int, total: int, unit: str, eta_s: float | None = None) -> None:
+        from tqdm import tqdm  # deferred: only the command line draws bars
+
+        if label != self.label:
+            self.close()
+            self.bar = tqdm(total=total, desc=label, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=True)
+            self.label = label
+        self.bar.n = done
+        if eta_s is not None:
+            self.bar.set_postfix_str(f"first token in ~{eta_s:.0f} s", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.n = self.bar.total or self.bar.n
+            self.bar.close()
+        self.bar = self.label = None
 
 
 def build_conversation(prompt: str, images, video, frames: int, system=None):
@@ -72,11 +114,21 @@ def build_conversation(prompt: str, images, video, frames: int, system=None):
 
 
 def cmd_generate(args) -> int:
-    conversation = build_conversation(args.prompt, args.image, args.video, args.frames, args.system)
     backend = make_backend(args)
+    frames = args.frames
+    if args.video and frames is None:  # the default follows this machine's speed: load first
+        backend.load()
+        frames = backend.default_frames()
+        print(f"sampling {frames} frames (the default here; --frames N to choose)", file=sys.stderr, flush=True)
+    conversation = build_conversation(args.prompt, args.image, args.video, frames or 16, args.system)
     backend.load()
     final = None
+    bars = ProgressBars("frame" if args.video else "image")
     for event in backend.stream(conversation, settings_from(args), image_mode=args.image_mode):
+        if event["type"] == "progress":
+            bars.event(event)
+            continue
+        bars.close()
         if event["type"] == "delta":
             sys.stdout.write(event["text"])
             sys.stdout.flush()
@@ -106,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(gen)
     gen.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
     gen.add_argument("--video", default=None, help="a video file (frames are sampled uniformly)")
-    gen.add_argument("--frames", type=int, default=16, help="video frames to sample (default 16)")
+    gen.add_argument("--frames", type=int, default=None,
+                     help="video frames to sample (default: 16 on a GPU; on a CPU as many, up to 16, as give the "
+                          "first token within about a minute at this machine's measured speed)")
     gen.add_argument("--prompt", required=True,
                      help="the question; <image> markers place the images, otherwise they come first")
     gen.add_argument("--system", default=None, help="system prompt (default: You are a helpful assistant.)")

@@ -1,29 +1,30 @@
 """The singleton backend every front end talks to: load once, plan a request, stream tokens, stop on demand.
 
-Requests are served concurrently by interleaving model steps under one lock: each prefill chunk (256 prompt
-positions on a CPU) and each decode step holds the model alone, so concurrent chats all stream (more slowly) and
-never mix, and a long prompt does not hold the others up for its whole prefill; see README "Concurrency".
+Every model step runs in the engine's one compute thread (llava_ui.compute), whichever thread asked: one vision
+view, one prefill chunk or one decode token at a time, so concurrent chats all stream (more slowly) and never mix,
+a long prompt does not hold the others up for its whole prefill, and a stop or a client that left ends the work at
+the next step. Between steps the stream reports progress with the time left at this machine's measured rates.
 """
 from __future__ import annotations
 
 import random
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Iterator
 
 from . import DEFAULT_MODEL
 from .behaviours import check_image_mode, default_image_mode, pixel_views, prepare_images
 from .caches import FeatureCache, PrefixCache
+from .compute import ComputeThread
 from .config import GenerationSettings
 from .conversation import Conversation
 from .errors import UserError
-from .generate import IncrementalDecoder, generate_ids
+from .generate import IncrementalDecoder, decode_room, decode_tokens, prefill_chunks
 from .model import IMAGE_MARKER
 from .prompt import render_prompt
+from .rates import MAX_DEFAULT_FRAMES, Rates, Workload, calibrate
 from .stopping import StopStrings
-
-VISION_BATCH = {"cpu": 1}  # per device type; a CPU gains little from batching and a stop waits a whole batch
 
 
 @dataclass
@@ -50,7 +51,6 @@ class LoadState:
     dtype: str = ""
     layout: str = ""
     random_weights: bool = False
-    history: list = field(default_factory=list)
 
 
 def pick_device(requested: str | None = None) -> str:
@@ -83,10 +83,12 @@ class Engine:
         self.features = FeatureCache(feature_cache_mb << 20)
         self.prefixes = PrefixCache(prefix_cache_mb << 20, prefix_cache_entries)
         self.model = self.tokenizer = self.config = None
-        self.on_progress = None  # e.g. the command line prints load progress to stderr
+        self.on_progress = None  # on_progress(message, done, total): e.g. the command line's bars
         self.model_dir = None  # the resolved checkpoint folder, once loaded
+        self.rates: Rates | None = None  # this machine's measured speed per stage, once loaded
         self._load_lock = threading.Lock()
-        self.compute_lock = threading.Lock()
+        self.compute = ComputeThread()  # every model step runs there (grad off, the CPU set up once)
+        self.run = self.compute.run
 
     def status(self) -> dict:
         s = self.load_state
@@ -95,11 +97,11 @@ class Engine:
                 "image_mode": self.image_mode if s.state == "ready" else None,
                 "context_length": self.context_length if s.state == "ready" else None}
 
-    def _progress(self, message: str) -> None:
-        self.load_state.message = message
-        self.load_state.history.append(message)
+    def _progress(self, message: str, done: int | None = None, total: int | None = None) -> None:
+        """A loading step (with a count when it has one), for the status and `on_progress(message, done, total)`."""
+        self.load_state.message = message if done is None else f"{message} ({100 * done // max(total, 1)} %)"
         if self.on_progress is not None:
-            self.on_progress(message)
+            self.on_progress(message, done, total)
 
     def load(self) -> "Engine":
         """Load once; concurrent callers wait for the same load. After a failure, the next call tries again."""
@@ -110,7 +112,7 @@ class Engine:
                 return self
             self.load_state = LoadState(state="loading", message="starting")
             try:
-                self._load()
+                self.run(self._load)
             except Exception as err:  # keep serving: the state says why and a later call retries
                 reason = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
                 self.load_state.state, self.load_state.error = "failed", reason
@@ -134,7 +136,6 @@ class Engine:
         device = pick_device(device_req)
         dtype = pick_dtype(device, dtype_req)
         paddle.set_device(device)
-        paddle.set_grad_enabled(False)  # the product never trains; grad state is global, not per thread
         model_dir = resolve_model_dir(self.model_id, self._progress)
         self.model_dir = model_dir
         model, config, layout = build_model(model_dir, dtype, self._progress)
@@ -146,6 +147,28 @@ class Engine:
         self.model, self.config = model, config
         self.load_state.device, self.load_state.dtype, self.load_state.layout = device, dtype, layout
         self.load_state.random_weights = bool(config.raw.get("random_weights"))
+        self._progress("measuring this machine's speed ...")
+        self.rates = Rates(Workload.of(config), calibrate(dtype))
+
+    def default_frames(self) -> int:
+        """Video frames by default: 16 on a GPU; on a CPU as many (up to 16) as answer within about a minute at
+        the rates measured here (16 until the model is loaded)."""
+        if self.rates is None or not self.load_state.device.startswith("cpu"):
+            return MAX_DEFAULT_FRAMES
+        return self.rates.frames_within()
+
+    def estimate(self, image_sizes: list[tuple[int, int]], frames: int = 0, image_mode: str | None = None,
+                 text_tokens: int = 64) -> tuple[int, float] | None:
+        """(prompt tokens, seconds to the first token here) for a message with images of these sizes and a video
+        of `frames` frames, before anything is decoded; None until the model is loaded."""
+        if self.rates is None:
+            return None
+        mode = image_mode or self.image_mode
+        sizes = list(image_sizes) + [(1, 1)] * frames  # a frame's cost does not depend on its size
+        planned = prepare_images([_Sized(size) for size in sizes], mode, self.config, digests=[""] * len(sizes),
+                                 has_video=frames > 0)
+        tokens = text_tokens + sum(p.tokens for p in planned)
+        return tokens, self.rates.seconds(views=sum(p.views for p in planned), positions=tokens)
 
     def plan(self, conversation: Conversation, image_mode: str | None = None, max_new_tokens: int = 1024) -> Plan:
         """Render, tokenize and count; drop the oldest turns when the history no longer fits the context."""
@@ -177,36 +200,60 @@ class Engine:
                         f"{'s' * (fit != 1)}; {hint}")
 
     def image_rows(self, plan: Plan, stop_event: threading.Event | None = None) -> tuple[list, int]:
-        """Packed feature rows per image; only images not in the feature cache go through the vision tower.
-        A stop request is honoured between vision batches (the rows then stay partly None)."""
-        rows, todo = [None] * len(plan.images), []
+        """Packed feature rows per image (see encode_images), all at once: (rows, images encoded)."""
+        rows, encoded = [None] * len(plan.images), set()
+        for _ in self.encode_images(plan, rows, stop_event, encoded):
+            pass
+        return rows, len(encoded)
+
+    def encode_images(self, plan: Plan, rows: list, stop_event: threading.Event | None = None,
+                      encoded: set | None = None) -> Iterator[int]:
+        """Fill `rows` with each image's packed feature rows; only images not in the feature cache go through the
+        vision tower, one view per model step. Yields after each view the number of views left; `encoded` gets
+        the cache key of every image encoded. A stop request is honoured between views (the rows then stay
+        partly None)."""
+        encoded = set() if encoded is None else encoded
+        todo = []
         for i, prepared in enumerate(plan.images):
             rows[i] = self.features.get(prepared.cache_key)
             if rows[i] is None:
                 todo.append(i)
-        batch_size = VISION_BATCH.get(self.load_state.device.split(":")[0], 8)
-        for start in range(0, len(todo), batch_size):
-            if stop_event is not None and stop_event.is_set():
-                break
-            batch = todo[start:start + batch_size]
-            pixels = [pixel_views(plan.pil_images[i], plan.images[i], self.config) for i in batch]
-            with self.compute_lock:
-                import numpy as np
+        left = sum(plan.images[i].views for i in todo)
+        for i in todo:
+            prepared = plan.images[i]
+            pixels = pixel_views(plan.pil_images[i], prepared, self.config)
+            features = []
+            for view in range(len(pixels)):
+                if stop_event is not None and stop_event.is_set():
+                    return
+                features.append(self.run(self._encode_view, pixels[view:view + 1]))
+                left -= 1
+                if view + 1 < len(pixels):
+                    yield left
+            rows[i] = self.run(self._pack, features, prepared)
+            self.features.put(prepared.cache_key, rows[i])
+            encoded.add(prepared.cache_key)
+            yield left
 
-                features = self.model.encode_views(np.concatenate(pixels))
-                offset = 0
-                for i, views in zip(batch, pixels):
-                    p = plan.images[i]
-                    rows[i] = self.model.pack_image(features[offset:offset + len(views)], p.pack, p.size, p.grid)
-                    offset += len(views)
-            for i in batch:
-                self.features.put(plan.images[i].cache_key, rows[i])
-        return rows, len(todo)
+    def _encode_view(self, pixels):
+        began = time.perf_counter()
+        features = self.model.encode_views(pixels)
+        float(features[0, 0, 0])  # the device has finished: the time below is the view's
+        self.rates.record("vision", self.rates.workload.vision_view, time.perf_counter() - began)
+        return features
+
+    def _pack(self, features: list, prepared):
+        import paddle  # the engine's callers need no paddle; the compute thread has it loaded
+
+        views = features[0] if len(features) == 1 else paddle.concat(features)
+        return self.model.pack_image(views, prepared.pack, prepared.size, prepared.grid)
 
     def stream(self, conversation: Conversation, settings: GenerationSettings | None = None,
                image_mode: str | None = None, stop_event: threading.Event | None = None) -> Iterator[dict]:
-        """Answer the conversation's last message: yields {"type": "delta", "text"} events, then {"type": "done", ...}
-        with the text, generated ids, finish reason and stats; the answer (even a stopped one) is kept in the turn."""
+        """Answer the conversation's last message. Yields {"type": "progress", "stage": "vision" | "prefill",
+        "done", "total", "eta_s"} between the steps before the first token, {"type": "delta", "text"} as the
+        answer grows, then {"type": "done", ...} with the text, generated ids, finish reason and stats; the answer
+        (even a stopped one) is kept in the turn."""
         started = time.perf_counter()
         settings = (settings or GenerationSettings()).validate()
         stop_event = stop_event or threading.Event()
@@ -214,24 +261,47 @@ class Engine:
         seed = settings.seed if settings.seed is not None else random.randrange(2**31)
         run = GenerationSettings(**{**asdict(settings), "max_new_tokens": plan.max_new_tokens, "seed": seed})
         turn = conversation.pending()
-        rows, encoded = self.image_rows(plan, stop_event)
+        items, sizes = _items(plan)
+        rows = [None] * len(plan.images)
+        to_encode = [p for p in plan.images if self.features.get(p.cache_key) is None]
+        total_images, views = len(to_encode), sum(p.views for p in to_encode)
+        _, cached, _ = self.prefixes.match(items)  # an estimate: the entry may change before the prefill
+        prompt_left = plan.prompt_tokens - cached
+        if total_images:
+            yield self._progress_event("vision", 0, total_images, views, cached, prompt_left)
+        fresh = set()
+        for views_left in self.encode_images(plan, rows, stop_event, fresh):
+            done = sum(1 for p in to_encode if p.cache_key in fresh)
+            yield self._progress_event("vision", done, total_images, views_left, cached, prompt_left)
+        encoded = len(fresh)
         if stop_event.is_set():  # stopped before the prompt was computed: nothing to say
             turn.answer = ""
             yield _final(plan, "", [], "stopped", seed, started, None, 0, encoded)
             return
-        items, sizes = _items(plan)
         matched, cached_positions, kv = self.prefixes.match(items)
         rest_ids = plan.prompt_ids[matched:]
         rest_rows = rows[sum(1 for t in plan.prompt_ids[:matched] if t == IMAGE_MARKER):]
-        with self.compute_lock:
-            embeds = self.model.embed_prompt(rest_ids, rest_rows)
+        embeds = self.run(self.model.embed_prompt, rest_ids, rest_rows)
+        length = embeds.shape[1]
+        result = {}
+        for done, total, chunk_start, chunk_length, seconds in prefill_chunks(
+                self.model, embeds, kv, cached_positions, room=decode_room(run), run=self.run,
+                should_stop=stop_event.is_set, result=result):
+            self.rates.record("prefill", self.rates.workload.prefill(chunk_start, chunk_length), seconds)
+            if done < total:
+                yield self._progress_event("prefill", done, total, 0, cached_positions + done, total - done)
+        del embeds
         decoder = IncrementalDecoder(self.tokenizer.decode)
         stops = StopStrings(settings.stop)
-        state, token_ids, times = {}, [], []
+        state, token_ids, times = {"finish": "stopped"}, [], []
         reason = "length"
-        tokens = generate_ids(self.model, embeds, run, self.tokenizer.stop_ids, cache=kv, start=cached_positions,
-                              seen=[t for t in plan.prompt_ids if t >= 0], should_stop=stop_event.is_set,
-                              lock=self.compute_lock, state=state)
+        if result["logits"] is None:  # stopped between two prefill chunks
+            tokens = _no_tokens()
+        else:
+            tokens = decode_tokens(self.model, result["logits"], result["cache"], cached_positions + length, run,
+                                   self.tokenizer.stop_ids, seen=[t for t in plan.prompt_ids if t >= 0],
+                                   should_stop=stop_event.is_set, run=self.run, state=state)
+        result.clear()
         try:
             for token in tokens:
                 token_ids.append(token)
@@ -255,6 +325,10 @@ class Engine:
                 fed = state["fed"]
                 self.prefixes.store(items + token_ids[:fed], sizes + [1] * fed, state["cache"])
         yield _final(plan, stops.text, token_ids, reason, seed, started, times, cached_positions, encoded)
+
+    def _progress_event(self, stage: str, done: int, total: int, views_left: int, start: int, positions: int) -> dict:
+        eta = self.rates.seconds(views=views_left, start=start, positions=positions)
+        return {"type": "progress", "stage": stage, "done": done, "total": total, "eta_s": round(eta, 1)}
 
     def generate(self, conversation: Conversation, settings: GenerationSettings | None = None, **kwargs) -> dict:
         final = None
@@ -291,6 +365,17 @@ def _items(plan: Plan) -> tuple[list, list[int]]:
             items.append(t)
             sizes.append(1)
     return items, sizes
+
+
+@dataclass
+class _Sized:
+    """Stands for an image of this size when only the plan's counts are wanted."""
+
+    size: tuple[int, int]
+
+
+def _no_tokens() -> Iterator[int]:
+    yield from ()
 
 
 def _swallow(fn) -> None:

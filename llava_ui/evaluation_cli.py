@@ -130,12 +130,11 @@ class ReferenceAnswerer:
                     visual_tokens=visual, max_new_tokens=settings.max_new_tokens, dropped_turns=0,
                     image_mode=self.image_mode)
         rows, _ = engine.image_rows(plan)
-        with engine.compute_lock:
-            embeds = engine.model.embed_prompt(ids, rows)
+        embeds = engine.run(engine.model.embed_prompt, ids, rows)
         names = {i: name for name, i in engine.tokenizer.special_ids.items()}
         # Stop ids are watched here, not by generate_ids, because the next turn needs the one that was generated.
         # No `seen` prompt ids: transformers' generate() given embeddings penalises repeats of generated tokens only.
-        tokens = generate_ids(engine.model, embeds, settings, stop_ids=set(), lock=engine.compute_lock)
+        tokens = generate_ids(engine.model, embeds, settings, stop_ids=set(), run=engine.run)
         generated, stop = [], None
         try:
             for token in tokens:

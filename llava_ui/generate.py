@@ -1,7 +1,7 @@
 """Token generation: prefill, one decode step, sampling, and incremental detokenization (gpt-fast style)."""
 from __future__ import annotations
 
-import contextlib
+import time
 from typing import Callable, Iterator
 
 import numpy as np
@@ -12,31 +12,57 @@ from .language import HEADROOM
 from .runtime import release_free_memory
 
 
-def prefill(model, embeds, cache=None, start: int = 0, *, room: int = 0, lock=None,
-            should_stop: Callable[[], bool] = lambda: False):
-    """Run the prompt (or the new part after a cached prefix); logits of the last position only. The cache gets
-    room for the prompt + `room` positions to decode into.
+def _call(fn, *args):
+    return fn(*args)
 
-    A long prompt goes through in the model's prefill chunks, each one model step under `lock`: other requests'
-    steps run between them, and when `should_stop()` turns true the prefill ends at the next chunk, returning
-    (None, the partly filled cache)."""
-    lock = lock or contextlib.nullcontext()
+
+def prefill_chunks(model, embeds, cache=None, start: int = 0, *, room: int = 0, run=_call,
+                   should_stop: Callable[[], bool] = lambda: False, result: dict | None = None) -> Iterator[tuple]:
+    """Run the prompt (or the new part after a cached prefix) one prefill chunk at a time, yielding
+    (positions done, positions in all, start of the chunk, its length, seconds it took) after each; `result` gets
+    the logits of the last position and the cache. The cache gets room for the prompt + `room` positions.
+
+    Each chunk is one model step through `run` (the engine's compute thread): other requests' steps run between
+    them, and when `should_stop()` turns true the prefill ends at the next chunk (`result["logits"]` stays None)."""
+    result = {} if result is None else result
+    result["logits"] = None
     length = embeds.shape[1]
     chunk = model.prefill_chunk(embeds)
-    with lock:  # room for the whole prompt up front: chunks never regrow the cache
-        cache = model.reserve(cache, start + length + room)
+    # room for the whole prompt up front: chunks never regrow the cache
+    cache = result["cache"] = run(model.reserve, cache, start + length + room)
+    hidden = None
+
+    def step(lo):
+        # each chunk's short-lived blocks land on other freed pages of the heap: handed back before every
+        # chunk, a long prompt's resident size stays that of one chunk
+        began = time.perf_counter()
+        release_free_memory()
+        out = model.forward_hidden(embeds[:, lo:lo + chunk], result["cache"], start + lo)
+        return out, time.perf_counter() - began
+
     for lo in range(0, length, chunk):
         if lo and should_stop():
-            return None, cache
-        with lock:
-            # each chunk's short-lived blocks land on other freed pages of the heap: handed back before every
-            # chunk, a long prompt's resident size stays that of one chunk (a trim costs ~3 ms)
-            release_free_memory()
-            hidden, cache = model.forward_hidden(embeds[:, lo:lo + chunk], cache, start + lo)
-    with lock:
+            return
+        (hidden, result["cache"]), seconds = run(step, lo)
+        done = min(lo + chunk, length)
+        yield done, length, start + lo, done - lo, seconds
+
+    def last():
         logits = model.logits(hidden[:, -1])[0]
         release_free_memory()
-    return logits, cache
+        return logits
+
+    result["logits"] = run(last)
+
+
+def prefill(model, embeds, cache=None, start: int = 0, *, room: int = 0, run=_call,
+            should_stop: Callable[[], bool] = lambda: False):
+    """The whole prefill at once: (logits of the last position, cache), or (None, the partly filled cache) when
+    stopped between two chunks."""
+    result = {}
+    for _ in prefill_chunks(model, embeds, cache, start, room=room, run=run, should_stop=should_stop, result=result):
+        pass
+    return result["logits"], result["cache"]
 
 
 def decode_one_token(model, token: int, cache, position: int):
@@ -71,30 +97,44 @@ def sample_next(logits: paddle.Tensor, settings: GenerationSettings, seen: list[
 
 def generate_ids(model, embeds, settings: GenerationSettings, stop_ids: set[int], *, cache=None, start: int = 0,
                  seen: list[int] | None = None, should_stop: Callable[[], bool] = lambda: False,
-                 lock=None, state: dict | None = None) -> Iterator[int]:
-    """Yield generated token ids; ends at a stop id (not yielded), at max_new_tokens, or when should_stop() is true.
-
-    `should_stop` is checked before every model step, so a stop request costs at most one decode step. Each step
-    holds `lock` (when given) and nothing is computed between yields. `state` receives the KV cache, how many
-    yielded tokens it holds ("fed") and why generation ended ("finish": stop | length | stopped).
-    """
+                 run=_call, state: dict | None = None) -> Iterator[int]:
+    """Prefill, then yield generated token ids (see decode_tokens); `state` as there."""
     state = {} if state is None else state
-    lock = lock or contextlib.nullcontext()
-    seen = list(seen or [])
-    rng = np.random.default_rng(settings.seed)
     state.update(finish="stopped", fed=0)
     if should_stop():
         return
-    # decode room up front for a short answer; a long one grows the cache HEADROOM positions at a time
-    room = min(settings.max_new_tokens, HEADROOM)
-    logits, cache = prefill(model, embeds, cache, start, room=room, lock=lock, should_stop=should_stop)
-    if logits is None:  # stopped between two chunks of a long prompt
-        return
-    position = start + embeds.shape[1]
-    state["cache"] = cache
+    result = {}
+    for _ in prefill_chunks(model, embeds, cache, start, room=decode_room(settings), run=run, should_stop=should_stop,
+                            result=result):
+        pass
+    if result["logits"] is not None:  # else stopped between two chunks of a long prompt
+        yield from decode_tokens(model, result["logits"], result["cache"], start + embeds.shape[1], settings,
+                                 stop_ids, seen=seen, should_stop=should_stop, run=run, state=state)
+
+
+def decode_room(settings: GenerationSettings) -> int:
+    """Decode room a prefill reserves up front: a short answer's whole length; a long one grows the cache HEADROOM
+    positions at a time."""
+    return min(settings.max_new_tokens, HEADROOM)
+
+
+def decode_tokens(model, logits, cache, position: int, settings: GenerationSettings, stop_ids: set[int], *,
+                  seen: list[int] | None = None, should_stop: Callable[[], bool] = lambda: False, run=_call,
+                  state: dict | None = None) -> Iterator[int]:
+    """From the prompt's last logits, yield generated token ids; ends at a stop id (not yielded), at
+    max_new_tokens, or when should_stop() is true.
+
+    `should_stop` is checked before every model step, so a stop request costs at most one decode step. Each step
+    runs through `run` (the engine's compute thread; by default here) and nothing is computed between yields.
+    `state` receives the KV cache, how many yielded tokens it holds ("fed") and why generation ended ("finish":
+    stop | length | stopped).
+    """
+    state = {} if state is None else state
+    seen = list(seen or [])
+    rng = np.random.default_rng(settings.seed)
+    state.update(finish="stopped", fed=0, cache=cache)
     for step in range(settings.max_new_tokens):
-        with lock:
-            token = sample_next(logits, settings, seen, rng)
+        token = run(sample_next, logits, settings, seen, rng)
         if token in stop_ids:
             state["finish"] = "stop"
             return
@@ -105,8 +145,7 @@ def generate_ids(model, embeds, settings: GenerationSettings, stop_ids: set[int]
             return
         if should_stop():
             return
-        with lock:
-            logits, cache = decode_one_token(model, token, cache, position)
+        logits, cache = run(decode_one_token, model, token, cache, position)
         position += 1
         state["cache"], state["fed"] = cache, step + 1
 

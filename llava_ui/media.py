@@ -44,6 +44,15 @@ def image_digest(image: Image.Image) -> str:
     return h.hexdigest()[:16]
 
 
+def image_size(path) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding the pixels."""
+    try:
+        with Image.open(path) as opened:
+            return opened.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
+        raise UserError(f"{Path(path).name} is not a readable image ({type(err).__name__})") from None
+
+
 def load_image(source, name: str = "") -> Image.Image:
     """Path, bytes or PIL image → RGB PIL image, or a UserError saying what is wrong with it."""
     if isinstance(source, Image.Image):

@@ -12,6 +12,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .compute import grad_off
+
 _pool: ThreadPoolExecutor | None = None
 _workers = 1
 _lock = threading.Lock()
@@ -32,6 +34,12 @@ def _mkl_threads_here(count: int) -> int:
     return _mkl().MKL_Set_Num_Threads_Local(count) if _mkl() else 0
 
 
+def _setup_worker() -> None:
+    """A share worker: MKL on one thread for its calls, and grad mode off (it is per thread in Paddle)."""
+    _mkl_threads_here(1)
+    grad_off()
+
+
 def use_threads(count: int) -> None:
     """Called once the CPU thread count is known (runtime.configure_cpu); 1 turns the splitting off."""
     global _pool, _workers
@@ -40,7 +48,7 @@ def use_threads(count: int) -> None:
             _pool.shutdown(wait=False)
         _workers = max(1, count)
         _pool = ThreadPoolExecutor(_workers - 1, thread_name_prefix="llava-share",
-                                   initializer=_mkl_threads_here, initargs=(1,)) if _workers > 1 else None
+                                   initializer=_setup_worker) if _workers > 1 else None
 
 
 def shares(count: int) -> list[range]:

@@ -21,9 +21,12 @@ from .conversation import Conversation
 from .errors import UserError
 from .openai_format import image_data_url, openai_messages
 from .prompt import render_prompt
+from .rates import MAX_DEFAULT_FRAMES
 
 CONNECT_TIMEOUT_S = 10.0
 POLL_S = 1.0
+PROGRESS_COMMENT = ": progress "  # SSE comment lines this app's API sends before the first token
+PROGRESS_KEY = "progress"
 IMAGE_URL_CACHE_CHARS = 64 << 20  # encoded images kept (history images are re-sent every turn)
 
 
@@ -138,6 +141,9 @@ class RemoteEngine:
         with self._open(payload, stop_event) as response:
             try:
                 for chunk in _sse_events(response) if response is not None else ():
+                    if PROGRESS_KEY in chunk:
+                        yield chunk[PROGRESS_KEY]
+                        continue
                     if "error" in chunk:
                         raise RemoteError(f"the remote engine failed: {_message(chunk)}")
                     usage = chunk.get("usage") or usage
@@ -158,6 +164,12 @@ class RemoteEngine:
         elif finish is None:
             raise RemoteError("the remote engine ended the stream without finishing the answer")
         yield self._final(prompt, text, finish, seed, image_mode, usage, details, times, started)
+
+    def default_frames(self) -> int:
+        return MAX_DEFAULT_FRAMES  # the remote machine's speed is not known here
+
+    def estimate(self, image_sizes, frames: int = 0, image_mode: str | None = None, text_tokens: int = 64):
+        return None
 
     def generate(self, conversation: Conversation, settings: GenerationSettings | None = None, **kwargs) -> dict:
         final = None
@@ -251,8 +263,13 @@ class RemoteEngine:
 def _sse_events(response: httpx.Response) -> Iterator[dict]:
     try:
         for line in response.iter_lines():
+            if line.startswith(PROGRESS_COMMENT):  # this app's progress before the first token
+                progress = _progress(line[len(PROGRESS_COMMENT):])
+                if progress is not None:
+                    yield {PROGRESS_KEY: progress}
+                continue
             if not line.startswith("data:"):
-                continue  # blank separators, comments, event names
+                continue  # blank separators, other comments, event names
             data = line[5:].strip()
             if data == "[DONE]":
                 return
@@ -262,6 +279,17 @@ def _sse_events(response: httpx.Response) -> Iterator[dict]:
                 raise RemoteError(f"the remote engine sent an unreadable event: {data[:200]!r}") from None
     except httpx.HTTPError as err:
         raise RemoteError(f"the remote engine dropped the stream ({type(err).__name__}: {err})") from None
+
+
+def _progress(text: str) -> dict | None:
+    try:
+        fields = json.loads(text)
+    except ValueError:
+        return None  # a comment of another shape is ignored, as any SSE client ignores comments
+    if not isinstance(fields, dict) or fields.get("stage") not in ("vision", "prefill"):
+        return None
+    return {"type": "progress", "stage": fields["stage"], "done": fields.get("done"), "total": fields.get("total"),
+            "eta_s": fields.get("eta_s")}
 
 
 def _retry_after(response: httpx.Response) -> float:

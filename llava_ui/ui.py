@@ -43,7 +43,7 @@ def load_examples() -> list[list[dict]]:
 
 
 def build_demo(backend, args) -> gr.Blocks:
-    frames = getattr(args, "frames", 16)
+    frames = getattr(args, "frames", None)  # None: from this machine's speed
     max_files, max_upload_mb = getattr(args, "max_files", 8), getattr(args, "max_upload_mb", 50)
     chat = ChatHandlers(backend, frames=frames, max_files=max_files, max_upload_mb=max_upload_mb)
     file_types = list(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
@@ -64,6 +64,7 @@ def build_demo(backend, args) -> gr.Blocks:
                 chat_input = gr.MultimodalTextbox(
                     file_count="multiple", file_types=file_types, sources=["upload"], show_label=False,
                     placeholder="Ask about your images or video…", elem_id="chat-input")
+                estimate = gr.Markdown("", elem_id="input-estimate", elem_classes=["help-line"])
                 gr.Markdown(help_line(max_files, max_upload_mb), elem_classes=["help-line"])
                 with gr.Row(elem_id="chat-buttons"):
                     stop_button = gr.Button("Stop", variant="stop", size="sm", elem_id="stop-button")
@@ -82,8 +83,9 @@ def build_demo(backend, args) -> gr.Blocks:
                         repetition_penalty = gr.Slider(0.8, 2, value=1.0, step=0.05, label="Repetition penalty")
                     with gr.Row():
                         max_new_tokens = gr.Slider(1, 4096, value=1024, step=1, label="Max new tokens")
-                        video_frames = gr.Slider(1, 64, value=frames, step=1, label="Video frames",
-                                                 info="sampled evenly; each frame costs ~730 tokens")
+                        video_frames = gr.Slider(1, 64, value=frames or 16, step=1, label="Video frames",
+                                                 info="sampled evenly; each frame costs ~730 tokens",
+                                                 elem_id="video-frames")
                     with gr.Row():
                         seed = gr.Textbox(value="", label="Seed", placeholder="random", info="empty = random",
                                           elem_id="seed")
@@ -113,7 +115,7 @@ def build_demo(backend, args) -> gr.Blocks:
                           gr.Number(value=1.0, label="top_p"), gr.Number(value=0, precision=0, label="top_k"),
                           gr.Number(value=1.0, label="repetition_penalty"),
                           gr.Number(value=1024, precision=0, label="max_new_tokens"),
-                          gr.Number(value=frames, precision=0, label="frames"),
+                          gr.Number(value=frames or 0, precision=0, label="frames"),  # 0: the default in use
                           gr.Number(value=-1, precision=0, label="seed"), gr.Textbox(value="", label="image_mode")]
             api_answer = gr.Textbox(label="answer")
             api_button = gr.Button("chat")
@@ -140,9 +142,12 @@ def build_demo(backend, args) -> gr.Blocks:
         export_button.click(chat.export, [session], [export_file], api_name="export", **UNDOCUMENTED)
 
         status_outputs = [status, load_button, timer]
-        demo.load(chat.status, None, status_outputs, api_name="status", **UNDOCUMENTED)
-        timer.tick(chat.status, None, status_outputs, **QUIET)
+        demo.load(chat.status_and_frames, None, status_outputs + [video_frames], api_name="status", **UNDOCUMENTED)
+        timer.tick(chat.status_and_frames, None, status_outputs + [video_frames], **QUIET)
         load_button.click(chat.load, None, status_outputs, api_name="load", **UNDOCUMENTED)
+        for changed in (chat_input.change, video_frames.release, image_mode.change):
+            changed(chat.estimate, [chat_input, video_frames, image_mode], [estimate], **QUIET)
+        demo.unload(chat.leave)  # a closed tab stops its answer
         api_button.click(chat.chat_api, api_inputs, [api_answer], api_name="chat",
                          api_description="Answer one message (text with optional <image>/<video> markers, plus "
                                          "image files and/or one video); streams the growing answer text.")

@@ -16,12 +16,14 @@ import gradio as gr
 from .config import GenerationSettings
 from .conversation import Conversation, Picture
 from .errors import UserError
-from .media import load_image, load_video
+from .media import image_size, load_image, load_video
+from .rates import human_seconds
 from .ui_inspector import inspector_views, stats_line, status_html, write_export
-from .ui_render import chat_messages, turn_index, typed_text
+from .ui_render import chat_messages, progress_text, turn_index, typed_text
 from .ui_session import ChatSession, add_message, check_files, settle
 
 REFRESH_S = 0.05  # at most ~20 screen updates a second while tokens stream
+LONG_WAIT_S = 20.0  # the input says how long the attached media take when it is at least this
 TEST_DELAY_ENV = "LLAVA_UI_TEST_TOKEN_DELAY"
 
 
@@ -52,10 +54,67 @@ def warn(message: str) -> None:
 
 
 class ChatHandlers:
-    def __init__(self, backend, frames: int = 16, max_files: int = 8, max_upload_mb: float = 50):
+    def __init__(self, backend, frames: int | None = None, max_files: int = 8, max_upload_mb: float = 50):
         self.backend = backend
-        self.frames, self.max_files, self.max_upload_mb = frames, max_files, max_upload_mb
+        self.frames = frames  # None: from this machine's speed once the model is loaded (default_frames)
+        self.max_files, self.max_upload_mb = max_files, max_upload_mb
         self.files_dir = tempfile.mkdtemp(prefix="llava_ui_")  # previews, frame sheets, exports (Gradio serves temp files)
+        self.live: dict[str, ChatSession] = {}  # browser session → its chat, so a closed tab stops its answer
+        self._live_lock = threading.Lock()
+
+    def default_frames(self) -> int:
+        return self.frames or self.backend.default_frames()
+
+    def frames_setting(self):
+        """The video frames slider: the value in use and why."""
+        if self.frames:
+            return gr.update(value=self.frames, info=f"set by --frames; each frame costs ~730 tokens")
+        if self.backend.status().get("state") != "ready":
+            return gr.update(info="each frame costs ~730 tokens; the default follows this machine's speed once "
+                                  "the model is loaded")
+        frames = self.backend.default_frames()
+        device = str(self.backend.status().get("device") or "")
+        why = ("16 on a GPU" if device.startswith("gpu") else "16 for a remote engine" if device.startswith("remote")
+               else f"{frames}: the first token within about a minute at this CPU's measured speed (at most 16)")
+        return gr.update(value=frames, info=f"default {why}; each frame costs ~730 tokens")
+
+    def status_and_frames(self):
+        return (*self.status(), self.frames_setting())
+
+    def estimate(self, message: dict | None, frames=None, image_mode: str = ""):
+        """Next to the input, before sending: how long the attached media will take here, when that is long."""
+        files = list((message or {}).get("files") or [])
+        if not files:
+            return ""
+        try:
+            images, video = check_files(files, self.max_files, self.max_upload_mb)
+            sizes = [image_size(path) for path in images]
+            frames = int(frames or self.default_frames()) if video else 0
+            estimate = self.backend.estimate(sizes, frames, image_mode or None)
+        except (UserError, OSError, ValueError):
+            return ""  # the message itself will say what is wrong when it is sent
+        if estimate is None:
+            return ""
+        tokens, seconds = estimate
+        if seconds < LONG_WAIT_S:
+            return ""
+        media = f"{frames} frames" if video else f"{len(images)} image{'s' * (len(images) != 1)}"
+        advice = "fewer frames answer faster" if video else "fewer images answer faster"
+        return f"{media} ≈ {tokens:,} tokens ≈ {human_seconds(seconds)} here; {advice}"
+
+    def leave(self, request: gr.Request | None = None):
+        """The tab was closed or reloaded: its answer in progress stops (the partial answer stays in its
+        history)."""
+        with self._live_lock:
+            session = self.live.pop(getattr(request, "session_hash", None), None)
+        if session is not None:
+            session.stop.set()
+
+    def _register(self, session: ChatSession, request) -> None:
+        key = getattr(request, "session_hash", None)
+        if key:
+            with self._live_lock:
+                self.live[key] = session
 
     def views(self, session: ChatSession | None) -> tuple:
         """What most handlers return: (chatbot, session, stats line, summary, tagged prompt, raw prompt, frames);
@@ -79,14 +138,15 @@ class ChatHandlers:
         message = message or {}
         try:
             add_message(session, message.get("text") or "", list(message.get("files") or []),
-                        frames or self.frames, self.max_files, self.max_upload_mb, self.files_dir)
+                        frames or self.default_frames(), self.max_files, self.max_upload_mb, self.files_dir)
         except UserError as err:
             warn(err)
             return chat_messages(session), gr.skip(), session
         return chat_messages(session), None, session
 
     def respond(self, session: ChatSession | None, system: str = "", temperature=0.2, top_p=1.0, top_k=0,
-                repetition_penalty=1.0, max_new_tokens=1024, seed=None, image_mode: str = ""):
+                repetition_penalty=1.0, max_new_tokens=1024, seed=None, image_mode: str = "",
+                request: gr.Request = None):
         """Answer the waiting message, streaming. Yields (*views, input box): the input gets the message back
         when it could not be answered at all."""
         turns = session.conversation.turns if session else []
@@ -95,6 +155,7 @@ class ChatHandlers:
             return
         session.idle.clear()
         session.stop.clear()
+        self._register(session, request)
         session.partial, session.notice = "", ""
         restore = gr.skip()
         try:
@@ -120,9 +181,14 @@ class ChatHandlers:
                                      stop_event=session.stop)
         try:
             last = 0.0
+            unit = "frame" if session.conversation.turns[-1].video is not None else "image"
             for event in events:
                 if event["type"] == "done":
                     shown.record = event
+                    continue
+                if event["type"] == "progress":  # before the first token: what is happening, how long it takes
+                    session.notice = progress_text(event, unit)
+                    yield self.streaming(session)
                     continue
                 session.partial += event["text"]
                 if delay:
@@ -263,7 +329,7 @@ class ChatHandlers:
             images, video_path = check_files(list(files or []), self.max_files, self.max_upload_mb)
             conversation = Conversation(system=(system_prompt or "").strip() or None)
             pictures = [Picture(load_image(p), os.path.basename(p)) for p in images]
-            video = load_video(video_path, int(frames or self.frames)) if video_path else None
+            video = load_video(video_path, int(frames or self.default_frames())) if video_path else None
             conversation.add_user(message or "", pictures, video)
             settings = make_settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
             self.backend.load()
@@ -274,7 +340,7 @@ class ChatHandlers:
                 for event in events:
                     if event["type"] == "done":
                         text = event["text"]
-                    elif event["text"]:
+                    elif event["type"] == "delta" and event["text"]:
                         text += event["text"]
                         if time.monotonic() - last >= REFRESH_S:
                             last = time.monotonic()

@@ -82,6 +82,21 @@ def typed_text(shown: str) -> str:
     return re.sub(r"`?<video>`?", VIDEO_TOKEN, shown)
 
 
+def progress_text(event: dict, unit: str = "image") -> str:
+    """A progress event as the chat shows it in place of the answer: "encoding frame 5 of 16 · about 1 min left",
+    "reading the prompt 40 % · 12 s left"."""
+    from .rates import human_seconds
+
+    done, total = event.get("done") or 0, event.get("total") or 0
+    if event.get("stage") == "vision":
+        what = f"encoding {unit} {min(done + 1, total)} of {total}" if total > 1 else f"encoding the {unit}"
+    else:
+        what = f"reading the prompt {100 * done // max(total, 1)} %"
+    eta = event.get("eta_s")
+    left = f" · {human_seconds(eta)} left" if eta is not None and eta >= 1 else ""
+    return f"*{what}{left}*"
+
+
 def chat_messages(session) -> list[dict]:
     """The Chatbot value: per turn the user's messages and the answer (partial while it is being written)."""
     return [message for _, message in _numbered_messages(session)]

@@ -2,7 +2,6 @@
 chunks, the CPU's blockwise attention or the fused kernel a GPU uses, prefill or step-by-step decoding; and a long
 prefill is one model step per chunk.
 (tests/test_parity.py compares the default strategy with transformers.)"""
-import threading
 
 import numpy as np
 import paddle
@@ -86,28 +85,26 @@ def test_decoding_position_by_position_equals_the_prefill(tiny):
             assert np.abs(step.numpy()[0, 0] - whole[0, position]).max() <= 1e-5
 
 
-class CountingLock:
-    """A lock that records how often it was taken: one model step per acquisition."""
+class CountingRunner:
+    """An engine-like `run`: records how many model steps it was handed."""
 
     def __init__(self):
-        self.lock, self.taken = threading.Lock(), 0
+        self.taken = 0
 
-    def __enter__(self):
-        self.lock.acquire()
+    def __call__(self, fn, *args):
         self.taken += 1
-
-    def __exit__(self, *exc):
-        self.lock.release()
+        return fn(*args)
 
 
 def test_a_long_prefill_is_one_model_step_per_chunk(tiny, monkeypatch):
-    """Between chunks the lock is free (other requests' steps run) and a stop request is looked at."""
+    """Each chunk is handed over as its own step (other requests' steps run between) and a stop request is
+    looked at between them."""
     model, embeds = tiny
     monkeypatch.setattr(language, "PREFILL_CHUNK", 10)
     chunks = -(-LENGTH // 10)
-    lock, asked = CountingLock(), []
-    logits, cache = prefill(model, embeds, lock=lock, should_stop=lambda: asked.append(1) and False)
-    assert lock.taken == chunks + 2  # the cache reservation, each chunk, the logits
+    run, asked = CountingRunner(), []
+    logits, cache = prefill(model, embeds, run=run, should_stop=lambda: asked.append(1) and False)
+    assert run.taken == chunks + 2  # the cache reservation, each chunk, the logits
     assert len(asked) == chunks - 1 and cache.length == LENGTH
     monkeypatch.setattr(language, "PREFILL_CHUNK", LENGTH)
     whole, _ = prefill(model, embeds)
