@@ -173,7 +173,7 @@ def model_card(status: dict, created: int) -> dict:
     if status.get("context_length"):
         card["max_model_len"] = status["context_length"]
     card["llava_ui"] = {key: status.get(key) for key in ("state", "message", "error", "image_mode", "random_weights",
-                                                         "context_length", "device", "dtype", "layout")}
+                                                         "context_length", "device", "dtype", "layout", "caches", "rates")}
     return card
 
 

@@ -84,6 +84,11 @@ class PrefixCache:
             return 0, 0, None
         return n, positions, kv.prefix(positions)  # shared read-only: the first write copies it
 
+    @property
+    def bytes(self) -> int:
+        with self._lock:
+            return sum(entry[3] for entry in self._entries)
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

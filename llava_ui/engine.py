@@ -95,7 +95,10 @@ class Engine:
         return {"state": s.state, "message": s.message, "error": s.error, "model": self.model_id,
                 "device": s.device, "dtype": s.dtype, "layout": s.layout, "random_weights": s.random_weights,
                 "image_mode": self.image_mode if s.state == "ready" else None,
-                "context_length": self.context_length if s.state == "ready" else None}
+                "context_length": self.context_length if s.state == "ready" else None,
+                "caches": {"feature_bytes": self.features.bytes, "feature_entries": len(self.features),
+                           "prefix_bytes": self.prefixes.bytes, "prefix_entries": len(self.prefixes)},
+                "rates": self.rates.summary() if self.rates is not None else None}
 
     def _progress(self, message: str, done: int | None = None, total: int | None = None) -> None:
         """A loading step (with a count when it has one), for the status and `on_progress(message, done, total)`."""

@@ -246,10 +246,13 @@ def test_a_closed_tab_stops_its_answer(engine):
     chat.leave(None)  # an unknown tab: nothing to stop
 
 
-def test_the_command_line_draws_progress_bars_on_stderr(tiny_dir, capsys):
+def test_the_command_line_draws_progress_bars_on_stderr(tiny_dir, tmp_path, capsys):
+    import shutil
+
     from llava_ui.cli import main
 
-    code = main(["generate", "--model", str(tiny_dir), "--video", "assets/ball_red_to_blue.mp4", "--frames", "3",
+    fresh = shutil.copytree(tiny_dir, tmp_path / "model")  # a model (and caches) of its own: it loads, it encodes
+    code = main(["generate", "--model", str(fresh), "--video", "assets/ball_red_to_blue.mp4", "--frames", "3",
                  "--prompt", "What happens?", "--max-new-tokens", "2", "--temperature", "0"])
     err = capsys.readouterr().err
     assert code == 0
