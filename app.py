@@ -50,12 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def make_backend(args):
     if args.backend == "remote":
-        from llava_ui.remote import RemoteEngine
+        from llava_ui.backends.remote import RemoteEngine
 
         if not args.base_url:
             sys.exit("error: --backend remote needs --base-url")
         return RemoteEngine(args.base_url, args.remote_model, api_key=args.remote_api_key)
-    from llava_ui.engine import get_engine
+    from llava_ui.backends.local import get_engine
 
     return get_engine(args.model, device=args.device, dtype=args.dtype, image_mode=args.image_mode,
                       context_length=args.context_length)
@@ -127,8 +127,8 @@ def create_app(args):
     import gradio as gr
     from fastapi import FastAPI
 
-    from llava_ui.api import create_api_router
-    from llava_ui.ui import build_demo, launch_options
+    from llava_ui.openai.server import create_api_router
+    from llava_ui.web.page import build_demo, launch_options
 
     backend = make_backend(args)
     if args.eager:
@@ -146,8 +146,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.share:
         # a share link needs Gradio's own launcher; the API routes join its app once it runs
-        from llava_ui.api import create_api_router
-        from llava_ui.ui import build_demo, launch_options
+        from llava_ui.openai.server import create_api_router
+        from llava_ui.web.page import build_demo, launch_options
 
         backend = make_backend(args)
         if args.eager:

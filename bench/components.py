@@ -72,8 +72,8 @@ def main(argv=None) -> None:
     if "paddle" in sides:
         import paddle
 
-        from llava_ui.checkpoints import build_model
-        from llava_ui.generate import decode_one_token, prefill
+        from llava_ui.checkpoints.load import build_model
+        from llava_ui.model.generate import decode_one_token, prefill
 
         paddle.set_grad_enabled(False)
         model, _, _ = build_model(dirs["paddle"])

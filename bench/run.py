@@ -34,7 +34,7 @@ TARGETS = {"ttft_ratio": 0.8, "decode_ratio": 1.5, "bound_fraction": 0.5, "secon
 
 
 def ensure_checkpoints(root: Path) -> dict[str, Path]:
-    from llava_ui.random_checkpoint import write_random_checkpoint
+    from llava_ui.checkpoints.random import write_random_checkpoint
 
     dirs = {}
     for side, layout in LAYOUTS.items():
@@ -49,7 +49,7 @@ def ensure_checkpoints(root: Path) -> dict[str, Path]:
 def weight_bytes(lmms_dir: Path) -> dict[str, int]:
     """fp32 bytes of what the model holds, and of what one decode step reads (every language-model weight,
     the tied embedding once, as the head; the vision tower and projector are idle while decoding)."""
-    from llava_ui.weights import read_safetensors
+    from llava_ui.checkpoints.weights import read_safetensors
 
     total = decode = 0
     for name, array in read_safetensors(lmms_dir / "model.safetensors").items():

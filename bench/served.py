@@ -64,7 +64,7 @@ def write_clip(path: Path, seed: int = 0, frames: int = 40, size=(320, 240), fps
 
 def frame_files(clip: Path, count: int, folder: Path) -> list[Path]:
     """The frames the app samples from the clip, as PNG files (what an API client would send)."""
-    from llava_ui.media import load_video
+    from llava_ui.chat.media import load_video
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -36,9 +36,9 @@ def peak_rss_bytes() -> int:
 
 def run_paddle(case: Case, model_dir: Path, device: str | None) -> dict:
     from llava_ui.config import GenerationSettings
-    from llava_ui.conversation import Conversation
-    from llava_ui.engine import Engine
-    from llava_ui.media import Frame, Video
+    from llava_ui.chat.conversation import Conversation
+    from llava_ui.backends.local import Engine
+    from llava_ui.chat.media import Frame, Video
 
     started = time.perf_counter()
     engine = Engine(str(model_dir), device=device, image_mode="flat").load()
@@ -113,7 +113,7 @@ def run_transformers(case: Case, model_dir: Path, device: str | None) -> dict:
     import torch
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-    from llava_ui.media import preprocess
+    from llava_ui.model.processing import preprocess
 
     device = {"gpu": "cuda", None: "cpu"}.get(device, device)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16

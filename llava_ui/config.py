@@ -117,7 +117,7 @@ class GenerationSettings:
     stop: tuple[str, ...] = ()
 
     def validate(self) -> "GenerationSettings":
-        from .errors import UserError
+        from llava_ui.errors import UserError
 
         if self.max_new_tokens < 1:
             raise UserError("max new tokens must be at least 1")

@@ -17,7 +17,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """Random tiny checkpoints with the real Qwen vocabulary, one per layout, all from the same weights (seed 0)."""
-    from llava_ui.random_checkpoint import write_random_checkpoint
+    from llava_ui.checkpoints.random import write_random_checkpoint
 
     root = tmp_path_factory.mktemp("checkpoints")
     made = {}

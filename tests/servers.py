@@ -5,7 +5,7 @@ from contextlib import contextmanager
 
 import uvicorn
 
-from llava_ui.engine import Engine
+from llava_ui.backends.local import Engine
 
 
 class RecordingEngine(Engine):

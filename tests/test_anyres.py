@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_ui.anyres import (
+from llava_ui.model.processing import (
     anyres_token_count,
     anyres_views,
     cut_tiles,

@@ -10,10 +10,10 @@ import pytest
 from fastapi import FastAPI
 from PIL import Image
 
-from llava_ui.api import create_api_router
+from llava_ui.openai.server import create_api_router
 from llava_ui.config import GenerationSettings
-from llava_ui.conversation import Conversation
-from llava_ui.engine import Engine
+from llava_ui.chat.conversation import Conversation
+from llava_ui.backends.local import Engine
 from servers import BlockedEngine, RecordingEngine, serve
 
 KEY = "test-key"
@@ -137,7 +137,7 @@ def test_a_bad_image_is_a_400_saying_why(client):
 
 
 def test_one_request_cannot_hold_unbounded_images(client, monkeypatch):
-    import llava_ui.openai_format as openai_format
+    import llava_ui.openai.format as openai_format
 
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="", messages=[interleaved("many", *[RED] * 65)])

@@ -6,7 +6,7 @@ OpenAI error shape) or must work. Either way the same front end then answers a n
 
 The engine here has a context of 8,192 tokens (so 12 images overflow it) and samples 4 video frames. The API takes
 no video: per docs/api.md a client sends sampled frames as images, so a readable video travels as its frames
-(sampled by the client, here with llava_ui.media) and an unreadable one as its raw bytes, which the server refuses.
+(sampled by the client, here with llava_ui.chat.media) and an unreadable one as its raw bytes, which the server refuses.
 """
 from __future__ import annotations
 
@@ -24,15 +24,15 @@ import pytest
 from fastapi import FastAPI
 from PIL import Image
 
-from llava_ui import ui_chat
+from llava_ui.web import handlers as ui_chat
 from llava_ui.config import GenerationSettings
-from llava_ui.conversation import Conversation, Picture
+from llava_ui.chat.conversation import Conversation, Picture
 from llava_ui.errors import UserError
-from llava_ui.media import load_image, load_video
-from llava_ui.api import create_api_router
-from llava_ui.prompt import IM_END, IM_START
-from llava_ui.ui_chat import ChatHandlers
-from llava_ui.ui_session import VIDEO_EXTENSIONS
+from llava_ui.chat.media import load_image, load_video
+from llava_ui.openai.server import create_api_router
+from llava_ui.chat.prompt import IM_END, IM_START
+from llava_ui.web.handlers import ChatHandlers
+from llava_ui.web.session import VIDEO_EXTENSIONS
 from servers import RecordingEngine, serve
 from test_media import write_video
 
@@ -233,7 +233,7 @@ class Outcome:
 
 
 class EngineFront:
-    """The Python interface: llava_ui.media decodes the files, the engine answers."""
+    """The Python interface: llava_ui.chat.media decodes the files, the engine answers."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -363,7 +363,7 @@ def test_bad_input_gets_a_clear_answer_and_the_next_request_works(front, row, me
 def test_video_frames_over_the_pixel_limit_are_refused_before_decoding(front, media, monkeypatch):
     """As an image over 40 MP is refused, so is a video of such frames (16 of them would hold ~2 GB); shown with the
     limit lowered to 1,000 pixels, since a real 40 MP video is costly to write. The API takes no video."""
-    from llava_ui import media as media_module
+    from llava_ui.chat import media as media_module
 
     with monkeypatch.context() as patch:
         patch.setattr(media_module, "MAX_IMAGE_PIXELS", 1000)

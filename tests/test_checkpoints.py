@@ -4,11 +4,11 @@ import json
 import numpy as np
 import pytest
 
-from llava_ui.checkpoints import build_model, detect_layout, resolve_model_dir, vision_layers_in
+from llava_ui.checkpoints.load import build_model, detect_layout, resolve_model_dir, vision_layers_in
 from llava_ui.config import read_config
 from llava_ui.errors import UserError
-from llava_ui.random_checkpoint import write_random_checkpoint
-from llava_ui.weights import read_safetensors, read_weights, weight_files, write_safetensors
+from llava_ui.checkpoints.random import write_random_checkpoint
+from llava_ui.checkpoints.weights import read_safetensors, read_weights, weight_files, write_safetensors
 
 
 @pytest.mark.parametrize("layout", ["paddlenlp", "lmms", "hf"])
@@ -143,7 +143,8 @@ def test_hf_feature_layer_minus_two_runs_one_layer_less(tmp_path):
 def test_a_tokenizer_json_alone_gives_the_same_prompt_ids(tmp_path, checkpoints):
     import shutil
 
-    from llava_ui.prompt import Message, load_tokenizer
+    from llava_ui.chat.prompt import Message
+    from llava_ui.checkpoints.load import load_tokenizer
 
     folder = checkpoints("paddlenlp")
     only_json = tmp_path / "tok"
@@ -157,7 +158,7 @@ def test_a_tokenizer_json_alone_gives_the_same_prompt_ids(tmp_path, checkpoints)
 
 
 def test_no_tokenizer_files_is_a_clear_error(tmp_path):
-    from llava_ui.prompt import load_tokenizer
+    from llava_ui.checkpoints.load import load_tokenizer
 
     with pytest.raises(UserError, match="no tokenizer"):
         load_tokenizer(tmp_path)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from llava_ui.cli import main
+from llava_ui.commands.main import main
 
 ASSETS = ["assets/shapes_before.png", "assets/shapes_after.png"]
 

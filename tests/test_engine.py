@@ -7,10 +7,10 @@ import pytest
 from PIL import Image
 
 from llava_ui.config import GenerationSettings
-from llava_ui.conversation import Conversation
-from llava_ui.engine import Engine
+from llava_ui.chat.conversation import Conversation
+from llava_ui.backends.local import Engine
 from llava_ui.errors import UserError
-from llava_ui.generate import IncrementalDecoder, generate_ids
+from llava_ui.model.generate import IncrementalDecoder, generate_ids
 
 GREEDY = GenerationSettings(max_new_tokens=24, temperature=0)
 
@@ -216,7 +216,7 @@ def test_failed_load_is_reported_and_can_be_retried(tmp_path, tiny_dir):
 
 
 def test_concurrent_first_requests_load_once(tiny_dir, monkeypatch):
-    import llava_ui.checkpoints as checkpoints
+    import llava_ui.checkpoints.load as checkpoints
 
     builds = []
     real = checkpoints.build_model
@@ -252,7 +252,7 @@ def test_overlong_message_is_refused_with_the_limit():
 
 
 def test_a_one_frame_video_is_square_padded_not_tiled_in_trained_mode(engine):
-    from llava_ui.media import Frame, Video
+    from llava_ui.chat.media import Frame, Video
 
     conversation = Conversation()
     conversation.add_user("What is this?", [], Video([Frame(picture(50, (900, 300)), 0, 0.0)], 1, 10.0))

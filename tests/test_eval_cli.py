@@ -10,13 +10,14 @@ import shutil
 import pytest
 from PIL import Image
 
-from llava_ui import cli, evaluation_cli
-from llava_ui.anyres import anyres_token_count
+from llava_ui.commands import main as cli
+from llava_ui.eval import answerers as evaluation_cli
+from llava_ui.model.processing import anyres_token_count
 from llava_ui.config import DEFAULT_PINPOINTS, GenerationSettings
-from llava_ui.conversation import Conversation
-from llava_ui.engine import get_engine
-from llava_ui.evaluation_cli import question_block
-from llava_ui.prompt import load_tokenizer
+from llava_ui.chat.conversation import Conversation
+from llava_ui.backends.local import get_engine
+from llava_ui.eval.answerers import question_block
+from llava_ui.checkpoints.load import load_tokenizer
 
 from test_evaluation import sample  # noqa: E402  (the benchmark sample format)
 
@@ -208,7 +209,7 @@ def test_remote_backend_is_asked_the_same_questions(bench_dir, tmp_path, monkeyp
 
 def test_repetition_penalty_of_the_checkpoint_generation_config_is_applied_to_generated_tokens(
         tiny_dir, bench_dir, tmp_path):
-    from llava_ui.generate import generate_ids
+    from llava_ui.model.generate import generate_ids
 
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_dir, model_dir)

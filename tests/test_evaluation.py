@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from llava_ui.errors import UserError
-from llava_ui.eval_scoring import (
+from llava_ui.eval.scoring import (
     benchmark_scores,
     PERIOD_REMOVAL_LIMIT,
     PUNCTUATION,
@@ -25,7 +25,7 @@ from llava_ui.eval_scoring import (
     rouge_l_f,
     score_rows,
 )
-from llava_ui.evaluation import add_eval_arguments, run_evaluation
+from llava_ui.eval.benchmark import add_eval_arguments, run_evaluation
 
 SPLIT = "multi_image_in_domain"
 

@@ -7,11 +7,12 @@ import numpy as np
 import paddle
 import pytest
 
-from llava_ui import language, parallel
-from llava_ui.checkpoints import build_model
+from llava_ui.model import cpu as parallel
+from llava_ui.model import qwen2 as language
+from llava_ui.checkpoints.load import build_model
 from llava_ui.config import GenerationSettings
-from llava_ui.generate import generate_ids, prefill
-from llava_ui.runtime import configure_cpu
+from llava_ui.model.generate import generate_ids, prefill
+from llava_ui.model.cpu import configure_cpu
 
 LENGTH = 41
 
@@ -162,7 +163,7 @@ def test_a_cache_grows_in_place_and_a_prefix_view_made_before_keeps_its_buffers(
 
 
 def test_memory_freed_by_a_chunk_goes_back_before_the_next(tiny, monkeypatch):
-    import llava_ui.generate as generate
+    import llava_ui.model.generate as generate
 
     model, embeds = tiny
     monkeypatch.setattr(language, "PREFILL_CHUNK", 10)

@@ -29,14 +29,15 @@ from fastapi import FastAPI
 from PIL import Image
 
 import app as app_module
-from llava_ui import api as api_module
-from llava_ui import language, ui_chat
-from llava_ui.api import create_api_router
+from llava_ui.openai import server as api_module
+from llava_ui.model import qwen2 as language
+from llava_ui.web import handlers as ui_chat
+from llava_ui.openai.server import create_api_router
 from llava_ui.config import GenerationSettings
-from llava_ui.conversation import Conversation, Picture
-from llava_ui.engine import Engine
-from llava_ui.media import load_image
-from llava_ui.ui_chat import ChatHandlers
+from llava_ui.chat.conversation import Conversation, Picture
+from llava_ui.backends.local import Engine
+from llava_ui.chat.media import load_image
+from llava_ui.web.handlers import ChatHandlers
 from servers import serve
 
 SESSIONS, TURNS, MAX_NEW = 8, 5, 8
@@ -153,7 +154,7 @@ def test_eight_sessions_at_once_each_get_their_own_answers_and_wait_their_turn(s
 def test_two_tabs_exporting_in_the_same_second_each_get_their_own_file(engine, monkeypatch):
     """The export's file name has one-second resolution and every tab shares one folder: found by the test above,
     where one session downloaded another's half-written export."""
-    from llava_ui import ui_inspector
+    from llava_ui.web import inspector as ui_inspector
 
     monkeypatch.setattr(ui_inspector.time, "strftime", lambda *args: "20260101-000000")
     chat = ChatHandlers(engine)

@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from llava_ui.errors import UserError
-from llava_ui.media import frame_indices, load_image, load_video, preprocess
+from llava_ui.chat.media import frame_indices, load_image, load_video
+from llava_ui.model.processing import preprocess
 
 
 def write_video(path, colours, fps=10, size=(64, 48)):

@@ -1,4 +1,4 @@
-"""paddlenlp imported without its package-level imports (llava_ui/paddlenlp_lean.py), in fresh interpreters:
+"""paddlenlp imported without its package-level imports (llava_ui/model/paddlenlp_lean.py), in fresh interpreters:
 what is skipped, that the rest of the library still comes on demand, and the fallback to a whole import."""
 import subprocess
 import sys
@@ -19,7 +19,7 @@ def run(code: str) -> str:
 def test_model_tokenizer_and_downloader_import_without_the_rest_of_paddlenlp():
     out = run(f"""
         import sys
-        import llava_ui.checkpoints, llava_ui.model, llava_ui.prompt
+        import llava_ui.checkpoints.load, llava_ui.model.llava, llava_ui.chat.prompt
         from paddlenlp.transformers import AutoTokenizer, Qwen2ForCausalLM
         from paddlenlp.transformers.model_utils import no_init_weights
         from paddlenlp.utils.download import resolve_file_path
@@ -40,7 +40,7 @@ def test_model_tokenizer_and_downloader_import_without_the_rest_of_paddlenlp():
 def test_already_imported_paddlenlp_is_left_alone():
     out = run("""
         import sys, paddlenlp
-        import llava_ui.model
+        import llava_ui.model.llava
         print(sys.modules["paddlenlp"] is paddlenlp, "paddlenlp.trainer" in sys.modules)
     """)
     assert out.split() == ["True", "True"]
@@ -55,7 +55,7 @@ def test_a_failing_lean_import_falls_back_to_the_whole_package():
                 raise ImportError("as if another paddlenlp release")
             return real(name, *args)
         importlib.import_module = broken
-        from llava_ui.paddlenlp_lean import lean_paddlenlp
+        from llava_ui.model.paddlenlp_lean import lean_paddlenlp
         lean_paddlenlp()
         print("paddlenlp" in sys.modules)
         importlib.import_module = real

@@ -6,13 +6,14 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from llava_ui.checkpoints import build_model  # noqa: E402
+from llava_ui.checkpoints.load import build_model  # noqa: E402
 from llava_ui.config import GenerationSettings  # noqa: E402
-from llava_ui.generate import generate_ids  # noqa: E402
-from llava_ui.media import preprocess  # noqa: E402
-from llava_ui.model import IMAGE_MARKER  # noqa: E402
-from llava_ui.prompt import Message, load_tokenizer, place_images  # noqa: E402
-from llava_ui.weights import read_weights, weight_files  # noqa: E402
+from llava_ui.model.generate import generate_ids  # noqa: E402
+from llava_ui.model.processing import preprocess  # noqa: E402
+from llava_ui.chat.prompt import IMAGE_MARKER  # noqa: E402
+from llava_ui.chat.prompt import Message, place_images  # noqa: E402
+from llava_ui.checkpoints.load import load_tokenizer
+from llava_ui.checkpoints.weights import read_weights, weight_files  # noqa: E402
 
 QUESTION = "Compare the first picture <image> with this one <image>: what changed?"
 
@@ -108,7 +109,7 @@ def test_logits_and_greedy_tokens_match_transformers(checkpoints, layout, tie, m
 @pytest.mark.parametrize("layout,mode", [("paddlenlp", "eval"), ("hf", "flat")])
 def test_real_dimensions_match_transformers(tmp_path_factory, layout, mode):
     """1024×24 Qwen2 with the 152k vocabulary, 1152×26 SigLIP: the real model's shapes, random weights."""
-    from llava_ui.random_checkpoint import write_random_checkpoint
+    from llava_ui.checkpoints.random import write_random_checkpoint
 
     root = tmp_path_factory.mktemp("real")
     hf_dir = write_random_checkpoint(root / "hf", "hf", "real", vocab="qwen")

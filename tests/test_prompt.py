@@ -1,10 +1,11 @@
 """The ChatML prompt, image placeholders, and prompt ids equal to transformers' Qwen2 tokenizer."""
 import pytest
 
-from llava_ui.conversation import Conversation
+from llava_ui.chat.conversation import Conversation
 from llava_ui.errors import UserError
-from llava_ui.model import IMAGE_MARKER
-from llava_ui.prompt import Message, load_tokenizer, place_images, render_prompt
+from llava_ui.chat.prompt import IMAGE_MARKER
+from llava_ui.chat.prompt import Message, place_images, render_prompt
+from llava_ui.checkpoints.load import load_tokenizer
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 
@@ -40,7 +41,7 @@ def test_marker_count_mismatch_is_a_clear_error(text, count):
 def test_video_marker_places_all_frames(tmp_path):
     from PIL import Image
 
-    from llava_ui.media import Frame, Video
+    from llava_ui.chat.media import Frame, Video
 
     frames = [Frame(Image.new("RGB", (8, 8), (i * 40, 0, 0)), i, i / 10) for i in range(3)]
     conversation = Conversation()
@@ -52,7 +53,7 @@ def test_video_marker_places_all_frames(tmp_path):
 def test_video_without_marker_leads_like_the_reference():
     from PIL import Image
 
-    from llava_ui.media import Frame, Video
+    from llava_ui.chat.media import Frame, Video
 
     frames = [Frame(Image.new("RGB", (8, 8), (i, 0, 0)), i, None) for i in range(2)]
     turn = Conversation().add_user("What happens?", [], Video(frames, 2, None))

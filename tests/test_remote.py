@@ -11,12 +11,12 @@ import pytest
 from fastapi import FastAPI
 from PIL import Image
 
-from llava_ui.api import create_api_router
+from llava_ui.openai.server import create_api_router
 from llava_ui.config import GenerationSettings
-from llava_ui.conversation import Conversation
+from llava_ui.chat.conversation import Conversation
 from llava_ui.errors import UserError
-from llava_ui.media import Frame, Video
-from llava_ui.remote import RemoteEngine
+from llava_ui.chat.media import Frame, Video
+from llava_ui.backends.remote import RemoteEngine
 from servers import BlockedEngine, RecordingEngine, serve
 
 KEY = "a-key"
@@ -170,10 +170,6 @@ def test_an_api_over_a_remote_engine_answers_like_the_engine(engine_a, remote):
     assert reply.usage.prompt_tokens == direct["stats"]["prompt_tokens"]
 
 
-UI_MISSING = not (Path(__file__).resolve().parents[1] / "llava_ui" / "ui.py").exists()
-
-
-@pytest.mark.skipif(UI_MISSING, reason="llava_ui/ui.py (the Gradio UI, written in parallel) is not there yet")
 def test_a_ui_instance_in_remote_mode_chats_like_the_engine(engine_a, url_a, tmp_path):
     import app as entry
     from gradio_client import Client, handle_file
@@ -196,8 +192,8 @@ def test_a_ui_instance_in_remote_mode_chats_like_the_engine(engine_a, url_a, tmp
 def test_the_vllm_chat_template_in_the_docs_builds_this_apps_prompt():
     import jinja2
 
-    from llava_ui.openai_format import openai_messages
-    from llava_ui.prompt import render_prompt
+    from llava_ui.openai.format import openai_messages
+    from llava_ui.chat.prompt import render_prompt
 
     docs = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
     template = jinja2.Environment().from_string(docs.split("```jinja\n")[1].split("```")[0])

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import app as app_module
-from llava_ui.engine import Engine
+from llava_ui.backends.local import Engine
 from servers import serve
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -74,7 +74,7 @@ def real_checkpoint() -> Path:
             time.sleep(5)
         pytest.fail(f"{folder} was still being written after 30 min (see {CHECKPOINT_LOG})")
     if not _complete(folder):
-        from llava_ui.random_checkpoint import write_random_checkpoint
+        from llava_ui.checkpoints.random import write_random_checkpoint
 
         write_random_checkpoint(folder, "lmms", "real", vocab="qwen", seed=0)
     assert _complete(folder)

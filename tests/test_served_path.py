@@ -11,18 +11,19 @@ import pytest
 from fastapi import FastAPI
 from PIL import Image
 
-from llava_ui import language, parallel
-from llava_ui.api import create_api_router
-from llava_ui.compute import ComputeThread
+from llava_ui.model import cpu as parallel
+from llava_ui.model import qwen2 as language
+from llava_ui.openai.server import create_api_router
+from llava_ui.backends.compute import ComputeThread
 from llava_ui.config import GenerationSettings
-from llava_ui.conversation import Conversation
-from llava_ui.engine import Engine
-from llava_ui.media import Frame, Video
-from llava_ui.rates import Rates, Workload, human_seconds
-from llava_ui.remote import RemoteEngine
-from llava_ui.ui_chat import ChatHandlers
-from llava_ui.ui_render import chat_messages
-from llava_ui.ui_session import ChatSession
+from llava_ui.chat.conversation import Conversation
+from llava_ui.backends.local import Engine
+from llava_ui.chat.media import Frame, Video
+from llava_ui.backends.rates import Rates, Workload, human_seconds
+from llava_ui.backends.remote import RemoteEngine
+from llava_ui.web.handlers import ChatHandlers
+from llava_ui.web.render import chat_messages
+from llava_ui.web.session import ChatSession
 from servers import serve
 from test_api import data_url
 
@@ -195,7 +196,7 @@ def test_the_chat_shows_progress_in_place_of_the_answer(engine):
     chat = ChatHandlers(engine, frames=3)
     session = ChatSession()
     session.conversation.add_user("What happens?", [], clip(3, seed=500))
-    from llava_ui.ui_session import TurnRecord
+    from llava_ui.web.session import TurnRecord
 
     session.turns.append(TurnRecord([]))
     bubbles = []
@@ -249,7 +250,7 @@ def test_a_closed_tab_stops_its_answer(engine):
 def test_the_command_line_draws_progress_bars_on_stderr(tiny_dir, tmp_path, capsys):
     import shutil
 
-    from llava_ui.cli import main
+    from llava_ui.commands.main import main
 
     fresh = shutil.copytree(tiny_dir, tmp_path / "model")  # a model (and caches) of its own: it loads, it encodes
     code = main(["generate", "--model", str(fresh), "--video", "assets/ball_red_to_blue.mp4", "--frames", "3",
@@ -260,7 +261,7 @@ def test_the_command_line_draws_progress_bars_on_stderr(tiny_dir, tmp_path, caps
 
 
 def test_the_command_line_picks_the_frame_count_from_this_machine_without_frames(tiny_dir, capsys):
-    from llava_ui.cli import main
+    from llava_ui.commands.main import main
 
     code = main(["generate", "--model", str(tiny_dir), "--video", "assets/ball_red_to_blue.mp4",
                  "--prompt", "What happens?", "--max-new-tokens", "1", "--temperature", "0", "--json"])

@@ -10,18 +10,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_ui import cli
-from llava_ui.anyres import anyres_token_count, pad_to_square
-from llava_ui.behaviours import pixel_views, prepare_images
-from llava_ui.checkpoints import build_model
+from llava_ui.commands import main as cli
+from llava_ui.model.processing import anyres_token_count, pad_to_square
+from llava_ui.model.processing import pixel_views, prepare_images, preprocess
+from llava_ui.checkpoints.load import build_model
 from llava_ui.config import GenerationSettings
-from llava_ui.conversation import Conversation
-from llava_ui.engine import Engine
+from llava_ui.chat.conversation import Conversation
+from llava_ui.backends.local import Engine
 from llava_ui.errors import UserError
-from llava_ui.media import Frame, Video, preprocess
-from llava_ui.model import IMAGE_MARKER
-from llava_ui.prompt import Message, load_tokenizer
-from llava_ui.weights import read_weights, weight_files
+from llava_ui.chat.media import Frame, Video
+from llava_ui.chat.prompt import IMAGE_MARKER
+from llava_ui.chat.prompt import Message
+from llava_ui.checkpoints.load import load_tokenizer
+from llava_ui.checkpoints.weights import read_weights, weight_files
 
 GREY = (127 / 255 - 0.5) / 0.5  # the padding colour (127, 127, 127) after SigLIP normalisation
 
@@ -68,7 +69,7 @@ def llava_next_oracle(model_dir):
                                "max_position_embeddings", "tie_word_embeddings", "hidden_act")})
     config = transformers.LlavaNextConfig(
         vision_config=vision_config, text_config=text_config,
-        # transformers reads pinpoints as [height, width], LLaVA-NeXT as [width, height] (see llava_ui/anyres.py)
+        # transformers reads pinpoints as [height, width], LLaVA-NeXT as [width, height] (see llava_ui/model/processing.py)
         image_grid_pinpoints=[[h, w] for w, h in raw["image_grid_pinpoints"]],
         vision_feature_select_strategy="full", vision_feature_layer=-1, projector_hidden_act="gelu",
         image_token_index=raw["vocab_size"] - 1,  # an unused id of the padded vocabulary

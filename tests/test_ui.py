@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from llava_ui import ui_chat
+from llava_ui.web import handlers as ui_chat
 from llava_ui.config import GenerationSettings
-from llava_ui.conversation import Conversation, Picture
-from llava_ui.engine import Engine
-from llava_ui.media import load_image
-from llava_ui.ui_chat import ChatHandlers
-from llava_ui.ui_inspector import status_html
+from llava_ui.chat.conversation import Conversation, Picture
+from llava_ui.backends.local import Engine
+from llava_ui.chat.media import load_image
+from llava_ui.web.handlers import ChatHandlers
+from llava_ui.web.inspector import status_html
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 CHART_A, CHART_B = str(ASSETS / "chart_sales_2023.png"), str(ASSETS / "chart_sales_2024.png")
@@ -269,7 +269,7 @@ def test_status_shows_device_dtype_and_a_random_weights_badge(chat):
 
 
 def test_export_replays_to_the_same_answers_through_the_cli(chat, tiny_dir):
-    from llava_ui.cli import main
+    from llava_ui.commands.main import main
 
     session, _ = send(chat, "first <image> second <image>", [CHART_A, CHART_B])
     answer(chat, session, max_new_tokens=12)
@@ -296,7 +296,7 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def served(engine):
-    from llava_ui.ui import build_demo
+    from llava_ui.web.page import build_demo
 
     args = argparse.Namespace(frames=2, max_files=4, max_upload_mb=5)
     demo = build_demo(engine, args)

@@ -1,0 +1,1 @@
+"""Backends every front end talks to (one protocol, base.py): the local engine and a remote one, with caches."""

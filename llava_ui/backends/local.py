@@ -1,0 +1,401 @@
+"""The singleton backend every front end talks to: load once, plan a request, stream tokens, stop on demand.
+
+Every model step runs in the engine's one compute thread (llava_ui.backends.compute), whichever thread asked: one vision
+view, one prefill chunk or one decode token at a time, so concurrent chats all stream (more slowly) and never mix,
+a long prompt does not hold the others up for its whole prefill, and a stop or a client that left ends the work at
+the next step. Between steps the stream reports progress with the time left at this machine's measured rates.
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+from llava_ui import DEFAULT_MODEL
+from llava_ui.model.processing import check_image_mode, default_image_mode, pixel_views, prepare_images
+from llava_ui.backends.caches import FeatureCache, PrefixCache
+from llava_ui.backends.compute import ComputeThread
+from llava_ui.config import GenerationSettings
+from llava_ui.chat.conversation import Conversation
+from llava_ui.errors import UserError
+from llava_ui.model.generate import IncrementalDecoder, decode_room, decode_tokens, prefill_chunks
+from llava_ui.chat.prompt import IMAGE_MARKER
+from llava_ui.chat.prompt import render_prompt
+from llava_ui.backends.rates import MAX_DEFAULT_FRAMES, Rates, Workload, calibrate
+from llava_ui.chat.stopping import StopStrings
+
+
+@dataclass
+class Plan:
+    """Everything known about a request before any compute."""
+
+    prompt_ids: list[int]
+    images: list  # PreparedImage per marker, in order
+    pil_images: list
+    prompt: str
+    prompt_tokens: int
+    visual_tokens: int
+    max_new_tokens: int
+    dropped_turns: int
+    image_mode: str
+
+
+@dataclass
+class LoadState:
+    state: str = "not_loaded"  # not_loaded | loading | ready | failed
+    message: str = ""
+    error: str = ""
+    device: str = ""
+    dtype: str = ""
+    layout: str = ""
+    random_weights: bool = False
+
+
+def pick_device(requested: str | None = None) -> str:
+    import paddle
+
+    if requested:
+        return requested
+    if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+        return "gpu"
+    return "cpu"
+
+
+def pick_dtype(device: str, requested: str | None = None) -> str:
+    import paddle
+
+    if requested:
+        return requested
+    if device.startswith("gpu"):
+        return "bfloat16" if paddle.amp.is_bfloat16_supported() else "float16"
+    return "float32"  # Paddle CPU has no bf16/fp16 matmul kernels, whatever is_bfloat16_supported() says
+
+
+class Engine:
+    def __init__(self, model: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
+                 image_mode: str | None = None, context_length: int | None = None,
+                 feature_cache_mb: int = 256, prefix_cache_mb: int = 1024, prefix_cache_entries: int = 4):
+        self.model_id = model
+        self.requested = (device, dtype, image_mode, context_length)
+        self.load_state = LoadState()
+        self.features = FeatureCache(feature_cache_mb << 20)
+        self.prefixes = PrefixCache(prefix_cache_mb << 20, prefix_cache_entries)
+        self.model = self.tokenizer = self.config = None
+        self.on_progress = None  # on_progress(message, done, total): e.g. the command line's bars
+        self.model_dir = None  # the resolved checkpoint folder, once loaded
+        self.rates: Rates | None = None  # this machine's measured speed per stage, once loaded
+        self._load_lock = threading.Lock()
+        self.compute = ComputeThread()  # every model step runs there (grad off, the CPU set up once)
+        self.run = self.compute.run
+
+    def status(self) -> dict:
+        s = self.load_state
+        return {"state": s.state, "message": s.message, "error": s.error, "model": self.model_id,
+                "device": s.device, "dtype": s.dtype, "layout": s.layout, "random_weights": s.random_weights,
+                "image_mode": self.image_mode if s.state == "ready" else None,
+                "context_length": self.context_length if s.state == "ready" else None,
+                "caches": {"feature_bytes": self.features.bytes, "feature_entries": len(self.features),
+                           "prefix_bytes": self.prefixes.bytes, "prefix_entries": len(self.prefixes)},
+                "rates": self.rates.summary() if self.rates is not None else None}
+
+    def _progress(self, message: str, done: int | None = None, total: int | None = None) -> None:
+        """A loading step (with a count when it has one), for the status and `on_progress(message, done, total)`."""
+        self.load_state.message = message if done is None else f"{message} ({100 * done // max(total, 1)} %)"
+        if self.on_progress is not None:
+            self.on_progress(message, done, total)
+
+    def load(self) -> "Engine":
+        """Load once; concurrent callers wait for the same load. After a failure, the next call tries again."""
+        if self.load_state.state == "ready":
+            return self
+        with self._load_lock:
+            if self.load_state.state == "ready":
+                return self
+            self.load_state = LoadState(state="loading", message="starting")
+            try:
+                self.run(self._load)
+            except Exception as err:  # keep serving: the state says why and a later call retries
+                reason = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+                self.load_state.state, self.load_state.error = "failed", reason
+                self.load_state.message = f"model failed to load: {reason}"
+                raise UserError(f"the model failed to load: {reason}") from None
+            self.load_state.state, self.load_state.message = "ready", "ready"
+        return self
+
+    def load_in_background(self) -> threading.Thread:
+        thread = threading.Thread(target=lambda: _swallow(self.load), name="model-load", daemon=True)
+        thread.start()
+        return thread
+
+    def _load(self) -> None:
+        import paddle
+
+        from llava_ui.checkpoints.load import build_model, resolve_model_dir
+        from llava_ui.checkpoints.load import load_tokenizer
+
+        device_req, dtype_req, mode_req, context_req = self.requested
+        device = pick_device(device_req)
+        dtype = pick_dtype(device, dtype_req)
+        paddle.set_device(device)
+        model_dir = resolve_model_dir(self.model_id, self._progress)
+        self.model_dir = model_dir
+        model, config, layout = build_model(model_dir, dtype, self._progress)
+        self._progress("loading the tokenizer ...")
+        self.tokenizer = load_tokenizer(model_dir)
+        has_newline = model.image_newline is not None
+        self.image_mode = check_image_mode(mode_req, has_newline) if mode_req else default_image_mode(config, has_newline)
+        self.context_length = min(context_req or config.context_length, config.context_length)
+        self.model, self.config = model, config
+        self.load_state.device, self.load_state.dtype, self.load_state.layout = device, dtype, layout
+        self.load_state.random_weights = bool(config.raw.get("random_weights"))
+        self._progress("measuring this machine's speed ...")
+        self.rates = Rates(Workload.of(config), calibrate(dtype))
+
+    def default_frames(self) -> int:
+        """Video frames by default: 16 on a GPU; on a CPU as many (up to 16) as answer within about a minute at
+        the rates measured here (16 until the model is loaded)."""
+        if self.rates is None or not self.load_state.device.startswith("cpu"):
+            return MAX_DEFAULT_FRAMES
+        return self.rates.frames_within()
+
+    def estimate(self, image_sizes: list[tuple[int, int]], frames: int = 0, image_mode: str | None = None,
+                 text_tokens: int = 64) -> tuple[int, float] | None:
+        """(prompt tokens, seconds to the first token here) for a message with images of these sizes and a video
+        of `frames` frames, before anything is decoded; None until the model is loaded."""
+        if self.rates is None:
+            return None
+        mode = image_mode or self.image_mode
+        sizes = list(image_sizes) + [(1, 1)] * frames  # a frame's cost does not depend on its size
+        planned = prepare_images([_Sized(size) for size in sizes], mode, self.config, digests=[""] * len(sizes),
+                                 has_video=frames > 0)
+        tokens = text_tokens + sum(p.tokens for p in planned)
+        return tokens, self.rates.seconds(views=sum(p.views for p in planned), positions=tokens)
+
+    def plan(self, conversation: Conversation, image_mode: str | None = None, max_new_tokens: int = 1024) -> Plan:
+        """Render, tokenize and count; drop the oldest turns when the history no longer fits the context."""
+        self.load()
+        mode = check_image_mode(image_mode, self.model.image_newline is not None) if image_mode else self.image_mode
+        conversation.pending()
+        turns = conversation.turns
+        for dropped in range(len(turns)):
+            kept = turns[dropped:]
+            media = conversation.media(kept)
+            images = prepare_images([m[0] for m in media], mode, self.config, [m[1] for m in media],
+                                    has_video=any(turn.video is not None for turn in kept))
+            messages = conversation.messages(kept)
+            ids = self.tokenizer.encode_prompt(conversation.system, messages)
+            visual = sum(p.tokens for p in images)
+            total = len(ids) - len(images) + visual
+            if total < self.context_length:
+                return Plan(ids, images, [m[0] for m in media], render_prompt(conversation.system, messages),
+                            total, visual, min(max_new_tokens, self.context_length - total), dropped, mode)
+        n, text = len(images), total - visual
+        per_image = max(visual // max(n, 1), 1)
+        fit = max(0, (self.context_length - 1 - text) // per_image)
+        hint = "attach fewer images or lower the frame count"
+        if mode == "trained" and n == 1 and per_image > self.config.vision.num_patches + 1:
+            hint = "this lone image uses anyres tiles in 'trained' mode; 'eval' or 'flat' mode needs about 730 tokens"
+        raise UserError(f"this message needs {total:,} tokens ({n} image{'s' * (n != 1)} or frames take {visual:,}, "
+                        f"{per_image:,} each) but the context holds {self.context_length:,} and the text takes "
+                        f"{text:,}: there is room for at most {fit} image{'s' * (fit != 1)} or frame"
+                        f"{'s' * (fit != 1)}; {hint}")
+
+    def image_rows(self, plan: Plan, stop_event: threading.Event | None = None) -> tuple[list, int]:
+        """Packed feature rows per image (see encode_images), all at once: (rows, images encoded)."""
+        rows, encoded = [None] * len(plan.images), set()
+        for _ in self.encode_images(plan, rows, stop_event, encoded):
+            pass
+        return rows, len(encoded)
+
+    def encode_images(self, plan: Plan, rows: list, stop_event: threading.Event | None = None,
+                      encoded: set | None = None) -> Iterator[int]:
+        """Fill `rows` with each image's packed feature rows; only images not in the feature cache go through the
+        vision tower, one view per model step. Yields after each view the number of views left; `encoded` gets
+        the cache key of every image encoded. A stop request is honoured between views (the rows then stay
+        partly None)."""
+        encoded = set() if encoded is None else encoded
+        todo = []
+        for i, prepared in enumerate(plan.images):
+            rows[i] = self.features.get(prepared.cache_key)
+            if rows[i] is None:
+                todo.append(i)
+        left = sum(plan.images[i].views for i in todo)
+        for i in todo:
+            prepared = plan.images[i]
+            pixels = pixel_views(plan.pil_images[i], prepared, self.config)
+            features = []
+            for view in range(len(pixels)):
+                if stop_event is not None and stop_event.is_set():
+                    return
+                features.append(self.run(self._encode_view, pixels[view:view + 1]))
+                left -= 1
+                if view + 1 < len(pixels):
+                    yield left
+            rows[i] = self.run(self._pack, features, prepared)
+            self.features.put(prepared.cache_key, rows[i])
+            encoded.add(prepared.cache_key)
+            yield left
+
+    def _encode_view(self, pixels):
+        began = time.perf_counter()
+        features = self.model.encode_views(pixels)
+        float(features[0, 0, 0])  # the device has finished: the time below is the view's
+        self.rates.record("vision", self.rates.workload.vision_view, time.perf_counter() - began)
+        return features
+
+    def _pack(self, features: list, prepared):
+        import paddle  # the engine's callers need no paddle; the compute thread has it loaded
+
+        views = features[0] if len(features) == 1 else paddle.concat(features)
+        return self.model.pack_image(views, prepared.pack, prepared.size, prepared.grid)
+
+    def stream(self, conversation: Conversation, settings: GenerationSettings | None = None,
+               image_mode: str | None = None, stop_event: threading.Event | None = None) -> Iterator[dict]:
+        """Answer the conversation's last message. Yields {"type": "progress", "stage": "vision" | "prefill",
+        "done", "total", "eta_s"} between the steps before the first token, {"type": "delta", "text"} as the
+        answer grows, then {"type": "done", ...} with the text, generated ids, finish reason and stats; the answer
+        (even a stopped one) is kept in the turn."""
+        started = time.perf_counter()
+        settings = (settings or GenerationSettings()).validate()
+        stop_event = stop_event or threading.Event()
+        plan = self.plan(conversation, image_mode, settings.max_new_tokens)
+        seed = settings.seed if settings.seed is not None else random.randrange(2**31)
+        run = GenerationSettings(**{**asdict(settings), "max_new_tokens": plan.max_new_tokens, "seed": seed})
+        turn = conversation.pending()
+        items, sizes = _items(plan)
+        rows = [None] * len(plan.images)
+        to_encode = [p for p in plan.images if self.features.get(p.cache_key) is None]
+        total_images, views = len(to_encode), sum(p.views for p in to_encode)
+        _, cached, _ = self.prefixes.match(items)  # an estimate: the entry may change before the prefill
+        prompt_left = plan.prompt_tokens - cached
+        if total_images:
+            yield self._progress_event("vision", 0, total_images, views, cached, prompt_left)
+        fresh = set()
+        for views_left in self.encode_images(plan, rows, stop_event, fresh):
+            done = sum(1 for p in to_encode if p.cache_key in fresh)
+            yield self._progress_event("vision", done, total_images, views_left, cached, prompt_left)
+        encoded = len(fresh)
+        if stop_event.is_set():  # stopped before the prompt was computed: nothing to say
+            turn.answer = ""
+            yield _final(plan, "", [], "stopped", seed, started, None, 0, encoded)
+            return
+        matched, cached_positions, kv = self.prefixes.match(items)
+        rest_ids = plan.prompt_ids[matched:]
+        rest_rows = rows[sum(1 for t in plan.prompt_ids[:matched] if t == IMAGE_MARKER):]
+        embeds = self.run(self.model.embed_prompt, rest_ids, rest_rows)
+        length = embeds.shape[1]
+        result = {}
+        for done, total, chunk_start, chunk_length, seconds in prefill_chunks(
+                self.model, embeds, kv, cached_positions, room=decode_room(run), run=self.run,
+                should_stop=stop_event.is_set, result=result):
+            self.rates.record("prefill", self.rates.workload.prefill(chunk_start, chunk_length), seconds)
+            if done < total:
+                yield self._progress_event("prefill", done, total, 0, cached_positions + done, total - done)
+        del embeds
+        decoder = IncrementalDecoder(self.tokenizer.decode)
+        stops = StopStrings(settings.stop)
+        state, token_ids, times = {"finish": "stopped"}, [], []
+        reason = "length"
+        if result["logits"] is None:  # stopped between two prefill chunks
+            tokens = _no_tokens()
+        else:
+            tokens = decode_tokens(self.model, result["logits"], result["cache"], cached_positions + length, run,
+                                   self.tokenizer.stop_ids, seen=[t for t in plan.prompt_ids if t >= 0],
+                                   should_stop=stop_event.is_set, run=self.run, state=state)
+        result.clear()
+        try:
+            for token in tokens:
+                token_ids.append(token)
+                times.append(time.perf_counter())
+                delta, hit = stops.feed(decoder.push(token))
+                if delta:
+                    yield {"type": "delta", "text": delta}
+                if hit:
+                    reason = "stop"
+                    break
+            else:
+                reason = "stopped" if stop_event.is_set() else state.get("finish", "length")
+            if reason != "stop":
+                delta, _ = stops.feed(decoder.finish(), final=True)
+                if delta:
+                    yield {"type": "delta", "text": delta}
+        finally:
+            tokens.close()
+            turn.answer = stops.text
+            if state.get("cache") is not None:
+                fed = state["fed"]
+                self.prefixes.store(items + token_ids[:fed], sizes + [1] * fed, state["cache"])
+        yield _final(plan, stops.text, token_ids, reason, seed, started, times, cached_positions, encoded)
+
+    def _progress_event(self, stage: str, done: int, total: int, views_left: int, start: int, positions: int) -> dict:
+        eta = self.rates.seconds(views=views_left, start=start, positions=positions)
+        return {"type": "progress", "stage": stage, "done": done, "total": total, "eta_s": round(eta, 1)}
+
+    def generate(self, conversation: Conversation, settings: GenerationSettings | None = None, **kwargs) -> dict:
+        final = None
+        for event in self.stream(conversation, settings, **kwargs):
+            final = event
+        return final
+
+
+def _final(plan: Plan, text: str, token_ids: list[int], reason: str, seed: int, started: float, times,
+           cached_positions: int, encoded: int) -> dict:
+    times = times or []
+    first = times[0] - started if times else None
+    decode_rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
+    return {
+        "type": "done", "text": text, "token_ids": token_ids, "finish_reason": reason, "seed": seed,
+        "prompt": plan.prompt, "image_mode": plan.image_mode, "dropped_turns": plan.dropped_turns,
+        "visual_tokens_per_image": [p.tokens for p in plan.images],
+        "stats": {"ttft_s": first, "decode_tokens_per_s": decode_rate, "generated_tokens": len(token_ids),
+                  "prompt_tokens": plan.prompt_tokens, "visual_tokens": plan.visual_tokens,
+                  "cached_prefix_tokens": cached_positions, "images_encoded": encoded,
+                  "images_from_cache": len(plan.images) - encoded, "total_s": time.perf_counter() - started},
+    }
+
+
+def _items(plan: Plan) -> tuple[list, list[int]]:
+    """Prompt items for prefix matching: token ids, and one key per image spanning its visual tokens."""
+    items, sizes, k = [], [], 0
+    for t in plan.prompt_ids:
+        if t == IMAGE_MARKER:
+            items.append(plan.images[k].cache_key)
+            sizes.append(plan.images[k].tokens)
+            k += 1
+        else:
+            items.append(t)
+            sizes.append(1)
+    return items, sizes
+
+
+@dataclass
+class _Sized:
+    """Stands for an image of this size when only the plan's counts are wanted."""
+
+    size: tuple[int, int]
+
+
+def _no_tokens() -> Iterator[int]:
+    yield from ()
+
+
+def _swallow(fn) -> None:
+    try:
+        fn()
+    except UserError:
+        pass  # the failure is in load_state for the front end to show
+
+
+_ENGINES: dict[tuple, Engine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def get_engine(model: str = DEFAULT_MODEL, **options) -> Engine:
+    """The process-wide engine for these settings (one model per process in practice)."""
+    key = (model, tuple(sorted(options.items())))
+    with _ENGINES_LOCK:
+        if key not in _ENGINES:
+            _ENGINES[key] = Engine(model, **options)
+        return _ENGINES[key]

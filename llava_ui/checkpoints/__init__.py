@@ -1,0 +1,1 @@
+"""Checkpoints: the three layouts read into the model, downloads, the tokenizer, random test checkpoints."""

@@ -1,0 +1,1 @@
+"""The command line: shared flags once, one module per subcommand."""

@@ -1,0 +1,1 @@
+"""The model card's evaluation: the benchmark runner, its scoring and the answerers on a backend."""

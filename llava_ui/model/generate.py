@@ -1,0 +1,182 @@
+"""Token generation: prefill, one decode step, sampling, and incremental detokenization (gpt-fast style)."""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterator
+
+import numpy as np
+import paddle
+
+from llava_ui.config import GenerationSettings
+from llava_ui.model.qwen2 import HEADROOM
+from llava_ui.model.cpu import release_free_memory
+
+
+def _call(fn, *args):
+    return fn(*args)
+
+
+def prefill_chunks(model, embeds, cache=None, start: int = 0, *, room: int = 0, run=_call,
+                   should_stop: Callable[[], bool] = lambda: False, result: dict | None = None) -> Iterator[tuple]:
+    """Run the prompt (or the new part after a cached prefix) one prefill chunk at a time, yielding
+    (positions done, positions in all, start of the chunk, its length, seconds it took) after each; `result` gets
+    the logits of the last position and the cache. The cache gets room for the prompt + `room` positions.
+
+    Each chunk is one model step through `run` (the engine's compute thread): other requests' steps run between
+    them, and when `should_stop()` turns true the prefill ends at the next chunk (`result["logits"]` stays None)."""
+    result = {} if result is None else result
+    result["logits"] = None
+    length = embeds.shape[1]
+    chunk = model.prefill_chunk(embeds)
+    # room for the whole prompt up front: chunks never regrow the cache
+    cache = result["cache"] = run(model.reserve, cache, start + length + room)
+    hidden = None
+
+    def step(lo):
+        # each chunk's short-lived blocks land on other freed pages of the heap: handed back before every
+        # chunk, a long prompt's resident size stays that of one chunk
+        began = time.perf_counter()
+        release_free_memory()
+        out = model.forward_hidden(embeds[:, lo:lo + chunk], result["cache"], start + lo)
+        return out, time.perf_counter() - began
+
+    for lo in range(0, length, chunk):
+        if lo and should_stop():
+            return
+        (hidden, result["cache"]), seconds = run(step, lo)
+        done = min(lo + chunk, length)
+        yield done, length, start + lo, done - lo, seconds
+
+    def last():
+        logits = model.logits(hidden[:, -1])[0]
+        release_free_memory()
+        return logits
+
+    result["logits"] = run(last)
+
+
+def prefill(model, embeds, cache=None, start: int = 0, *, room: int = 0, run=_call,
+            should_stop: Callable[[], bool] = lambda: False):
+    """The whole prefill at once: (logits of the last position, cache), or (None, the partly filled cache) when
+    stopped between two chunks."""
+    result = {}
+    for _ in prefill_chunks(model, embeds, cache, start, room=room, run=run, should_stop=should_stop, result=result):
+        pass
+    return result["logits"], result["cache"]
+
+
+def decode_one_token(model, token: int, cache, position: int):
+    embeds = model.embed_tokens(paddle.to_tensor([[token]], dtype="int64"))
+    hidden, cache = model.forward_hidden(embeds, cache, position)
+    return model.logits(hidden[:, -1])[0], cache
+
+
+def sample_next(logits: paddle.Tensor, settings: GenerationSettings, seen: list[int], rng: np.random.Generator) -> int:
+    """Repetition penalty → temperature → top-k → top-p, in transformers' order. temperature 0 is greedy."""
+    if settings.repetition_penalty != 1.0 and seen:
+        ids = paddle.to_tensor(sorted(set(seen)), dtype="int64")
+        picked = paddle.gather(logits, ids)
+        penalised = paddle.where(picked > 0, picked / settings.repetition_penalty, picked * settings.repetition_penalty)
+        logits = paddle.scatter(logits, ids, penalised)
+    if settings.temperature == 0:
+        return int(paddle.argmax(logits).item())
+    scores = logits.numpy().astype(np.float64) / settings.temperature
+    if settings.top_k and settings.top_k < scores.size:
+        kth = np.partition(scores, -settings.top_k)[-settings.top_k]
+        scores[scores < kth] = -np.inf
+    order = np.argsort(-scores, kind="stable")
+    probs = np.exp(scores[order] - scores[order[0]])
+    probs /= probs.sum()
+    if settings.top_p < 1.0:
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        keep = int(np.searchsorted(np.cumsum(probs), settings.top_p) + 1)
+        probs = probs[:keep] / probs[:keep].sum()
+        order = order[:keep]
+    return int(order[rng.choice(len(probs), p=probs)])
+
+
+def generate_ids(model, embeds, settings: GenerationSettings, stop_ids: set[int], *, cache=None, start: int = 0,
+                 seen: list[int] | None = None, should_stop: Callable[[], bool] = lambda: False,
+                 run=_call, state: dict | None = None) -> Iterator[int]:
+    """Prefill, then yield generated token ids (see decode_tokens); `state` as there."""
+    state = {} if state is None else state
+    state.update(finish="stopped", fed=0)
+    if should_stop():
+        return
+    result = {}
+    for _ in prefill_chunks(model, embeds, cache, start, room=decode_room(settings), run=run, should_stop=should_stop,
+                            result=result):
+        pass
+    if result["logits"] is not None:  # else stopped between two chunks of a long prompt
+        yield from decode_tokens(model, result["logits"], result["cache"], start + embeds.shape[1], settings,
+                                 stop_ids, seen=seen, should_stop=should_stop, run=run, state=state)
+
+
+def decode_room(settings: GenerationSettings) -> int:
+    """Decode room a prefill reserves up front: a short answer's whole length; a long one grows the cache HEADROOM
+    positions at a time."""
+    return min(settings.max_new_tokens, HEADROOM)
+
+
+def decode_tokens(model, logits, cache, position: int, settings: GenerationSettings, stop_ids: set[int], *,
+                  seen: list[int] | None = None, should_stop: Callable[[], bool] = lambda: False, run=_call,
+                  state: dict | None = None) -> Iterator[int]:
+    """From the prompt's last logits, yield generated token ids; ends at a stop id (not yielded), at
+    max_new_tokens, or when should_stop() is true.
+
+    `should_stop` is checked before every model step, so a stop request costs at most one decode step. Each step
+    runs through `run` (the engine's compute thread; by default here) and nothing is computed between yields.
+    `state` receives the KV cache, how many yielded tokens it holds ("fed") and why generation ended ("finish":
+    stop | length | stopped).
+    """
+    state = {} if state is None else state
+    seen = list(seen or [])
+    rng = np.random.default_rng(settings.seed)
+    state.update(finish="stopped", fed=0, cache=cache)
+    for step in range(settings.max_new_tokens):
+        token = run(sample_next, logits, settings, seen, rng)
+        if token in stop_ids:
+            state["finish"] = "stop"
+            return
+        seen.append(token)
+        yield token
+        if step + 1 == settings.max_new_tokens:
+            state["finish"] = "length"
+            return
+        if should_stop():
+            return
+        logits, cache = run(decode_one_token, model, token, cache, position)
+        position += 1
+        state["cache"], state["fed"] = cache, step + 1
+
+
+class IncrementalDecoder:
+    """Token ids → text increments that never split a multi-byte character (decodes a small window each step)."""
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode = decode
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.decode(self.ids[self.prefix:self.read])
+        after = self.decode(self.ids[self.prefix:])
+        # a partial character is held back, but never more than 4 tokens: a UTF-8 character has at most 4 bytes,
+        # so past that the bytes are simply invalid and are shown as they are
+        complete = not after.endswith("\ufffd") or len(self.ids) - self.read > 4
+        if len(after) > len(before) and complete:
+            delta = after[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+            self.text += delta
+            return delta
+        return ""
+
+    def finish(self) -> str:
+        """The rest of the text (a trailing partial character is dropped, as the full decode does)."""
+        full = self.decode(self.ids)
+        delta = full[len(self.text):] if full.startswith(self.text) else ""
+        self.text += delta
+        return delta

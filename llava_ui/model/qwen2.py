@@ -1,0 +1,394 @@
+"""Qwen2 inference forward over paddlenlp's Qwen2 weights: tensor-parallel parts, a preallocated KV cache and
+block-causal attention.
+
+paddlenlp's `Qwen2ForCausalLM` is built and loaded as usual; its forward rebuilds an [L, L] mask and concatenates
+the whole KV cache on every step, and Paddle's CPU kernels copy strided views element by element. This forward
+computes the same function while every tensor a matmul reads is contiguous. Once loaded, each layer's weights are
+regrouped into one part per CPU worker (whole heads with their q|k|v columns side by side and their o_proj rows;
+a slice of the MLP with gate|up side by side and the down_proj rows), so a layer is two hand-offs and both cores
+stream weights at once: decoding reads memory at the rate of two readers, not MKL's threaded matrix-vector
+product. K and V live per kv-head as rows of [kv_heads * capacity, head_dim] buffers written in place with
+`scatter_`; a prefill goes through in chunks, attending block by block over contiguous per-head prefixes
+(skipping the masked half); a decode step attends over the whole buffer with one additive mask.
+"""
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+from paddle.incubate.nn.functional import fused_rms_norm
+
+from llava_ui.model.cpu import map_shares, run_parts, shares
+from llava_ui.model.cpu import release_free_memory
+
+BLOCK = 512  # query rows per prefill attention block: bounds the score matrix and skips most masked entries
+HEADROOM = 128  # positions a cache grows by when decoding outgrows it (and at most what a prefill reserves ahead)
+PREFILL_CHUNK = 256  # prompt positions per pass through the layers (CPU): bounds a long prompt's activations
+
+
+class KVCache:
+    """Keys and values of every layer, [kv_heads * capacity, head_dim] each; positions < length are filled.
+
+    `prefix(n)` shares the buffers read-only: the first write to a shared cache copies them, so a cached prompt
+    (llava_ui.caches.PrefixCache) is never changed by the request that reuses it.
+    """
+
+    def __init__(self, keys: list, values: list, kv_heads: int, length: int, shared: bool = False):
+        self.keys, self.values, self.kv_heads = keys, values, kv_heads
+        self.length, self.shared = length, shared
+        self.mask = None  # [1, 1, capacity] additive: 0 for filled positions, -inf after (decode attention)
+
+    @classmethod
+    def empty(cls, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype) -> "KVCache":
+        def zeros():
+            return paddle.zeros([kv_heads * capacity, head_dim], dtype)
+
+        return cls([zeros() for _ in range(layers)], [zeros() for _ in range(layers)], kv_heads, 0)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[0] // self.kv_heads
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(t.numel()) * t.element_size() for t in self.keys + self.values)
+
+    def prefix(self, positions: int) -> "KVCache":
+        return KVCache(self.keys, self.values, self.kv_heads, positions, shared=True)
+
+    def writable(self, needed: int) -> "KVCache":
+        """This cache, or a copy that is not shared, with room for `needed` positions (+ HEADROOM when it grows).
+
+        An unshared cache grows in place one buffer at a time, so growing never holds two whole caches."""
+        if needed <= self.capacity and not self.shared:
+            return self
+        old = self.capacity  # (the property changes as the buffers are replaced)
+        capacity = old if needed <= old else _round_up(needed + HEADROOM)
+
+        def copy(buffer):
+            if capacity == old:
+                return buffer.clone()
+            rows = buffer.reshape([self.kv_heads, old, -1])
+            extra = paddle.zeros([self.kv_heads, capacity - old, rows.shape[-1]], rows.dtype)
+            return paddle.concat([rows, extra], axis=1).reshape([self.kv_heads * capacity, -1])
+
+        if self.shared:
+            return KVCache([copy(k) for k in self.keys], [copy(v) for v in self.values], self.kv_heads, self.length)
+        self.keys, self.values = list(self.keys), list(self.values)  # prefix views made earlier keep the old lists
+        for buffers in (self.keys, self.values):
+            for i, buffer in enumerate(buffers):
+                buffers[i] = copy(buffer)
+        self.mask = None
+        return self
+
+    def rows(self, start: int, length: int, heads: int) -> paddle.Tensor:
+        """Row of every (kv head < `heads`, position in start..start+length) in a head-major [heads * capacity,
+        dim] buffer (a part's own rows of the cache): the scatter_ index, made on the device (no host-to-device
+        copy per step)."""
+        heads = paddle.arange(heads, dtype="int64").unsqueeze(1) * self.capacity
+        return (heads + paddle.arange(start, start + length, dtype="int64").unsqueeze(0)).reshape([-1])
+
+    def decode_mask(self, dtype) -> paddle.Tensor:
+        if self.mask is None or self.mask.shape[-1] != self.capacity:
+            filled = np.arange(self.capacity) < self.length
+            self.mask = paddle.to_tensor(np.where(filled, 0.0, -np.inf)[None, None], dtype=dtype)
+        return self.mask
+
+
+def _round_up(n: int, step: int = 64) -> int:
+    return -(-n // step) * step
+
+
+class RotaryTables:
+    """cos/sin of every position, computed once (float64, then rounded) and grown on demand."""
+
+    def __init__(self, head_dim: int, base: float):
+        self.inv_freq = 1.0 / (np.float32(base) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
+        self.cos = self.sin = None
+
+    def get(self, start: int, length: int, dtype):
+        end = start + length
+        if self.cos is None or self.cos.shape[0] < end:
+            positions = np.arange(max(end, 4096), dtype=np.float32)
+            freqs = np.outer(positions, self.inv_freq).astype(np.float32)  # float32 products, as the reference
+            angles = np.concatenate([freqs, freqs], axis=-1).astype(np.float64)
+            self.cos = paddle.to_tensor(np.cos(angles).astype(np.float32), dtype=dtype)
+            self.sin = paddle.to_tensor(np.sin(angles).astype(np.float32), dtype=dtype)
+        return self.cos[start:end].unsqueeze(1), self.sin[start:end].unsqueeze(1)  # [L, 1, head_dim]
+
+
+def rms_norm(x, weight, eps: float, residual=None):
+    """RMSNorm of x (+ residual, when given); returns (normed, the sum it normed) in one kernel."""
+    normed, total = fused_rms_norm(x, weight, None, eps, 1, residual=residual)
+    return normed, x if residual is None else total
+
+
+def softmax(scores, in_place: bool = False):
+    """Softmax over the last axis in float32 (a no-op cast costs a full copy in Paddle, so only when needed);
+    `in_place` overwrites float32 scores that are not needed afterwards."""
+    if scores.dtype == paddle.float32:
+        return F.softmax_(scores, axis=-1) if in_place else F.softmax(scores, axis=-1)
+    return F.softmax(scores, axis=-1, dtype="float32").astype(scores.dtype)
+
+
+def rotation(head_dim: int, dtype) -> paddle.Tensor:
+    """R with x @ R == rotate_half(x) == concat(-x2, x1): one exact matmul instead of slices, a neg and a concat."""
+    half = head_dim // 2
+    r = np.zeros((head_dim, head_dim), np.float32)
+    r[np.arange(half) + half, np.arange(half)] = -1.0
+    r[np.arange(half), np.arange(half) + half] = 1.0
+    return paddle.to_tensor(r, dtype=dtype)
+
+
+class AttentionPart:
+    """One worker's share of a layer's attention: kv heads `kv` (and their query heads), with q|k|v weights for
+    just those heads side by side ([hidden, (q + 2 kv) heads * dim], one matmul) and the o_proj rows they feed."""
+
+    def __init__(self, kv: range, group: int, dim: int, attn):
+        self.kv, self.q_heads, self.kv_heads = kv, len(kv) * group, len(kv)
+        q_cols = slice(kv.start * group * dim, kv.stop * group * dim)
+        kv_cols = slice(kv.start * dim, kv.stop * dim)
+        self.qkv = paddle.concat([attn.q_proj.weight[:, q_cols], attn.k_proj.weight[:, kv_cols],
+                                  attn.v_proj.weight[:, kv_cols]], axis=1)
+        biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+        self.bias = None if biases[0] is None else paddle.concat(
+            [biases[0][q_cols], biases[1][kv_cols], biases[2][kv_cols]])
+        self.o_rows = attn.o_proj.weight[q_cols]  # a view: rows of a matrix are contiguous
+
+
+class MLPPart:
+    """One worker's share of the SwiGLU intermediate: gate|up columns side by side, and the down_proj rows."""
+
+    def __init__(self, cols: range, mlp):
+        share = slice(cols.start, cols.stop)
+        self.gate_up = paddle.concat([mlp.gate_proj.weight[:, share], mlp.up_proj.weight[:, share]], axis=1)
+        self.down_rows = mlp.down_proj.weight[share]
+
+
+class Qwen2Runner:
+    """Runs paddlenlp's Qwen2Model weights for inference: forward(embeds [1, L, H], cache, start) → (hidden, cache).
+
+    `pack()` (called once the weights are loaded) regroups every layer's weights into one part per CPU worker,
+    tensor-parallel style: a part holds whole heads and a slice of the MLP, so a layer is two hand-offs (attention,
+    MLP), each part's matmuls read contiguous weights, and the sums of the parts' o_proj and down_proj products
+    are the layer's outputs. On a GPU (or one thread) there is one part: q|k|v and gate|up fused matmuls.
+    """
+
+    def __init__(self, qwen2, config: dict):
+        self.qwen2 = qwen2
+        self.heads = config["num_attention_heads"]
+        self.kv_heads = config.get("num_key_value_heads") or self.heads
+        self.head_dim = config["hidden_size"] // self.heads
+        self.eps = config["rms_norm_eps"]
+        self.rotary = RotaryTables(self.head_dim, config.get("rope_theta", 10000.0))
+        self.rotate = None
+        self.fused_attention = None  # None: fused attention on a GPU, the blockwise CPU path on the CPU
+        self.parts = None  # per layer: ([AttentionPart], [MLPPart]), made by pack()
+
+    def pack(self) -> None:
+        """Regroup the q/k/v and gate/up weights into the workers' parts (the originals are released: the model
+        holds each weight once; paddlenlp's own forward is not usable afterwards)."""
+        group = self.heads // self.kv_heads
+        self.parts = []
+        for layer in self.qwen2.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attention = [AttentionPart(kv, group, self.head_dim, attn) for kv in shares(self.kv_heads)]
+            feed = [MLPPart(cols, mlp) for cols in shares(mlp.gate_proj.weight.shape[1])]
+            for owner in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+                owner._parameters["weight"] = None
+                if owner._parameters.get("bias") is not None:
+                    owner._parameters["bias"] = None
+            self.parts.append((attention, feed))
+        release_free_memory()
+
+    def forward(self, embeds, cache: KVCache | None, start: int):
+        if self.parts is None:
+            self.pack()
+        length = embeds.shape[1]
+        cache = self.reserve(cache, start + length, embeds.dtype)
+        fused = self._fused(embeds)
+        # a long prompt goes through in chunks (each attends to the cache the earlier ones filled): the same
+        # arithmetic, with activations bounded by the chunk instead of the prompt
+        chunk = self.chunk(embeds)
+        outs = [self._layers(embeds[0, lo:lo + chunk], cache, start + lo, fused) for lo in range(0, length, chunk)]
+        if length > 1:
+            cache.mask = None  # rebuilt from the length by the next decode step
+        hidden = outs[0] if len(outs) == 1 else paddle.concat(outs, axis=0)
+        return hidden.unsqueeze(0), cache  # the last layer's output, through the final norm
+
+    def reserve(self, cache: KVCache | None, positions: int, dtype=None) -> KVCache:
+        """`cache` (None: a new one), writable and with room for `positions` positions: a caller that knows how
+        many it will decode asks for them up front (generate.prefill), as the cache is zero-filled memory."""
+        if cache is None:
+            dtype = dtype or self.qwen2.embed_tokens.weight.dtype
+            return KVCache.empty(len(self.qwen2.layers), self.kv_heads, self.head_dim, _round_up(positions), dtype)
+        return cache.writable(positions)
+
+    def chunk(self, embeds) -> int:
+        """Prompt positions per pass: PREFILL_CHUNK on the CPU; a GPU's fused attention takes the prompt whole."""
+        return embeds.shape[1] if self._fused(embeds) else PREFILL_CHUNK
+
+    def _fused(self, embeds) -> bool:
+        return self.fused_attention if self.fused_attention is not None else not embeds.place.is_cpu_place()
+
+    def _layers(self, embeds, cache: KVCache, start: int, fused: bool):
+        """embeds [L, hidden] at positions start.. through every layer, filling the cache; returns [L, hidden]."""
+        step = _Step(self, cache, start, embeds.shape[0], embeds.dtype, fused)
+        layers = self.qwen2.layers
+        x, residual = rms_norm(embeds, layers[0].input_layernorm.weight, self.eps)
+        for i, (layer, (attention, feed)) in enumerate(zip(layers, self.parts)):
+            following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.qwen2.norm
+            outs = run_parts(lambda part: step.attention(part, x, i), attention)
+            x, residual = rms_norm(_total(outs), layer.post_attention_layernorm.weight, self.eps, residual)
+            outs = run_parts(lambda part: _mlp(part, x), feed)
+            x, residual = rms_norm(_total(outs), following.weight, self.eps, residual)
+        cache.length = start + embeds.shape[0]
+        return x
+
+    def _rotation(self, dtype):
+        if self.rotate is None or self.rotate.dtype != dtype:
+            self.rotate = rotation(self.head_dim, dtype)
+        return self.rotate
+
+
+class _Step:
+    """What one forward's attention parts share: the cache, RoPE tables, masks."""
+
+    def __init__(self, runner: Qwen2Runner, cache: KVCache, start: int, length: int, dtype, fused: bool):
+        dim = runner.head_dim
+        self.dim, self.cache, self.start, self.length, self.fused = dim, cache, start, length, fused
+        self.rotate = runner._rotation(dtype)
+        cos, sin = runner.rotary.get(start, length, dtype)  # [L, 1, dim]
+        # per part shape, tiled once per forward (Paddle's CPU multiply broadcasting over the middle axis is ~4x
+        # slower than an elementwise one); q's heads carry the attention scale 1/sqrt(dim), v's heads get cos 1 and
+        # sin 0: one rotation gives scaled q, k and v exactly as they go into attention
+        scale = dim ** -0.5
+        self.shapes = {}  # (q heads, kv heads) of a part → its cos and sin tables and its cache rows
+        for part in runner.parts[0][0]:
+            key = part.q_heads, part.kv_heads
+            if key not in self.shapes:
+                self.shapes[key] = tuple(paddle.concat([
+                    paddle.tile(table * scale, [1, part.q_heads, 1]), paddle.tile(table, [1, part.kv_heads, 1]),
+                    paddle.full([length, part.kv_heads, dim], fill, dtype)], axis=1) for table, fill in ((cos, 1), (sin, 0))
+                ) + (cache.rows(start, length, part.kv_heads),)
+        self.masks = _block_masks(start, length, dtype) if length > 1 and not fused else None
+        if length == 1:
+            self.mask = cache.decode_mask(dtype)
+            self.mask[..., start] = 0.0
+
+    def attention(self, part: AttentionPart, x, layer: int):
+        """This part's heads over x [L, hidden]: q|k|v, RoPE, the cache write, attention; returns its o_proj
+        product [L, hidden] (the layer's attention output is the sum over parts)."""
+        dim, length = self.dim, self.length
+        qkv = F.linear(x, part.qkv, part.bias).reshape([length, part.q_heads + 2 * part.kv_heads, dim])
+        cos, sin, _ = self.shapes[part.q_heads, part.kv_heads]
+        turned = paddle.matmul(qkv, self.rotate).multiply_(sin)
+        qkv = qkv.multiply_(cos).add_(turned)  # in place: a long prompt keeps fewer copies alive
+        del turned
+        if length == 1:
+            out = self._decode(part, qkv[0], layer)
+        else:
+            out = self._prefill(part, qkv, layer)
+        return paddle.matmul(out, part.o_rows)
+
+    def _own(self, part: AttentionPart, layer: int):
+        """The part's rows of the layer's K and V buffers, as views of their own: a write through a view lands in
+        the buffer, and no two workers ever write through the same tensor object."""
+        capacity = self.cache.capacity
+        rows = slice(part.kv.start * capacity, part.kv.stop * capacity)
+        return self.cache.keys[layer][rows], self.cache.values[layer][rows]
+
+    def _heads(self, own, part: AttentionPart):
+        """[part's kv heads, capacity, dim] of a part's view."""
+        return own.reshape([part.kv_heads, self.cache.capacity, self.dim])
+
+    def _decode(self, part: AttentionPart, qkv, layer: int):
+        """One new position: attend over the whole buffer at once; the mask hides positions not yet filled."""
+        q_heads, kv_heads, dim = part.q_heads, part.kv_heads, self.dim
+        keys, values = self._own(part, layer)
+        rows = self.shapes[part.q_heads, kv_heads][2]
+        paddle.scatter_(keys, rows, qkv[q_heads:q_heads + kv_heads], overwrite=True)
+        paddle.scatter_(values, rows, qkv[q_heads + kv_heads:], overwrite=True)
+        q = qkv[:q_heads].reshape([kv_heads, q_heads // kv_heads, dim])
+        scores = paddle.matmul(q, self._heads(keys, part), transpose_y=True) + self.mask
+        return paddle.matmul(softmax(scores), self._heads(values, part)).reshape([1, q_heads * dim])
+
+    def _prefill(self, part: AttentionPart, qkv, layer: int):
+        """Many new positions: per head and block of query rows, attend over the contiguous prefix it may see
+        (CPU), or one fused attention kernel (GPU)."""
+        q_heads, kv_heads, dim = part.q_heads, part.kv_heads, self.dim
+        per_head = paddle.transpose(qkv, [1, 0, 2]).contiguous()  # [q + 2 kv heads, L, dim]
+        rows = self.shapes[part.q_heads, kv_heads][2]
+        keys, values = self._own(part, layer)
+        paddle.scatter_(keys, rows, per_head[q_heads:q_heads + kv_heads].reshape([-1, dim]), overwrite=True)
+        paddle.scatter_(values, rows, per_head[q_heads + kv_heads:].reshape([-1, dim]), overwrite=True)
+        if self.fused:
+            return self._fused(part, qkv, keys, values)
+        q = per_head[:q_heads]
+        keys, values = self._heads(keys, part), self._heads(values, part)
+        group = q_heads // kv_heads
+        blocks = []
+        for (lo, hi), mask in zip(_blocks(self.length), self.masks):
+            visible = self.start + hi
+            outs = []
+            for h in range(q_heads):
+                scores = paddle.matmul(q[h, lo:hi], keys[h // group, :visible], transpose_y=True).add_(mask)
+                outs.append(paddle.matmul(softmax(scores, in_place=True), values[h // group, :visible]))
+            blocks.append(paddle.concat(outs, axis=-1))
+        return paddle.concat(blocks, axis=0) if len(blocks) > 1 else blocks[0]
+
+    def _fused(self, part: AttentionPart, qkv, keys, values):
+        """Paddle's scaled_dot_product_attention ([1, L, heads, dim] layout; flash attention for bf16/fp16 on a
+        GPU that has it): causal over the new positions, or over the cached prefix + them with an explicit mask."""
+        q_heads, kv_heads, dim, start, length = part.q_heads, part.kv_heads, self.dim, self.start, self.length
+        q = qkv[:, :q_heads].unsqueeze(0)
+        if start == 0:
+            k, v = qkv[:, q_heads:q_heads + kv_heads].unsqueeze(0), qkv[:, q_heads + kv_heads:].unsqueeze(0)
+            mask = None
+        else:
+            visible = start + length
+
+            def gather(buffer):  # [1, visible, kv_heads, dim]
+                return self._heads(buffer, part)[:, :visible].transpose([1, 0, 2]).unsqueeze(0)
+
+            k, v = gather(keys), gather(values)
+            causal = np.arange(visible)[None, :] <= np.arange(start, visible)[:, None]
+            mask = paddle.to_tensor(np.where(causal, 0.0, -np.inf)[None, None], dtype=q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0, training=False,
+                                             scale=1.0)  # q arrives scaled
+        return out.reshape([length, q_heads * dim])
+
+
+def _total(parts: list):
+    return parts[0] if len(parts) == 1 else paddle.add_n(parts)
+
+
+def head_logits(lm_head, hidden):
+    """The LM head over [positions, hidden]. One position's logits (each decode step reads the 622 MB head) are
+    computed with the vocabulary rows shared among the workers: MKL's own threads read a matrix-vector product
+    at ~18 GB/s here, one worker per core at ~33 GB/s (as the layers' parts do)."""
+    if hidden.shape[0] != 1 or not lm_head.transpose_y:  # an untied head is stored [hidden, vocab]: as it is
+        return lm_head(hidden)
+    parts = map_shares(lambda rows: paddle.matmul(hidden, lm_head.weight[rows.start:rows.stop], transpose_y=True),
+                       lm_head.weight.shape[0])  # tied: the embedding, [vocab, hidden]
+    return paddle.concat(parts, axis=-1) if len(parts) > 1 else parts[0]
+
+
+def _mlp(part: MLPPart, x):
+    """A part's share of the SwiGLU MLP: its down_proj product [L, hidden] (the MLP's output is the sum over
+    parts)."""
+    return paddle.matmul(F.swiglu(F.linear(x, part.gate_up)), part.down_rows)
+
+
+def _blocks(length: int):
+    return [(lo, min(lo + BLOCK, length)) for lo in range(0, length, BLOCK)]
+
+
+def _block_masks(start: int, length: int, dtype) -> list:
+    """Additive causal mask of each query block over the positions it may see: 0, or -inf above the diagonal."""
+    masks = []
+    for lo, hi in _blocks(length):
+        rows = np.arange(start + lo, start + hi)[:, None]
+        cols = np.arange(start + hi)[None, :]
+        masks.append(paddle.to_tensor(np.where(cols <= rows, 0.0, -np.inf), dtype=dtype))
+    return masks

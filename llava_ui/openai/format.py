@@ -1,0 +1,292 @@
+"""The OpenAI chat format both ways: a request's messages → a Conversation (the API), and a Conversation → messages
+with images as data: URLs (the remote engine). Images sit where their parts sit among the text parts."""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import time
+import uuid
+from pathlib import Path
+from typing import Literal
+from urllib.parse import unquote, urlparse
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from llava_ui.config import DEFAULT_SYSTEM_PROMPT, GenerationSettings
+from llava_ui.chat.conversation import Conversation, Picture
+from llava_ui.errors import UserError
+from llava_ui.chat.media import load_image
+from llava_ui.chat.prompt import IMAGE_TOKEN
+
+MAX_IMAGE_BYTES = 50 << 20  # one decoded data: URL; the pixel limit in media.py applies as well
+
+
+class APIError(Exception):
+    """An error with its HTTP status and OpenAI error fields; the API turns it into `{"error": {...}}`."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.code, self.param)
+
+
+def error_body(message: str, type: str = "invalid_request_error", code: str | None = None, param: str | None = None):
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class ImageURL(BaseModel):
+    url: str
+    detail: str | None = None
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+    image_url: ImageURL | str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """The fields this server reads; other OpenAI fields (user, logprobs, penalties, ...) are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    seed: int | None = Field(default=None, ge=0)
+    stop: str | list[str] | None = None
+    n: int | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    image_mode: Literal["trained", "eval", "flat"] | None = None
+
+    def settings(self) -> GenerationSettings:
+        if self.n not in (None, 1):
+            raise APIError(400, "only n=1 is supported", param="n")
+        default = GenerationSettings()
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        top_k = 0 if self.top_k in (None, -1) else self.top_k  # vLLM spells "off" as -1
+        settings = GenerationSettings(
+            max_new_tokens=self.max_completion_tokens or self.max_tokens or default.max_new_tokens,
+            temperature=default.temperature if self.temperature is None else self.temperature,
+            top_p=default.top_p if self.top_p is None else self.top_p,
+            top_k=top_k, repetition_penalty=self.repetition_penalty or default.repetition_penalty,
+            seed=self.seed, stop=stop)
+        return settings.validate()
+
+
+class Reply:
+    """The id, timestamps and shapes of one chat completion, streamed or not."""
+
+    def __init__(self, model: str, include_usage: bool = False):
+        self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model
+        self.include_usage = include_usage
+
+    def _head(self, object_name: str) -> dict:
+        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
+
+    def chunk(self, delta: dict, finish_reason: str | None = None, final: dict | None = None) -> dict:
+        chunk = {**self._head("chat.completion.chunk"),
+                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+        if self.include_usage:
+            chunk["usage"] = None
+        if final is not None:
+            chunk["llava_ui"] = details(final)
+        return chunk
+
+    def usage_chunk(self, final: dict) -> dict:
+        return {**self._head("chat.completion.chunk"), "choices": [], "usage": usage(final)}
+
+    def completion(self, final: dict) -> dict:
+        message = {"role": "assistant", "content": final["text"]}
+        return {**self._head("chat.completion"),
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(final)}],
+                "usage": usage(final), "llava_ui": details(final)}
+
+
+def finish_reason(final: dict) -> str:
+    return "length" if final["finish_reason"] == "length" else "stop"
+
+
+def usage(final: dict) -> dict:
+    prompt = final["stats"].get("prompt_tokens") or 0
+    completion = final["stats"].get("generated_tokens") or 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def details(final: dict) -> dict:
+    """What this server adds for inspection (another instance's RemoteEngine reads it); clients may ignore it."""
+    keys = ("seed", "image_mode", "dropped_turns", "visual_tokens_per_image")
+    return {**{key: final.get(key) for key in keys}, "stats": final.get("stats")}
+
+
+MAX_REQUEST_IMAGES = 64
+MAX_REQUEST_PIXELS = 160_000_000  # decoded RGB ≈ 480 MB: one request cannot exhaust the server's memory
+
+
+def conversation_from_messages(messages: list[ChatMessage], allow_file_urls: bool = False) -> Conversation:
+    """system/developer messages set the system prompt; user + assistant pairs become answered turns; the last
+    message must come from the user. Consecutive user (or assistant) messages are joined by a newline."""
+    parts = sum(1 for m in messages if isinstance(m.content, list) for p in m.content if p.type == "image_url")
+    if parts > MAX_REQUEST_IMAGES:
+        raise APIError(400, f"the request has {parts} images; the limit is {MAX_REQUEST_IMAGES} per request",
+                       param="messages")
+    system, turns = [], []  # turns: [text, pictures, answer or None]
+    decoded = 0
+    for i, message in enumerate(messages):
+        if message.role in ("system", "developer"):
+            system.append(_text_only(message, i))
+        elif message.role == "user":
+            text, pictures = user_content(message, i, allow_file_urls)
+            decoded += sum(p.image.width * p.image.height for p in pictures)
+            if decoded > MAX_REQUEST_PIXELS:
+                raise APIError(400, f"the request's images hold more than {MAX_REQUEST_PIXELS // 1_000_000} "
+                                    "megapixels in all; send fewer or smaller images", param=f"messages.{i}")
+            if turns and turns[-1][2] is None:
+                turns[-1][0] += "\n" + text
+                turns[-1][1] += pictures
+            else:
+                turns.append([text, pictures, None])
+        elif message.role == "assistant":
+            if not turns:
+                raise APIError(400, "an assistant message must follow a user message", param=f"messages.{i}")
+            answer = _text_only(message, i)
+            turns[-1][2] = answer if turns[-1][2] is None else turns[-1][2] + "\n" + answer
+        else:
+            raise APIError(400, f"unsupported role {message.role!r} (use system, user or assistant)",
+                           param=f"messages.{i}.role")
+    if not turns or turns[-1][2] is not None:
+        raise APIError(400, "the last message must be a user message", param="messages")
+    conversation = Conversation(system="\n\n".join(system) if system else None)
+    for text, pictures, answer in turns:
+        conversation.add_user(text, pictures)
+        conversation.turns[-1].answer = answer
+    return conversation
+
+
+def user_content(message: ChatMessage, index: int, allow_file_urls: bool) -> tuple[str, list[Picture]]:
+    """The turn text with one <image> marker per image, and the images in marker order.
+
+    Images go where their parts are. Images that all come before the text are followed by a newline (the
+    reference's layout), unless the text starts with whitespace. Text that already holds <image> markers places
+    the images itself (the counts must match)."""
+    if isinstance(message.content, str) or message.content is None:
+        return message.content or "", []
+    pieces, pictures, last = [], [], None
+    for j, part in enumerate(message.content):
+        where = f"messages.{index}.content.{j}"
+        if part.type == "text":
+            pieces.append(("\n" if last == "text" else "") + (part.text or ""))
+        elif part.type == "image_url":
+            url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
+            if not url:
+                raise APIError(400, "an image_url part needs a url", param=where)
+            pictures.append(Picture(decode_image_url(url, allow_file_urls, where), name=f"image {len(pictures) + 1}"))
+            pieces.append(IMAGE_TOKEN)
+        else:
+            raise APIError(400, f"unsupported content part type {part.type!r} (use text or image_url; send video "
+                                "frames as consecutive images)", param=f"{where}.type")
+        last = "image" if part.type == "image_url" else "text"
+    texts = [p for p in pieces if p != IMAGE_TOKEN]
+    written = "".join(texts)
+    if IMAGE_TOKEN in written:
+        return written, pictures  # markers in the text place the images; Conversation checks the count
+    leading = pieces[:len(pictures)] == [IMAGE_TOKEN] * len(pictures)
+    if pictures and leading and written and not written[0].isspace():
+        return IMAGE_TOKEN * len(pictures) + "\n" + written, pictures
+    if pictures and not written:
+        return IMAGE_TOKEN * len(pictures) + "\n", pictures
+    return "".join(pieces), pictures
+
+
+def decode_image_url(url: str, allow_file_urls: bool, where: str = ""):
+    """data: URLs always; file:// only when the server allows it; http(s) never (no outbound fetching)."""
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "data":
+        header, _, payload = url.partition(",")
+        if ";base64" not in header:
+            raise APIError(400, "data: URLs must be base64-encoded (data:image/png;base64,...)", param=where)
+        if len(payload) > MAX_IMAGE_BYTES * 4 // 3 + 4:
+            raise APIError(400, f"the image is larger than {MAX_IMAGE_BYTES >> 20} MB", param=where)
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise APIError(400, "the image's data: URL is not valid base64", param=where) from None
+        return _load(data, where)
+    if scheme == "file":
+        if not allow_file_urls:
+            raise APIError(400, "file:// image URLs are disabled on this server (start it with --allow-file-urls "
+                                "to allow them); send the image as a data: URL", param=where)
+        parsed = urlparse(url)
+        if parsed.netloc not in ("", "localhost"):
+            raise APIError(400, "file:// URLs must name a local path (file:///path/to/image.png)", param=where)
+        return _load(Path(unquote(parsed.path)), where)
+    if scheme in ("http", "https"):
+        raise APIError(400, "http(s) image URLs are not fetched by this server; send the image as a data: URL "
+                            "(data:image/png;base64,...)", param=where)
+    raise APIError(400, "image_url must be a data: URL (data:image/png;base64,...)", param=where)
+
+
+def _load(source, where: str):
+    try:
+        return load_image(source, name=str(source) if isinstance(source, Path) else f"the image in {where}")
+    except UserError as err:
+        raise APIError(400, str(err), code="invalid_image", param=where) from None
+
+
+def _text_only(message: ChatMessage, index: int) -> str:
+    if message.content is None or isinstance(message.content, str):
+        return message.content or ""
+    if any(part.type != "text" for part in message.content):
+        raise APIError(400, f"{message.role} messages can only hold text", param=f"messages.{index}.content")
+    return "\n".join(part.text or "" for part in message.content)
+
+
+def openai_messages(conversation: Conversation, image_url) -> list[dict]:
+    """A conversation as OpenAI messages; `image_url(image, digest)` gives each image's URL. The system prompt is
+    always sent, so servers without this app's default (vLLM with llava-hf's template) render the same prompt."""
+    system = DEFAULT_SYSTEM_PROMPT if conversation.system is None else conversation.system
+    messages = [{"role": "system", "content": system}]
+    for turn in conversation.turns:
+        media = turn.media()
+        pieces = turn.content().split(IMAGE_TOKEN)
+        parts = []
+        for i, piece in enumerate(pieces):
+            if i:
+                parts.append({"type": "image_url", "image_url": {"url": image_url(*media[i - 1])}})
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        messages.append({"role": "user", "content": parts if media else turn.content()})
+        if turn.answer is not None:
+            messages.append({"role": "assistant", "content": turn.answer})
+    return messages
+
+
+def image_data_url(image, image_format: str = "png") -> str:
+    """PNG keeps the pixels exact (same features on the remote side); JPEG is smaller."""
+    buffer = io.BytesIO()
+    if image_format == "jpeg":
+        image.convert("RGB").save(buffer, format="JPEG", quality=95)
+    else:
+        image.save(buffer, format="PNG", compress_level=1)
+    return f"data:image/{image_format};base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

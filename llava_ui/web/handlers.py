@@ -1,0 +1,352 @@
+"""The web chat's event handlers: send, answer (streaming), stop, regenerate, undo, edit, clear, export, status,
+and the stateless `/chat` API endpoint. Plain methods over a `ChatSession`, so tests call them directly.
+
+Test-only: LLAVA_UI_TEST_TOKEN_DELAY=<seconds> sleeps that long per streamed piece in `respond`, so a browser test
+can watch an answer grow and press Stop mid-answer with a model that decodes hundreds of tokens a second.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+
+import gradio as gr
+
+from llava_ui.config import GenerationSettings
+from llava_ui.chat.conversation import Conversation, Picture
+from llava_ui.errors import UserError
+from llava_ui.chat.media import image_size, load_image, load_video
+from llava_ui.backends.rates import human_seconds
+from llava_ui.web.inspector import inspector_views, stats_line, status_html, write_export
+from llava_ui.web.render import chat_messages, progress_text, turn_index, typed_text
+from llava_ui.web.session import ChatSession, add_message, check_files, settle
+
+REFRESH_S = 0.05  # at most ~20 screen updates a second while tokens stream
+LONG_WAIT_S = 20.0  # the input says how long the attached media take when it is at least this
+TEST_DELAY_ENV = "LLAVA_UI_TEST_TOKEN_DELAY"
+
+
+def make_settings(temperature=0.2, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=1024,
+                  seed=None) -> GenerationSettings:
+    """Settings from UI/API values; an empty or negative seed means a random one."""
+    return GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
+                              top_k=int(top_k or 0), repetition_penalty=float(repetition_penalty),
+                              seed=parse_seed(seed)).validate()
+
+
+def parse_seed(seed) -> int | None:
+    """A whole number, or None (random) for an empty or negative one."""
+    text = "" if seed is None else str(seed).strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value.is_integer():
+        raise UserError(f"the seed must be a whole number (or empty for a random one), not {text!r}")
+    return int(value) if value >= 0 else None
+
+
+def warn(message: str) -> None:
+    gr.Warning(str(message), title="Could not do that")
+
+
+class ChatHandlers:
+    def __init__(self, backend, frames: int | None = None, max_files: int = 8, max_upload_mb: float = 50):
+        self.backend = backend
+        self.frames = frames  # None: from this machine's speed once the model is loaded (default_frames)
+        self.max_files, self.max_upload_mb = max_files, max_upload_mb
+        self.files_dir = tempfile.mkdtemp(prefix="llava_ui_")  # previews, frame sheets, exports (Gradio serves temp files)
+        self.live: dict[str, ChatSession] = {}  # browser session → its chat, so a closed tab stops its answer
+        self._live_lock = threading.Lock()
+
+    def default_frames(self) -> int:
+        return self.frames or self.backend.default_frames()
+
+    def frames_setting(self):
+        """The video frames slider: the value in use and why."""
+        if self.frames:
+            return gr.update(value=self.frames, info=f"set by --frames; each frame costs ~730 tokens")
+        if self.backend.status().get("state") != "ready":
+            return gr.update(info="each frame costs ~730 tokens; the default follows this machine's speed once "
+                                  "the model is loaded")
+        frames = self.backend.default_frames()
+        device = str(self.backend.status().get("device") or "")
+        why = ("16 on a GPU" if device.startswith("gpu") else "16 for a remote engine" if device.startswith("remote")
+               else f"{frames}: the first token within about a minute at this CPU's measured speed (at most 16)")
+        return gr.update(value=frames, info=f"default {why}; each frame costs ~730 tokens")
+
+    def status_and_frames(self):
+        return (*self.status(), self.frames_setting())
+
+    def estimate(self, message: dict | None, frames=None, image_mode: str = ""):
+        """Next to the input, before sending: how long the attached media will take here, when that is long."""
+        files = list((message or {}).get("files") or [])
+        if not files:
+            return ""
+        try:
+            images, video = check_files(files, self.max_files, self.max_upload_mb)
+            sizes = [image_size(path) for path in images]
+            frames = int(frames or self.default_frames()) if video else 0
+            estimate = self.backend.estimate(sizes, frames, image_mode or None)
+        except (UserError, OSError, ValueError):
+            return ""  # the message itself will say what is wrong when it is sent
+        if estimate is None:
+            return ""
+        tokens, seconds = estimate
+        if seconds < LONG_WAIT_S:
+            return ""
+        media = f"{frames} frames" if video else f"{len(images)} image{'s' * (len(images) != 1)}"
+        advice = "fewer frames answer faster" if video else "fewer images answer faster"
+        return f"{media} ≈ {tokens:,} tokens ≈ {human_seconds(seconds)} here; {advice}"
+
+    def leave(self, request: gr.Request | None = None):
+        """The tab was closed or reloaded: its answer in progress stops (the partial answer stays in its
+        history)."""
+        with self._live_lock:
+            session = self.live.pop(getattr(request, "session_hash", None), None)
+        if session is not None:
+            session.stop.set()
+
+    def _register(self, session: ChatSession, request) -> None:
+        key = getattr(request, "session_hash", None)
+        if key:
+            with self._live_lock:
+                self.live[key] = session
+
+    def views(self, session: ChatSession | None) -> tuple:
+        """What most handlers return: (chatbot, session, stats line, summary, tagged prompt, raw prompt, frames);
+        the tagged prompt and the frames gallery only show when they have something."""
+        context = (self.backend.status() or {}).get("context_length")
+        summary, spans, prompt, frames = inspector_views(session, context)
+        return (chat_messages(session), session, stats_line(session.last_record() if session else None), summary,
+                gr.update(value=spans, visible=bool(spans)), prompt, gr.update(value=frames, visible=bool(frames)))
+
+    @staticmethod
+    def streaming(session: ChatSession) -> tuple:
+        """A mid-answer update of `respond`'s outputs: only the chat changes (nothing, once the chat was cleared)."""
+        if session.cleared:
+            return (gr.skip(),) * 8
+        return (chat_messages(session), session) + (gr.skip(),) * 6
+
+    def send(self, message: dict | None, session: ChatSession | None, frames: int | None = None):
+        """Append the user's message (text + files). Returns (chatbot, input box, session); on a user error the
+        input stays as it was so it can be fixed, and a warning says what is wrong."""
+        session = session or ChatSession()
+        message = message or {}
+        try:
+            add_message(session, message.get("text") or "", list(message.get("files") or []),
+                        frames or self.default_frames(), self.max_files, self.max_upload_mb, self.files_dir)
+        except UserError as err:
+            warn(err)
+            return chat_messages(session), gr.skip(), session
+        return chat_messages(session), None, session
+
+    def respond(self, session: ChatSession | None, system: str = "", temperature=0.2, top_p=1.0, top_k=0,
+                repetition_penalty=1.0, max_new_tokens=1024, seed=None, image_mode: str = "",
+                request: gr.Request = None):
+        """Answer the waiting message, streaming. Yields (*views, input box): the input gets the message back
+        when it could not be answered at all."""
+        turns = session.conversation.turns if session else []
+        if session is None or session.busy or not turns or turns[-1].answer is not None:
+            yield *self.views(session), gr.skip()
+            return
+        session.idle.clear()
+        session.stop.clear()
+        self._register(session, request)
+        session.partial, session.notice = "", ""
+        restore = gr.skip()
+        try:
+            shown = session.turns[-1]
+            shown.settings = make_settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+            session.conversation.system = (system or "").strip() or None
+            yield self.streaming(session)  # "…" in place of the answer until the first token
+            for _ in self._wait_for_model(session):
+                yield self.streaming(session)
+            yield from self._stream(session, shown, image_mode or None)
+        except UserError as err:
+            if not session.partial:  # nothing written: take the message back so it can be fixed and resent
+                restore = self._take_back(session)
+            warn(err)
+        finally:
+            session.idle.set()
+            settle(session)
+        yield self.streaming(session) if session.cleared else (*self.views(session), restore)
+
+    def _stream(self, session: ChatSession, shown, image_mode: str | None):
+        delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
+        events = self.backend.stream(session.conversation, shown.settings, image_mode=image_mode,
+                                     stop_event=session.stop)
+        try:
+            last = 0.0
+            unit = "frame" if session.conversation.turns[-1].video is not None else "image"
+            for event in events:
+                if event["type"] == "done":
+                    shown.record = event
+                    continue
+                if event["type"] == "progress":  # before the first token: what is happening, how long it takes
+                    session.notice = progress_text(event, unit)
+                    yield self.streaming(session)
+                    continue
+                session.partial += event["text"]
+                if delay:
+                    time.sleep(delay)
+                if time.monotonic() - last >= REFRESH_S:
+                    last = time.monotonic()
+                    yield self.streaming(session)
+        finally:
+            events.close()  # when Gradio cancels us mid-answer, the engine keeps the partial answer
+
+    def _wait_for_model(self, session: ChatSession):
+        """Start loading if needed and wait, showing the progress in place of the answer."""
+        status = self.backend.status()
+        if status["state"] == "not_loaded":
+            self.backend.load_in_background()
+        while status["state"] != "ready":
+            if status["state"] == "failed":
+                raise UserError(f"the model failed to load ({status.get('error')}); press Retry load at the top")
+            if session.stop.is_set():
+                raise UserError("stopped while the model was loading; your message is back in the box")
+            notice = f"*The model is loading ({status.get('message') or 'starting'}); the answer starts when it is ready.*"
+            if notice != session.notice:
+                session.notice = notice
+                yield
+            time.sleep(0.25)
+            status = self.backend.status()
+        session.notice = ""
+
+    def _take_back(self, session: ChatSession) -> dict:
+        """Remove the last turn; its text and files go back into the input box."""
+        turn = session.conversation.undo()
+        shown = session.turns.pop() if session.turns else None
+        return {"text": turn.text if turn else "", "files": shown.files if shown else []}
+
+    def stop(self, session: ChatSession | None):
+        """Stop the model within one step; the partial answer stays. Returns the settled views."""
+        if session is not None:
+            session.stop.set()
+            session.idle.wait(timeout=10)
+            settle(session)
+        return self.views(session)
+
+    def _idle(self, session: ChatSession | None) -> ChatSession:
+        session = session or ChatSession()
+        if session.busy:
+            raise UserError("an answer is still being written: wait for it or press Stop")
+        settle(session)
+        return session
+
+    def retry(self, session: ChatSession | None, event: gr.RetryData):
+        return self.regenerate(session, event.index)
+
+    def regenerate(self, session: ChatSession | None, message_index: int | None = None):
+        """Clear an answer (the last, or the one a Chatbot retry points at) so `respond` writes it again."""
+        try:
+            session = self._idle(session)
+            if not session.conversation.turns:
+                raise UserError("nothing to regenerate yet")
+            index = len(session.turns) - 1 if message_index is None else turn_index(session, message_index)
+            turn = session.conversation.turns[index]
+            session.conversation.edit(index, turn.text)  # drops later turns; the answer is cleared
+            session.truncate(index + 1)
+            session.turns[index].record = None
+        except UserError as err:
+            warn(err)
+        return self.views(session)
+
+    def undo_at(self, session: ChatSession | None, event: gr.UndoData):
+        return self.undo(session, event.index)
+
+    def undo(self, session: ChatSession | None, message_index: int | None = None):
+        """Remove the last exchange (or from the one the Chatbot's undo points at); its message returns to the box.
+        Returns (*views, input box)."""
+        try:
+            session = self._idle(session)
+            if not session.conversation.turns:
+                raise UserError("nothing to undo")
+            index = len(session.turns) - 1 if message_index is None else turn_index(session, message_index)
+            session.conversation.turns = session.conversation.turns[:index + 1]
+            session.truncate(index + 1)
+            restore = self._take_back(session)
+        except UserError as err:
+            warn(err)
+            restore = gr.skip()
+        return *self.views(session), restore
+
+    def edit_at(self, session: ChatSession | None, event: gr.EditData):
+        return self.edit(session, event.index, event.value)
+
+    def edit(self, session: ChatSession | None, message_index: int, value):
+        """Replace a past user message; later turns are dropped and `respond` answers the edited one."""
+        try:
+            session = self._idle(session)
+            if isinstance(value, list):  # a message's pieces: its text is the string among them
+                value = next((v for v in value if isinstance(v, str)), "")
+            index = turn_index(session, message_index)
+            session.conversation.edit(index, typed_text(str(value)))
+            session.truncate(index + 1)
+            session.turns[index].record = None
+        except UserError as err:
+            warn(err)
+        return self.views(session)
+
+    def clear(self, session: ChatSession | None):
+        if session is not None:  # an answer still being written stops and no longer touches the screen
+            session.cleared = True
+            session.stop.set()
+        return self.views(ChatSession())
+
+    def export(self, session: ChatSession | None):
+        """A JSON file that `python -m llava_ui replay FILE.json` re-runs."""
+        if session is not None and not session.busy:
+            settle(session)
+        if session is None or not any(t.settings for t in session.turns):
+            warn("nothing to export yet: the conversation has no answers")
+            return gr.skip()
+        return gr.update(value=write_export(session, str(self.backend.status().get("model")), self.files_dir),
+                         visible=True)
+
+    def status(self):
+        """(status HTML, load button, timer): the timer stops once the model is ready."""
+        status = self.backend.status()
+        state = status.get("state")
+        label = {"failed": "Retry load", "not_loaded": "Load now"}.get(state)
+        return (status_html(status), gr.update(visible=label is not None, value=label or "Load now"),
+                gr.update(active=state != "ready"))
+
+    def load(self):
+        self.backend.load_in_background()
+        time.sleep(0.1)  # let the state leave "not_loaded"/"failed" so the badge shows the load starting
+        return self.status()
+
+    def chat_api(self, message: str, files: list[str] | None = None, system_prompt: str = "", temperature=0.2,
+                 top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=1024, frames=16, seed=-1,
+                 image_mode: str = ""):
+        """Stateless one-message chat: streams the growing answer text; the last value is the final answer."""
+        try:
+            images, video_path = check_files(list(files or []), self.max_files, self.max_upload_mb)
+            conversation = Conversation(system=(system_prompt or "").strip() or None)
+            pictures = [Picture(load_image(p), os.path.basename(p)) for p in images]
+            video = load_video(video_path, int(frames or self.default_frames())) if video_path else None
+            conversation.add_user(message or "", pictures, video)
+            settings = make_settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+            self.backend.load()
+            text, last = "", 0.0
+            events = self.backend.stream(conversation, settings, image_mode=image_mode or None,
+                                         stop_event=threading.Event())
+            try:
+                for event in events:
+                    if event["type"] == "done":
+                        text = event["text"]
+                    elif event["type"] == "delta" and event["text"]:
+                        text += event["text"]
+                        if time.monotonic() - last >= REFRESH_S:
+                            last = time.monotonic()
+                            yield text
+            finally:
+                events.close()
+            yield text
+        except UserError as err:
+            raise gr.Error(str(err), title="Could not answer") from None
