@@ -25,7 +25,6 @@ sys.path.insert(0, str(HERE))
 
 from run import DEFAULT_CHECKPOINTS, ensure_checkpoints  # noqa: E402
 
-
 V_TOKENS, V_HIDDEN, V_INTER, V_LAYERS = 729, 1152, 4304, 26  # SigLIP so400m at 384 px, LLaVA's 26 layers
 HIDDEN, INTER, LAYERS = 1024, 2816, 24  # Qwen1.5-0.5B
 

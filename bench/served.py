@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime
-import io
 import json
 import os
 import re

@@ -35,10 +35,10 @@ def peak_rss_bytes() -> int:
 
 
 def run_paddle(case: Case, model_dir: Path, device: str | None) -> dict:
-    from llava_ui.config import GenerationSettings
-    from llava_ui.chat.conversation import Conversation
     from llava_ui.backends.local import Engine
+    from llava_ui.chat.conversation import Conversation
     from llava_ui.chat.media import Frame, Video
+    from llava_ui.config import GenerationSettings
 
     started = time.perf_counter()
     engine = Engine(str(model_dir), device=device, image_mode="flat").load()
@@ -73,12 +73,11 @@ def run_paddle(case: Case, model_dir: Path, device: str | None) -> dict:
     return result
 
 
-def _paddle_turn(record: dict) -> dict:
-    s = record["stats"]
-    return {"ttft_s": s["ttft_s"], "decode_tokens_per_s": s["decode_tokens_per_s"],
-            "generated_tokens": s["generated_tokens"], "prompt_tokens": s["prompt_tokens"],
-            "cached_prefix_tokens": s["cached_prefix_tokens"], "images_from_cache": s["images_from_cache"],
-            "total_s": s["total_s"], "first_ids": record["token_ids"][:8]}
+def _paddle_turn(record) -> dict:
+    s = record.stats
+    return {"ttft_s": s.ttft_s, "decode_tokens_per_s": s.decode_tokens_per_s, "generated_tokens": s.generated_tokens,
+            "prompt_tokens": s.prompt_tokens, "cached_prefix_tokens": s.cached_prefix_tokens,
+            "images_from_cache": s.images_from_cache, "total_s": s.total_s, "first_ids": record.token_ids[:8]}
 
 
 def _paddle_threads():

@@ -5,6 +5,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llava_ui.errors import UserError
+
 IMAGE_MODES = ("trained", "eval", "flat")
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 DEFAULT_PINPOINTS = [[384, 768], [768, 384], [768, 768], [1152, 384], [384, 1152]]
@@ -54,6 +56,7 @@ class ModelConfig:
     merge_type: str = "flat"  # mm_patch_merge_type: "spatial_unpad" in the lmms-lab config
     image_grid_pinpoints: list = field(default_factory=lambda: [list(p) for p in DEFAULT_PINPOINTS])
     image_token_index: int | None = None  # llava-hf only
+    unpad_rounding: str = "llava-next"  # or "transformers" (model.processing.UNPAD_ROUNDING)
     vision_layers_from_weights: bool = False  # no vision_config: layer count comes from the weights
     raw: dict = field(default_factory=dict)
 
@@ -116,9 +119,16 @@ class GenerationSettings:
     seed: int | None = None
     stop: tuple[str, ...] = ()
 
-    def validate(self) -> "GenerationSettings":
-        from llava_ui.errors import UserError
+    @classmethod
+    def from_inputs(cls, temperature=0.2, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=1024,
+                    seed=None) -> "GenerationSettings":
+        """From form or flag values (numbers as strings or floats, an empty or negative seed for a random one),
+        validated."""
+        return cls(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
+                   top_k=int(top_k or 0), repetition_penalty=float(repetition_penalty),
+                   seed=parse_seed(seed)).validate()
 
+    def validate(self) -> "GenerationSettings":
         if self.max_new_tokens < 1:
             raise UserError("max new tokens must be at least 1")
         if self.temperature < 0:
@@ -130,3 +140,17 @@ class GenerationSettings:
         if self.repetition_penalty <= 0:
             raise UserError("repetition penalty must be > 0")
         return self
+
+
+def parse_seed(seed) -> int | None:
+    """A whole number, or None (random) for an empty or negative one."""
+    text = "" if seed is None else str(seed).strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value.is_integer():
+        raise UserError(f"the seed must be a whole number (or empty for a random one), not {text!r}")
+    return int(value) if value >= 0 else None

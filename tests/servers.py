@@ -5,6 +5,7 @@ from contextlib import contextmanager
 
 import uvicorn
 
+from llava_ui.backends.base import Result
 from llava_ui.backends.local import Engine
 
 
@@ -17,7 +18,7 @@ class RecordingEngine(Engine):
 
     def stream(self, *args, **kwargs):
         for event in super().stream(*args, **kwargs):
-            if event["type"] == "done":
+            if isinstance(event, Result):
                 self.finals.append(event)
             yield event
 

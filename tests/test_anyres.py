@@ -145,13 +145,21 @@ def test_square_image_is_left_as_is():
         ((10, 10), (1, 2), (28, 27)),
         # 385x767 on 2x2: .502 < 1 -> cols; 385 * 54/767 = 27.1 -> 27, pad 13 -> 28
         ((385, 767), (2, 2), (54, 28)),
-        # 49x49 on 1x2: 49 * (27/49) = 26.999999999999996; round(.., 7) -> 27, pad 13 -> 28
-        # (LLaVA-NeXT's int() gives 26, pad 14 -> 26: the one place the two references disagree)
-        ((49, 49), (1, 2), (28, 27)),
+        # 49x49 on 1x2: 49 * (27/49) = 26.999999999999996; LLaVA-NeXT's int() -> 26, pad 14 -> 26
+        # (transformers' round(.., 7) gives 27, pad 13 -> 28: the one place the two references disagree)
+        ((49, 49), (1, 2), (26, 27)),
     ],
 )
 def test_unpadded_grid_size_matches_hand_arithmetic(image_size, grid, expected):
     assert unpadded_grid_size(image_size, grid) == expected
+
+
+def test_the_unpad_rounding_follows_llava_next_and_transformers_stays_reachable():
+    assert unpadded_grid_size((49, 49), (1, 2)) == (26, 27)  # LLaVA-NeXT (training): int()
+    assert unpadded_grid_size((49, 49), (1, 2), rounding="transformers") == (28, 27)
+    assert anyres_token_count((49, 49), PINPOINTS) == 729 + 26 * 28
+    assert anyres_token_count((49, 49), PINPOINTS, rounding="transformers") == 729 + 28 * 28
+    assert unpadded_grid_size((640, 480), (2, 2)) == unpadded_grid_size((640, 480), (2, 2), rounding="transformers")
 
 
 def test_thin_sliver_keeps_no_tile_features():
@@ -225,10 +233,10 @@ def test_grid_and_unpad_equal_transformers(hf):
         assert modeling.get_anyres_image_grid_shape((height, width), PINPOINTS_HW, 384) == (rows, cols)
         assert modeling.image_size_to_num_patches((height, width), PINPOINTS_HW, 384) == 1 + rows * cols
         feature_map = torch.arange(rows * 27 * cols * 27).reshape(1, rows * 27, cols * 27)
-        top, bottom, left, right = unpad_crop(rows * 27, cols * 27, (width, height))
+        top, bottom, left, right = unpad_crop(rows * 27, cols * 27, (width, height), "transformers")
         unpadded = modeling.unpad_image(feature_map, (height, width))
         assert torch.equal(unpadded, feature_map[:, top:bottom, left:right]), (width, height)
-        assert tuple(unpadded.shape[1:]) == unpadded_grid_size((width, height), (cols, rows))
+        assert tuple(unpadded.shape[1:]) == unpadded_grid_size((width, height), (cols, rows), rounding="transformers")
 
 
 def test_token_count_and_order_equal_transformers_packing(hf):
@@ -247,10 +255,11 @@ def test_token_count_and_order_equal_transformers_packing(hf):
         packed, lengths = modeling.LlavaNextModel.pack_image_features(
             fake_model, [features], torch.tensor([[height, width]]), "full", image_newline=newline
         )
-        assert lengths.tolist() == [anyres_token_count((width, height), PINPOINTS)], (width, height)
+        assert lengths.tolist() == [anyres_token_count((width, height), PINPOINTS, rounding="transformers")], \
+            (width, height)
         packed = packed[0][:, 0]
         assert torch.equal(packed[:729], torch.arange(729.0))  # base view first, no newline after it
-        rows, _ = unpadded_grid_size((width, height), (target[0] // 384, target[1] // 384))
+        rows, _ = unpadded_grid_size((width, height), (target[0] // 384, target[1] // 384), rounding="transformers")
         assert int((packed == -1.0).sum()) == rows
         assert rows == 0 or packed[-1] == -1.0  # the last feature row ends with a newline
 

@@ -9,12 +9,12 @@ import openai
 import pytest
 from fastapi import FastAPI
 from PIL import Image
-
-from llava_ui.openai.server import create_api_router
-from llava_ui.config import GenerationSettings
-from llava_ui.chat.conversation import Conversation
-from llava_ui.backends.local import Engine
 from servers import BlockedEngine, RecordingEngine, serve
+
+from llava_ui.backends.local import Engine
+from llava_ui.chat.conversation import Conversation
+from llava_ui.config import GenerationSettings
+from llava_ui.openai.server import create_api_router
 
 KEY = "test-key"
 
@@ -78,11 +78,11 @@ def test_images_between_text_parts_answer_as_the_engine_does(client, engines, sa
     expected = engine_answer(engine, "look <image> and <image> now", [RED, BLUE], max_new_tokens=12, **sampling)
     reply = client.chat.completions.create(model=engine.status()["model"], max_tokens=12, **sampling,
                                            messages=[interleaved("look ", RED, " and ", BLUE, " now")])
-    assert engine.finals[-1]["prompt"].endswith("user\nlook <image> and <image> now<|im_end|>\n<|im_start|>assistant\n")
-    assert reply.choices[0].message.content == expected["text"]
+    assert engine.finals[-1].prompt.endswith("user\nlook <image> and <image> now<|im_end|>\n<|im_start|>assistant\n")
+    assert reply.choices[0].message.content == expected.text
     assert reply.choices[0].finish_reason == "length"
-    assert reply.usage.prompt_tokens == expected["stats"]["prompt_tokens"] > 2 * 729
-    assert reply.usage.completion_tokens == expected["stats"]["generated_tokens"] == 12
+    assert reply.usage.prompt_tokens == expected.stats.prompt_tokens > 2 * 729
+    assert reply.usage.completion_tokens == expected.stats.generated_tokens == 12
     assert reply.model == engine.status()["model"] and reply.object == "chat.completion"
 
 
@@ -95,23 +95,23 @@ def test_streamed_answer_arrives_in_pieces_with_usage_last(client, engines):
         stream_options={"include_usage": True}, messages=[interleaved("look ", RED, " and ", BLUE, " now")]))
     assert chunks[0].choices[0].delta.role == "assistant"
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
-    assert len(pieces) > 1 and "".join(pieces) == expected["text"]
+    assert len(pieces) > 1 and "".join(pieces) == expected.text
     assert chunks[-2].choices[0].finish_reason == "length"
-    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == expected["stats"]["prompt_tokens"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == expected.stats.prompt_tokens
     assert chunks[-1].usage.completion_tokens == 10
     assert len({c.id for c in chunks}) == 1
 
 
 def test_leading_images_are_followed_by_a_newline_as_in_the_ui(client, engines):
     client.chat.completions.create(model="", max_tokens=1, messages=[interleaved(RED, "what is it?")])
-    assert "user\n<image>\nwhat is it?<|im_end|>" in engines["main"].finals[-1]["prompt"]
+    assert "user\n<image>\nwhat is it?<|im_end|>" in engines["main"].finals[-1].prompt
 
 
 def test_history_and_system_prompt_shape_the_prompt(client, engines):
     client.chat.completions.create(model="", max_tokens=1, messages=[
         {"role": "system", "content": "Be brief."}, interleaved("hi ", RED), {"role": "assistant", "content": "hello"},
         {"role": "user", "content": "again"}])
-    prompt = engines["main"].finals[-1]["prompt"]
+    prompt = engines["main"].finals[-1].prompt
     assert prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>")
     assert "user\nhi <image><|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n<|im_start|>user\nagain" in prompt
 
@@ -167,8 +167,8 @@ def test_file_urls_only_when_allowed(client, urls, engines, tmp_path):
     allowed = openai.OpenAI(base_url=urls["open"], api_key="unused", max_retries=0)
     reply = allowed.chat.completions.create(model="", max_tokens=2, temperature=0, messages=[message])
     expected = engine_answer(engines["main"], "see <image>", [RED], max_new_tokens=2, temperature=0)
-    assert reply.choices[0].message.content == expected["text"]
-    assert reply.usage.prompt_tokens == expected["stats"]["prompt_tokens"]
+    assert reply.choices[0].message.content == expected.text
+    assert reply.usage.prompt_tokens == expected.stats.prompt_tokens
 
 
 def test_the_api_key_is_required_when_set(urls):
@@ -260,7 +260,7 @@ def test_a_client_leaving_mid_stream_stops_the_generation(urls, engines, client)
             if received == 5:
                 break  # leaving the block drops the connection mid-answer
     final = wait_for_final(engine, before)
-    assert final["finish_reason"] == "stopped" and final["stats"]["generated_tokens"] < 1000
+    assert final.finish_reason == "stopped" and final.stats.generated_tokens < 1000
 
 
 def test_a_client_leaving_a_plain_request_stops_the_generation(urls, engines):
@@ -269,7 +269,7 @@ def test_a_client_leaving_a_plain_request_stops_the_generation(urls, engines):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(urls["open"] + "/chat/completions", json=request, timeout=httpx.Timeout(5, read=1.0))
     final = wait_for_final(engine, before)
-    assert final["finish_reason"] == "stopped" and final["stats"]["generated_tokens"] < 2500
+    assert final.finish_reason == "stopped" and final.stats.generated_tokens < 2500
 
 
 def test_streaming_does_not_block_other_requests(urls, client):

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from llava_ui.checkpoints.load import build_model, detect_layout, resolve_model_dir, vision_layers_in
-from llava_ui.config import read_config
-from llava_ui.errors import UserError
 from llava_ui.checkpoints.random import write_random_checkpoint
 from llava_ui.checkpoints.weights import read_safetensors, read_weights, weight_files, write_safetensors
+from llava_ui.config import read_config
+from llava_ui.errors import UserError
 
 
 @pytest.mark.parametrize("layout", ["paddlenlp", "lmms", "hf"])

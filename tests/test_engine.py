@@ -6,9 +6,10 @@ import paddle
 import pytest
 from PIL import Image
 
-from llava_ui.config import GenerationSettings
-from llava_ui.chat.conversation import Conversation
+from llava_ui.backends.base import Delta, Result
 from llava_ui.backends.local import Engine
+from llava_ui.chat.conversation import Conversation
+from llava_ui.config import GenerationSettings
 from llava_ui.errors import UserError
 from llava_ui.model.generate import IncrementalDecoder, generate_ids
 
@@ -36,14 +37,14 @@ def chat(text="Describe <image> and <image>.", images=(1, 2)):
 
 def test_streams_several_increments_that_add_up_to_the_final_text(engine):
     events = list(engine.stream(chat(), GREEDY))
-    deltas = [e["text"] for e in events if e["type"] == "delta"]
+    deltas = [e.text for e in events if isinstance(e, Delta)]
     final = events[-1]
-    assert final["type"] == "done" and len(deltas) > 1
-    assert "".join(deltas) == final["text"] and final["text"]
-    assert final["stats"]["generated_tokens"] == len(final["token_ids"]) == 24
-    assert final["finish_reason"] == "length"
+    assert isinstance(final, Result) and len(deltas) > 1
+    assert "".join(deltas) == final.text and final.text
+    assert final.stats.generated_tokens == len(final.token_ids) == 24
+    assert final.finish_reason == "length"
     text_ids = engine.tokenizer.encode_prompt(None, chat().messages())  # two image markers among them
-    assert final["stats"]["prompt_tokens"] == len(text_ids) - 2 + final["stats"]["visual_tokens"]
+    assert final.stats.prompt_tokens == len(text_ids) - 2 + final.stats.visual_tokens
 
 
 def test_engine_greedy_equals_the_core_model_greedy(engine):
@@ -53,8 +54,8 @@ def test_engine_greedy_equals_the_core_model_greedy(engine):
     rows, _ = engine.image_rows(plan)
     embeds = engine.model.embed_prompt(plan.prompt_ids, rows)
     core = list(generate_ids(engine.model, embeds, GREEDY, engine.tokenizer.stop_ids))
-    assert final["token_ids"] == core
-    assert conversation.turns[-1].answer == final["text"]
+    assert final.token_ids == core
+    assert conversation.turns[-1].answer == final.text
 
 
 def test_stop_ends_generation_within_one_step_and_keeps_the_partial_answer(engine):
@@ -63,15 +64,15 @@ def test_stop_ends_generation_within_one_step_and_keeps_the_partial_answer(engin
     seen = 0
     final = None
     for event in engine.stream(conversation, GenerationSettings(max_new_tokens=500, temperature=0), stop_event=stop):
-        if event["type"] == "delta":
+        if isinstance(event, Delta):
             seen += 1
             if seen == 3:
                 stop.set()
         else:
             final = event
-    assert final["finish_reason"] == "stopped"
-    assert 3 <= final["stats"]["generated_tokens"] <= 4
-    assert conversation.turns[-1].answer == final["text"] != ""
+    assert final.finish_reason == "stopped"
+    assert 3 <= final.stats.generated_tokens <= 4
+    assert conversation.turns[-1].answer == final.text != ""
 
 
 def test_closing_the_stream_stops_the_model(engine):
@@ -85,11 +86,11 @@ def test_closing_the_stream_stops_the_model(engine):
 
 
 def test_two_threads_each_get_exactly_their_own_answer(engine):
-    alone = [engine.generate(chat(images=(s, s + 1)), GREEDY)["token_ids"] for s in (10, 20)]
+    alone = [engine.generate(chat(images=(s, s + 1)), GREEDY).token_ids for s in (10, 20)]
     together = [None, None]
 
     def run(i, s):
-        together[i] = engine.generate(chat(images=(s, s + 1)), GREEDY)["token_ids"]
+        together[i] = engine.generate(chat(images=(s, s + 1)), GREEDY).token_ids
 
     threads = [threading.Thread(target=run, args=(i, s)) for i, s in enumerate((10, 20))]
     [t.start() for t in threads]
@@ -105,19 +106,19 @@ def test_second_turn_reuses_image_features_and_the_kv_prefix(tiny_dir):
     conversation.add_user("And what about the colours?")
     second = engine.generate(conversation, GREEDY)
     assert engine.model.vision_calls == calls
-    assert second["stats"]["images_from_cache"] == 2 and second["stats"]["images_encoded"] == 0
-    assert second["stats"]["cached_prefix_tokens"] > second["stats"]["visual_tokens"]
+    assert second.stats.images_from_cache == 2 and second.stats.images_encoded == 0
+    assert second.stats.cached_prefix_tokens > second.stats.visual_tokens
     again = conversation.copy()
-    again.prepare_regenerate()
+    again.edit(len(again.turns) - 1, again.turns[-1].text)  # the last answer cleared, as Regenerate does
     fresh = Engine(str(tiny_dir)).load()  # no caches: the same answer, computed from scratch
-    assert fresh.generate(again, GREEDY)["token_ids"] == second["token_ids"]
+    assert fresh.generate(again, GREEDY).token_ids == second.token_ids
 
 
 def test_same_seed_same_text_different_seed_different_text(engine):
     sampling = dict(max_new_tokens=16, temperature=1.0, top_p=0.95, top_k=50)
-    a = engine.generate(chat(), GenerationSettings(seed=1, **sampling))["text"]
-    b = engine.generate(chat(), GenerationSettings(seed=1, **sampling))["text"]
-    c = engine.generate(chat(), GenerationSettings(seed=2, **sampling))["text"]
+    a = engine.generate(chat(), GenerationSettings(seed=1, **sampling)).text
+    b = engine.generate(chat(), GenerationSettings(seed=1, **sampling)).text
+    c = engine.generate(chat(), GenerationSettings(seed=2, **sampling)).text
     assert a == b and a != c
 
 
@@ -137,14 +138,14 @@ def test_old_turns_are_dropped_when_the_history_no_longer_fits(tiny_dir):
     for s in range(3):
         conversation.add_user("Look <image>", [picture(s)])
         final = small.generate(conversation, GenerationSettings(max_new_tokens=4, temperature=0))
-    assert final["dropped_turns"] == 1 and final["prompt"].count("<image>") == 2
+    assert final.dropped_turns == 1 and final.prompt.count("<image>") == 2
 
 
 def test_undo_regenerate_and_edit(engine):
     conversation = chat()
-    first = engine.generate(conversation, GREEDY)["text"]
-    conversation.prepare_regenerate()
-    assert engine.generate(conversation, GREEDY)["text"] == first
+    first = engine.generate(conversation, GREEDY).text
+    conversation.edit(len(conversation.turns) - 1, conversation.turns[-1].text)
+    assert engine.generate(conversation, GREEDY).text == first
     conversation.add_user("Second question")
     engine.generate(conversation, GREEDY)
     assert conversation.undo().text == "Second question" and len(conversation.turns) == 1
@@ -152,7 +153,7 @@ def test_undo_regenerate_and_edit(engine):
     engine.generate(conversation, GREEDY)
     conversation.edit(0, "Only <image> and <image> now")
     assert len(conversation.turns) == 1 and conversation.turns[0].answer is None
-    assert "Only <image> and <image> now" in engine.generate(conversation, GREEDY)["prompt"]
+    assert "Only <image> and <image> now" in engine.generate(conversation, GREEDY).prompt
 
 
 class ScriptedModel:
@@ -170,7 +171,7 @@ class ScriptedModel:
     def reserve(self, cache, positions):
         return cache
 
-    def forward_hidden(self, embeds, cache=None, start=0):
+    def forward_hidden(self, embeds, cache=None, start=0, should_stop=None):
         self.calls += 1
         return paddle.zeros([1, embeds.shape[1], 2]), cache
 
@@ -197,10 +198,10 @@ def test_incremental_decoder_never_splits_multibyte_characters(engine):
 
 
 def test_stop_strings_cut_the_answer(engine):
-    baseline = engine.generate(chat(), GREEDY)["text"]
+    baseline = engine.generate(chat(), GREEDY).text
     marker = baseline[5:9]
     final = engine.generate(chat(), GenerationSettings(max_new_tokens=24, temperature=0, stop=(marker,)))
-    assert final["finish_reason"] == "stop" and final["text"] == baseline[:baseline.index(marker)]
+    assert final.finish_reason == "stop" and final.text == baseline[:baseline.index(marker)]
 
 
 def test_failed_load_is_reported_and_can_be_retried(tmp_path, tiny_dir):
@@ -216,7 +217,7 @@ def test_failed_load_is_reported_and_can_be_retried(tmp_path, tiny_dir):
 
 
 def test_concurrent_first_requests_load_once(tiny_dir, monkeypatch):
-    import llava_ui.checkpoints.load as checkpoints
+    import llava_ui.backends.local as checkpoints  # the engine's own reference to build_model
 
     builds = []
     real = checkpoints.build_model
@@ -240,10 +241,10 @@ def test_stop_before_the_prompt_is_computed_skips_the_model(engine):
     calls = engine.model.vision_calls
     conversation = chat(images=(41, 42))
     final = engine.generate(conversation, GREEDY, stop_event=stop)
-    assert final["finish_reason"] == "stopped" and final["token_ids"] == []
+    assert final.finish_reason == "stopped" and final.token_ids == []
     assert engine.model.vision_calls == calls and conversation.turns[-1].answer == ""
-    conversation.prepare_regenerate()
-    assert engine.generate(conversation, GREEDY)["finish_reason"] == "length"  # the next request works
+    conversation.edit(len(conversation.turns) - 1, conversation.turns[-1].text)
+    assert engine.generate(conversation, GREEDY).finish_reason == "length"  # the next request works
 
 
 def test_overlong_message_is_refused_with_the_limit():

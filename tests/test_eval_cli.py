@@ -9,17 +9,18 @@ import shutil
 
 import pytest
 from PIL import Image
-
-from llava_ui.commands import main as cli
-from llava_ui.eval import answerers as evaluation_cli
-from llava_ui.model.processing import anyres_token_count
-from llava_ui.config import DEFAULT_PINPOINTS, GenerationSettings
-from llava_ui.chat.conversation import Conversation
-from llava_ui.backends.local import get_engine
-from llava_ui.eval.answerers import question_block
-from llava_ui.checkpoints.load import load_tokenizer
-
 from test_evaluation import sample  # noqa: E402  (the benchmark sample format)
+
+from llava_ui.backends.base import Result, Stats
+from llava_ui.backends.local import get_engine
+from llava_ui.chat.conversation import Conversation
+from llava_ui.checkpoints.load import load_tokenizer
+from llava_ui.commands import eval as eval_command
+from llava_ui.commands import main as cli
+from llava_ui.config import DEFAULT_PINPOINTS, GenerationSettings
+from llava_ui.eval import answerers as evaluation_cli
+from llava_ui.eval.answerers import question_block
+from llava_ui.model.processing import anyres_token_count
 
 SPLIT = "multi_image_in_domain"
 NEW_TOKENS = 6
@@ -123,7 +124,7 @@ def test_greedy_answers_equal_engine_generate_on_the_same_conversation(first_run
         conversation.add_user(question.replace("<image>", "<image>\n"), images)
         assert engine.plan(conversation).prompt_ids == question_block(engine.tokenizer, question)[0]
         final = engine.generate(conversation, GenerationSettings(max_new_tokens=NEW_TOKENS, temperature=0))
-        assert final["text"].strip() == row["pred_response"]
+        assert final.text.strip() == row["pred_response"]
 
 
 def test_second_run_asks_nothing_new(first_run, tiny_dir, bench_dir, tmp_path, capsys):
@@ -184,13 +185,13 @@ class FakeRemote:
 
     def generate(self, conversation, settings=None, image_mode=None):
         self.calls.append((conversation.copy(), settings, image_mode))
-        return {"text": f"  answer {len(self.calls)}\n", "finish_reason": "stop", "image_mode": image_mode,
-                "prompt": "", "visual_tokens_per_image": [], "stats": {"prompt_tokens": 1, "generated_tokens": 2}}
+        return Result(text=f"  answer {len(self.calls)}\n", finish_reason="stop", image_mode=image_mode,
+                      stats=Stats(prompt_tokens=1, generated_tokens=2))
 
 
 def test_remote_backend_is_asked_the_same_questions(bench_dir, tmp_path, monkeypatch):
     remote = FakeRemote()
-    monkeypatch.setattr(cli, "make_backend", lambda args: remote if args.backend == "remote" else None)
+    monkeypatch.setattr(eval_command, "make_backend", lambda args: remote if args.backend == "remote" else None)
     code = cli.main(["eval", "--backend", "remote", "--base-url", "http://remote.invalid/v1", "--data", str(bench_dir),
                      "--split", SPLIT, "--out", str(tmp_path), "--limit", "3"])
     assert code == 0

@@ -14,10 +14,11 @@ import pytest
 from PIL import Image
 
 from llava_ui.errors import UserError
+from llava_ui.eval.benchmark import add_eval_arguments, run_evaluation
 from llava_ui.eval.scoring import (
-    benchmark_scores,
     PERIOD_REMOVAL_LIMIT,
     PUNCTUATION,
+    benchmark_scores,
     extract_choice,
     multi_choice_score,
     normalize_answer,
@@ -25,7 +26,6 @@ from llava_ui.eval.scoring import (
     rouge_l_f,
     score_rows,
 )
-from llava_ui.eval.benchmark import add_eval_arguments, run_evaluation
 
 SPLIT = "multi_image_in_domain"
 

@@ -7,12 +7,12 @@ import numpy as np
 import paddle
 import pytest
 
-from llava_ui.model import cpu as parallel
-from llava_ui.model import qwen2 as language
 from llava_ui.checkpoints.load import build_model
 from llava_ui.config import GenerationSettings
-from llava_ui.model.generate import generate_ids, prefill
+from llava_ui.model import cpu as parallel
+from llava_ui.model import qwen2 as language
 from llava_ui.model.cpu import configure_cpu
+from llava_ui.model.generate import generate_ids, prefill
 
 LENGTH = 41
 
@@ -99,27 +99,28 @@ class CountingRunner:
 
 def test_a_long_prefill_is_one_model_step_per_chunk(tiny, monkeypatch):
     """Each chunk is handed over as its own step (other requests' steps run between) and a stop request is
-    looked at between them."""
+    looked at between them and between the layers within each."""
     model, embeds = tiny
     monkeypatch.setattr(language, "PREFILL_CHUNK", 10)
     chunks = -(-LENGTH // 10)
     run, asked = CountingRunner(), []
     logits, cache = prefill(model, embeds, run=run, should_stop=lambda: asked.append(1) and False)
     assert run.taken == chunks + 2  # the cache reservation, each chunk, the logits
-    assert len(asked) == chunks - 1 and cache.length == LENGTH
+    layers = len(model.language_model.qwen2.layers)
+    assert len(asked) == (chunks - 1) + chunks * layers and cache.length == LENGTH
     monkeypatch.setattr(language, "PREFILL_CHUNK", LENGTH)
     whole, _ = prefill(model, embeds)
     assert np.abs(logits.numpy() - whole.numpy()).max() <= 1e-5
 
 
-def test_stop_during_a_long_prefill_ends_it_at_the_next_chunk(tiny, monkeypatch):
+def test_stop_during_a_long_prefill_ends_it_within_the_current_chunk(tiny, monkeypatch):
     model, embeds = tiny
     monkeypatch.setattr(language, "PREFILL_CHUNK", 10)
     logits, cache = prefill(model, embeds, should_stop=lambda: True)
-    assert logits is None and cache.length == 10
+    assert logits is None and cache.length == 0  # asked before the first layer of the first chunk
     tokens = list(generate_ids(model, embeds, GenerationSettings(max_new_tokens=3, temperature=0), set(),
                                should_stop=iter([False, True]).__next__))
-    assert tokens == []  # stopped after the first chunk: no token
+    assert tokens == []  # stopped inside the first chunk: no token
 
 
 def test_prefill_reserves_the_answer_up_front_so_decoding_never_copies_the_cache(tiny, monkeypatch):

@@ -27,18 +27,18 @@ import psutil
 import pytest
 from fastapi import FastAPI
 from PIL import Image
+from servers import serve
 
 import app as app_module
-from llava_ui.openai import server as api_module
-from llava_ui.model import qwen2 as language
-from llava_ui.web import handlers as ui_chat
-from llava_ui.openai.server import create_api_router
-from llava_ui.config import GenerationSettings
-from llava_ui.chat.conversation import Conversation, Picture
 from llava_ui.backends.local import Engine
+from llava_ui.chat.conversation import Conversation, Picture
 from llava_ui.chat.media import load_image
+from llava_ui.config import GenerationSettings
+from llava_ui.model import qwen2 as language
+from llava_ui.openai import server as api_module
+from llava_ui.openai.server import create_api_router
+from llava_ui.web import handlers as ui_chat
 from llava_ui.web.handlers import ChatHandlers
-from servers import serve
 
 SESSIONS, TURNS, MAX_NEW = 8, 5, 8
 GREEDY_UI = ("", 0, 1.0, 0, 1.0, MAX_NEW, "0", "")  # respond: system, temperature, top-p/k, penalty, max, seed, mode
@@ -91,7 +91,7 @@ def answer_alone(engine, turns) -> list[tuple[str, list[int]]]:
     for text, path in turns:
         conversation.add_user(text, [Picture(load_image(path), path.rsplit("/", 1)[-1])])
         record = engine.generate(conversation, settings)
-        out.append((record["text"], record["token_ids"]))
+        out.append((record.text, record.token_ids))
     return out
 
 
@@ -184,10 +184,10 @@ class StepSpy:
         self.after_stop = 0
         self.stop: threading.Event | None = None
 
-    def __call__(self, embeds, cache=None, start=0):
+    def __call__(self, embeds, cache=None, start=0, should_stop=None):
         if self.stop is not None and self.stop.is_set():
             self.after_stop += 1
-        out = self.real(embeds, cache, start)
+        out = self.real(embeds, cache, start, should_stop)
         if embeds.shape[1] > 1:
             self.prefills += 1
             if self.on_prefill:
@@ -217,8 +217,8 @@ def test_stop_pressed_while_the_model_computes_ends_within_one_step(engine, monk
     monkeypatch.setattr(engine.model, "forward_hidden", spy)
     real_encode = engine.model.encode_views
 
-    def encode_then_stop(pixels):
-        features = real_encode(pixels)
+    def encode_then_stop(pixels, should_stop=None):
+        features = real_encode(pixels, should_stop)
         press_stop(chat, session, pressed)
         return features
 
@@ -235,12 +235,12 @@ def test_stop_pressed_while_the_model_computes_ends_within_one_step(engine, monk
     done = time.perf_counter()
     pressed["thread"].join(10)
     record = session.turns[-1].record
-    assert record["finish_reason"] == "stopped"
-    generated = record["stats"]["generated_tokens"]
+    assert record.finish_reason == "stopped"
+    generated = record.stats.generated_tokens
     if when == "vision":  # stopped before the prompt was computed: no prefill, no token
         assert spy.prefills == 0 and generated == 0
     elif when == "prefill":  # the prompt spans several prefill chunks: the next one never starts, no token
-        assert record["stats"]["prompt_tokens"] > language.PREFILL_CHUNK
+        assert record.stats.prompt_tokens > language.PREFILL_CHUNK
         assert spy.prefills == 1 and spy.decodes == 0 and generated == 0
     else:  # pressed during decode step 3: that step finishes, nothing after it
         assert spy.decodes == 3 and generated <= 4  # the 4th token was sampled from step 3 (unless it ended the turn)
@@ -249,7 +249,7 @@ def test_stop_pressed_while_the_model_computes_ends_within_one_step(engine, monk
     monkeypatch.undo()
     _, _, session = chat.send({"text": "and now a normal question", "files": []}, session)
     list(chat.respond(session, "", 0, 1.0, 0, 1.0, 4, "0", ""))
-    assert session.turns[-1].record["finish_reason"] in ("stop", "length")
+    assert session.turns[-1].record.finish_reason in ("stop", "length")
 
 
 # --- long sessions --------------------------------------------------------------------------------------------------
@@ -275,13 +275,13 @@ def test_thirty_turns_with_images_stay_within_memory_and_context(tiny_dir, tmp_p
         rss.append(rss_mb())
         assert small.features.bytes <= 1 << 20 and len(small.prefixes) <= 4
         assert sum(entry[3] for entry in small.prefixes._entries) <= small.prefixes.max_bytes
-    assert all(r["finish_reason"] in ("stop", "length") for r in records)
-    assert all(r["stats"]["prompt_tokens"] + r["stats"]["generated_tokens"] <= 2048 for r in records)
-    first_drop = next(i for i, r in enumerate(records) if r["dropped_turns"])
+    assert all(r.finish_reason in ("stop", "length") for r in records)
+    assert all(r.stats.prompt_tokens + r.stats.generated_tokens <= 2048 for r in records)
+    first_drop = next(i for i, r in enumerate(records) if r.dropped_turns)
     assert 1 <= first_drop <= 3
     last = records[-1]
-    kept = 30 - last["dropped_turns"]
-    assert last["prompt"].count("<image>") == kept and "turn 29:" in last["prompt"] and "turn 0:" not in last["prompt"]
+    kept = 30 - last.dropped_turns
+    assert last.prompt.count("<image>") == kept and "turn 29:" in last.prompt and "turn 0:" not in last.prompt
     assert len(session.conversation.turns) == 30  # the chat keeps every turn; only the prompt drops the oldest
     growth = max(rss[10:]) - rss[9]
     print(f"\nRSS after turn 10: {rss[9]:.0f} MB; growth over turns 11-30: {growth:+.1f} MB; "
@@ -360,4 +360,4 @@ def test_a_model_that_fails_to_load_keeps_the_app_up_and_can_be_retried(tiny_dir
     assert "Ready" in chat.status()[0]
     _, _, session = chat.send({"text": "hello", "files": []}, session)
     list(chat.respond(session, "", 0, 1.0, 0, 1.0, 2, "0", ""))
-    assert session.turns[-1].record["finish_reason"] in ("stop", "length")
+    assert session.turns[-1].record.finish_reason in ("stop", "length")

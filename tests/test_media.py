@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_ui.errors import UserError
 from llava_ui.chat.media import frame_indices, load_image, load_video
+from llava_ui.errors import UserError
 from llava_ui.model.processing import preprocess
 
 
@@ -85,11 +85,16 @@ def test_missing_image_file(tmp_path):
 
 
 @pytest.mark.parametrize("total,count,expected", [
-    (100, 5, [0, 25, 50, 74, 99]), (16, 16, list(range(16))), (5, 16, [0, 1, 2, 3, 4]), (1, 16, [0]),
-    (3600 * 30, 4, [0, 36000, 71999, 107999]), (10, 1, [5]), (0, 8, []),
+    (100, 5, [0, 24, 49, 74, 99]), (16, 16, list(range(16))), (5, 16, [0, 1, 2, 3, 4]), (1, 16, [0]),
+    (3600 * 30, 4, [0, 35999, 71999, 107999]), (10, 1, [0]), (0, 8, []),
 ])
 def test_frame_indices_are_uniform_first_to_last(total, count, expected):
     assert frame_indices(total, count) == expected
+
+
+@pytest.mark.parametrize("total,count", [(100, 16), (40, 16), (3600 * 30, 16), (17, 16), (1000, 7)])
+def test_frame_indices_are_llava_next_s_rounded_down_linspace(total, count):
+    assert frame_indices(total, count) == np.linspace(0, total - 1, count, dtype=int).tolist()
 
 
 def test_video_frames_sampled_uniformly_with_timestamps(tmp_path):

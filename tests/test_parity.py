@@ -6,14 +6,19 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from llava_ui.checkpoints.load import build_model  # noqa: E402
+from llava_ui.chat.prompt import (  # noqa: E402
+    IMAGE_MARKER,  # noqa: E402
+    Message,
+    place_images,
+)
+from llava_ui.checkpoints.load import (
+    build_model,  # noqa: E402
+    load_tokenizer,
+)
+from llava_ui.checkpoints.weights import read_weights, weight_files  # noqa: E402
 from llava_ui.config import GenerationSettings  # noqa: E402
 from llava_ui.model.generate import generate_ids  # noqa: E402
 from llava_ui.model.processing import preprocess  # noqa: E402
-from llava_ui.chat.prompt import IMAGE_MARKER  # noqa: E402
-from llava_ui.chat.prompt import Message, place_images  # noqa: E402
-from llava_ui.checkpoints.load import load_tokenizer
-from llava_ui.checkpoints.weights import read_weights, weight_files  # noqa: E402
 
 QUESTION = "Compare the first picture <image> with this one <image>: what changed?"
 

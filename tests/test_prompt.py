@@ -2,10 +2,9 @@
 import pytest
 
 from llava_ui.chat.conversation import Conversation
-from llava_ui.errors import UserError
-from llava_ui.chat.prompt import IMAGE_MARKER
-from llava_ui.chat.prompt import Message, place_images, render_prompt
+from llava_ui.chat.prompt import IMAGE_MARKER, Message, place_images, render_prompt
 from llava_ui.checkpoints.load import load_tokenizer
+from llava_ui.errors import UserError
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 

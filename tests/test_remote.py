@@ -10,14 +10,15 @@ import openai
 import pytest
 from fastapi import FastAPI
 from PIL import Image
-
-from llava_ui.openai.server import create_api_router
-from llava_ui.config import GenerationSettings
-from llava_ui.chat.conversation import Conversation
-from llava_ui.errors import UserError
-from llava_ui.chat.media import Frame, Video
-from llava_ui.backends.remote import RemoteEngine
 from servers import BlockedEngine, RecordingEngine, serve
+
+from llava_ui.backends.base import Delta, Result
+from llava_ui.backends.remote import RemoteEngine
+from llava_ui.chat.conversation import Conversation
+from llava_ui.chat.media import Frame, Video
+from llava_ui.config import GenerationSettings
+from llava_ui.errors import UserError
+from llava_ui.openai.server import create_api_router
 
 KEY = "a-key"
 RED, BLUE = Image.new("RGB", (40, 30), (200, 30, 30)), Image.new("RGB", (30, 50), (20, 40, 220))
@@ -75,12 +76,12 @@ def test_load_picks_the_served_model_and_shows_it_is_random(remote, engine_a):
 def test_remote_answers_exactly_as_the_engine_behind_it(engine_a, remote, sampling):
     conversation = chat("look <image> and <image> now", [RED, BLUE], history=[("hello", "hi there")], system="Terse.")
     direct, through = both(engine_a, remote, conversation, max_new_tokens=12, **sampling)
-    assert through["text"] == direct["text"] and through["finish_reason"] == direct["finish_reason"] == "length"
-    assert through["prompt"] == direct["prompt"]
-    assert through["stats"]["prompt_tokens"] == direct["stats"]["prompt_tokens"]
-    assert through["stats"]["generated_tokens"] == 12
-    assert through["visual_tokens_per_image"] == direct["visual_tokens_per_image"]
-    assert conversation.turns[-1].answer == direct["text"]
+    assert through.text == direct.text and through.finish_reason == direct.finish_reason == "length"
+    assert through.prompt == direct.prompt
+    assert through.stats.prompt_tokens == direct.stats.prompt_tokens
+    assert through.stats.generated_tokens == 12
+    assert through.visual_tokens_per_image == direct.visual_tokens_per_image
+    assert conversation.turns[-1].answer == direct.text
 
 
 def test_video_frames_and_image_mode_travel_to_the_remote(engine_a, remote):
@@ -88,18 +89,18 @@ def test_video_frames_and_image_mode_travel_to_the_remote(engine_a, remote):
     clip = Video(frames=frames, total_frames=30, fps=30.0, name="clip.mp4")
     direct, through = both(engine_a, remote, chat("what happens in <video> ?", video=clip), image_mode="flat",
                            max_new_tokens=6, temperature=0)
-    assert through["text"] == direct["text"] and through["image_mode"] == direct["image_mode"] == "flat"
-    assert through["stats"]["prompt_tokens"] == direct["stats"]["prompt_tokens"]
-    assert through["visual_tokens_per_image"] == direct["visual_tokens_per_image"] == [729] * 3
+    assert through.text == direct.text and through.image_mode == direct.image_mode == "flat"
+    assert through.stats.prompt_tokens == direct.stats.prompt_tokens
+    assert through.visual_tokens_per_image == direct.visual_tokens_per_image == [729] * 3
 
 
 def test_streaming_through_the_remote_arrives_in_pieces(engine_a, remote):
     conversation = chat("a <image> b", [RED])
     direct = engine_a.generate(conversation.copy(), GenerationSettings(max_new_tokens=10, temperature=0))
     events = list(remote.stream(conversation, GenerationSettings(max_new_tokens=10, temperature=0)))
-    deltas = [e["text"] for e in events if e["type"] == "delta"]
-    assert len(deltas) > 1 and "".join(deltas) == events[-1]["text"] == direct["text"]
-    assert events[-1]["stats"]["ttft_s"] > 0 and events[-1]["seed"] is not None
+    deltas = [e.text for e in events if isinstance(e, Delta)]
+    assert len(deltas) > 1 and "".join(deltas) == events[-1].text == direct.text
+    assert events[-1].stats.ttft_s > 0 and events[-1].seed is not None
 
 
 @pytest.mark.parametrize("how", ["stop_event", "close"])
@@ -109,20 +110,20 @@ def test_stopping_the_remote_stops_the_engine_behind_it(engine_a, remote, how):
                            stop_event=stop)
     deltas = 0
     for event in events:
-        deltas += event["type"] == "delta"
+        deltas += isinstance(event, Delta)
         if deltas == 3:
             if how == "close":
                 events.close()
                 break
             stop.set()
-        if event["type"] == "done":
-            assert event["finish_reason"] == "stopped"
+        if isinstance(event, Result):
+            assert event.finish_reason == "stopped"
     for _ in range(200):
         if len(engine_a.finals) > before:
             break
         time.sleep(0.05)
-    assert engine_a.finals[-1]["finish_reason"] == "stopped"
-    assert engine_a.finals[-1]["stats"]["generated_tokens"] < 1000
+    assert engine_a.finals[-1].finish_reason == "stopped"
+    assert engine_a.finals[-1].stats.generated_tokens < 1000
 
 
 def test_the_remote_reports_what_the_server_refuses(remote):
@@ -152,7 +153,7 @@ def test_the_remote_waits_while_the_other_instance_loads(tiny_dir):
         blocked.release.set()
         loading.join(60)
         assert remote.status()["state"] == "ready"
-        assert remote.generate(chat("hi"), GenerationSettings(max_new_tokens=2))["finish_reason"] == "length"
+        assert remote.generate(chat("hi"), GenerationSettings(max_new_tokens=2)).finish_reason == "length"
 
 
 def test_an_api_over_a_remote_engine_answers_like_the_engine(engine_a, remote):
@@ -166,13 +167,14 @@ def test_an_api_over_a_remote_engine_answers_like_the_engine(engine_a, remote):
                                                    {"type": "text", "text": "x "},
                                                    {"type": "image_url", "image_url": {"url": url}}]}])
     direct = engine_a.generate(chat("x <image>", [RED]), GenerationSettings(max_new_tokens=8, temperature=0))
-    assert reply.choices[0].message.content == direct["text"]
-    assert reply.usage.prompt_tokens == direct["stats"]["prompt_tokens"]
+    assert reply.choices[0].message.content == direct.text
+    assert reply.usage.prompt_tokens == direct.stats.prompt_tokens
 
 
 def test_a_ui_instance_in_remote_mode_chats_like_the_engine(engine_a, url_a, tmp_path):
-    import app as entry
     from gradio_client import Client, handle_file
+
+    import app as entry
 
     args = entry.parse_args(["--backend", "remote", "--base-url", url_a, "--remote-api-key", KEY])
     ui_app, _, backend = entry.create_app(args)
@@ -186,13 +188,13 @@ def test_a_ui_instance_in_remote_mode_chats_like_the_engine(engine_a, url_a, tmp
     direct = engine_a.generate(chat("look at <image> please", [RED]), GenerationSettings(max_new_tokens=12,
                                                                                           temperature=0, seed=1))
     assert backend.status()["state"] == "ready" and backend.status()["model"] == engine_a.status()["model"]
-    assert answer == direct["text"] and len(job.outputs()) >= 1
+    assert answer == direct.text and len(job.outputs()) >= 1
 
 
 def test_the_vllm_chat_template_in_the_docs_builds_this_apps_prompt():
     import jinja2
 
-    from llava_ui.openai.format import openai_messages
+    from llava_ui.backends.remote import openai_messages
     from llava_ui.chat.prompt import render_prompt
 
     docs = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()

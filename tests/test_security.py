@@ -15,10 +15,10 @@ import httpx
 import openai
 import pytest
 from PIL import Image
+from servers import serve
 
 import app as app_module
 from llava_ui.backends.local import Engine
-from servers import serve
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "security-test-key"

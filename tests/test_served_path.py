@@ -10,22 +10,22 @@ import paddle
 import pytest
 from fastapi import FastAPI
 from PIL import Image
+from servers import serve
+from test_api import data_url
 
+from llava_ui.backends.base import Delta, Progress, Result
+from llava_ui.backends.compute import ComputeThread
+from llava_ui.backends.local import Engine
+from llava_ui.backends.rates import Rates, Workload, human_seconds
+from llava_ui.backends.remote import RemoteEngine
+from llava_ui.chat.conversation import Conversation
+from llava_ui.chat.media import Frame, Video
+from llava_ui.config import GenerationSettings
 from llava_ui.model import cpu as parallel
 from llava_ui.model import qwen2 as language
 from llava_ui.openai.server import create_api_router
-from llava_ui.backends.compute import ComputeThread
-from llava_ui.config import GenerationSettings
-from llava_ui.chat.conversation import Conversation
-from llava_ui.backends.local import Engine
-from llava_ui.chat.media import Frame, Video
-from llava_ui.backends.rates import Rates, Workload, human_seconds
-from llava_ui.backends.remote import RemoteEngine
 from llava_ui.web.handlers import ChatHandlers
-from llava_ui.web.render import chat_messages
 from llava_ui.web.session import ChatSession
-from servers import serve
-from test_api import data_url
 
 GREEDY = GenerationSettings(max_new_tokens=4, temperature=0)
 
@@ -73,7 +73,7 @@ def in_new_thread(fn):
 def test_the_engine_run_from_a_fresh_worker_thread_produces_no_tensor_that_requires_grad(tiny_dir):
     engine = in_new_thread(lambda: Engine(str(tiny_dir)).load())  # loaded in one thread ...
     final = in_new_thread(lambda: engine.generate(video_chat(2, seed=40), GREEDY))  # ... asked from another
-    assert final["stats"]["generated_tokens"] >= 1
+    assert final.stats.generated_tokens >= 1
     produced = list(engine.features._items.values())
     for _, _, kv, _ in engine.prefixes._entries:
         produced += kv.keys + kv.values
@@ -103,20 +103,20 @@ def test_progress_comes_before_the_first_token_image_by_image_then_chunk_by_chun
     monkeypatch.setattr(slow, "record", lambda *args: None)
     monkeypatch.setattr(engine, "rates", slow)
     events = list(engine.stream(video_chat(3, seed=10), GREEDY))
-    first_delta = next((i for i, e in enumerate(events) if e["type"] == "delta"), len(events) - 1)
-    progress = [e for e in events if e["type"] == "progress"]
+    first_delta = next((i for i, e in enumerate(events) if isinstance(e, Delta)), len(events) - 1)
+    progress = [e for e in events if isinstance(e, Progress)]
     assert progress and all(events.index(e) < first_delta for e in progress)
-    vision = [(e["done"], e["total"]) for e in progress if e["stage"] == "vision"]
+    vision = [(e.done, e.total) for e in progress if e.stage == "vision"]
     assert vision == [(0, 3), (1, 3), (2, 3), (3, 3)]
-    prefill = [(e["done"], e["total"]) for e in progress if e["stage"] == "prefill"]
-    total = events[-1]["stats"]["prompt_tokens"]
+    prefill = [(e.done, e.total) for e in progress if e.stage == "prefill"]
+    total = events[-1].stats.prompt_tokens
     assert [d for d, _ in prefill] == list(range(64, total, 64)) and {t for _, t in prefill} == {total}
-    etas = [e["eta_s"] for e in progress]
+    etas = [e.eta_s for e in progress]
     assert all(isinstance(eta, float) and eta >= 0 for eta in etas)
     assert etas[-1] < etas[0]  # the time left shrinks as the work is done
     # the same images again: no vision step, so no vision progress
     again = list(engine.stream(video_chat(3, seed=10, text="And then?"), GREEDY))
-    assert not [e for e in again if e["type"] == "progress" and e["stage"] == "vision"]
+    assert not [e for e in again if isinstance(e, Progress) and e.stage == "vision"]
 
 
 def test_a_stop_during_vision_ends_it_after_the_current_view(engine):
@@ -129,10 +129,10 @@ def test_a_stop_during_vision_ends_it_after_the_current_view(engine):
     events = []
     for event in engine.stream(conversation, GREEDY, stop_event=stop):
         events.append(event)
-        if event["type"] == "progress" and event["stage"] == "vision" and len(events) == 2:
+        if isinstance(event, Progress) and event.stage == "vision" and len(events) == 2:
             stop.set()  # after the first view (the first event comes before any)
     assert views > 2 and engine.model.vision_calls - before == 1  # the first view only
-    assert events[-1]["finish_reason"] == "stopped" and events[-1]["stats"]["generated_tokens"] == 0
+    assert events[-1].finish_reason == "stopped" and events[-1].stats.generated_tokens == 0
     assert conversation.turns[-1].answer == ""
 
 
@@ -187,9 +187,9 @@ def test_a_remote_front_end_shows_the_progress_of_this_app(api_root):
     conversation = Conversation()
     conversation.add_user("Compare <image> with <image>.", [picture(300), picture(301)])
     events = list(remote.stream(conversation, GREEDY))
-    progress = [e for e in events if e["type"] == "progress"]
-    assert progress and progress[0]["stage"] == "vision" and progress[0]["total"] == 2
-    assert events[-1]["type"] == "done"
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert progress and progress[0].stage == "vision" and progress[0].total == 2
+    assert isinstance(events[-1], Result)
 
 
 def test_the_chat_shows_progress_in_place_of_the_answer(engine):
@@ -198,7 +198,7 @@ def test_the_chat_shows_progress_in_place_of_the_answer(engine):
     session.conversation.add_user("What happens?", [], clip(3, seed=500))
     from llava_ui.web.session import TurnRecord
 
-    session.turns.append(TurnRecord([]))
+    session.conversation.turns[-1].shown = TurnRecord([])
     bubbles = []
     for update in chat.respond(session, "", 0, 1.0, 0, 1.0, 3, "0", ""):
         messages = update[0]
@@ -269,3 +269,47 @@ def test_the_command_line_picks_the_frame_count_from_this_machine_without_frames
     record = json.loads(captured.out.splitlines()[-1])
     assert code == 0 and "the default here" in captured.err
     assert 1 <= len(record["frames"]) <= 16
+
+
+def counting_stop(after: int):
+    """should_stop that turns true on its `after`-th question; .asked counts the questions."""
+    def should_stop():
+        should_stop.asked += 1
+        return should_stop.asked >= after
+    should_stop.asked = 0
+    return should_stop
+
+
+def test_a_stop_lands_between_two_layers_of_a_vision_view_and_of_a_prefill_chunk(engine):
+    from llava_ui.errors import Stopped
+    from llava_ui.model.processing import preprocess
+
+    layers = engine.config.vision.num_hidden_layers
+    should_stop = counting_stop(2)
+    with pytest.raises(Stopped):
+        engine.run(engine.model.encode_views, preprocess(picture(5), 384)[None], should_stop)
+    assert should_stop.asked == 2 <= layers  # asked before each layer: the view ended after its first
+    embeds = engine.run(engine.model.embed_prompt, list(range(1, 40)), [])
+    should_stop = counting_stop(2)
+    with pytest.raises(Stopped):
+        engine.run(engine.model.forward_hidden, embeds, None, 0, should_stop)
+    assert should_stop.asked == 2 <= engine.config.text["num_hidden_layers"]
+
+
+def test_a_stop_inside_a_view_ends_the_request_without_finishing_the_view(engine):
+    conversation = video_chat(2, seed=2000)
+    stop = threading.Event()
+    calls = engine.model.vision_calls
+    original = engine.model.encode_views
+
+    def encode_then_stop(pixels, should_stop=None):  # the stop arrives while the first view is being encoded
+        stop.set()
+        return original(pixels, should_stop)
+
+    engine.model.encode_views = encode_then_stop
+    try:
+        final = engine.generate(conversation, GREEDY, stop_event=stop)
+    finally:
+        del engine.model.encode_views
+    assert final.finish_reason == "stopped" and final.stats.generated_tokens == 0
+    assert engine.model.vision_calls == calls + 1 and final.stats.images_encoded == 0

@@ -10,19 +10,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_ui.commands import main as cli
-from llava_ui.model.processing import anyres_token_count, pad_to_square
-from llava_ui.model.processing import pixel_views, prepare_images, preprocess
-from llava_ui.checkpoints.load import build_model
-from llava_ui.config import GenerationSettings
-from llava_ui.chat.conversation import Conversation
 from llava_ui.backends.local import Engine
-from llava_ui.errors import UserError
+from llava_ui.chat.conversation import Conversation
 from llava_ui.chat.media import Frame, Video
-from llava_ui.chat.prompt import IMAGE_MARKER
-from llava_ui.chat.prompt import Message
-from llava_ui.checkpoints.load import load_tokenizer
+from llava_ui.chat.prompt import IMAGE_MARKER, Message
+from llava_ui.checkpoints.load import build_model, load_tokenizer
 from llava_ui.checkpoints.weights import read_weights, weight_files
+from llava_ui.commands import main as cli
+from llava_ui.config import GenerationSettings
+from llava_ui.errors import UserError
+from llava_ui.model.processing import anyres_token_count, pad_to_square, pixel_views, prepare_images, preprocess
 
 GREY = (127 / 255 - 0.5) / 0.5  # the padding colour (127, 127, 127) after SigLIP normalisation
 
@@ -90,6 +87,7 @@ def oracle(checkpoints):
 @pytest.fixture(scope="module")
 def ours(tiny_dir):
     model, config, _ = build_model(tiny_dir)  # paddlenlp layout, same seed-0 weights as the lmms one
+    config.unpad_rounding = "transformers"  # the oracle's rounding (the product follows LLaVA-NeXT's)
     return model, config, load_tokenizer(tiny_dir)
 
 
@@ -114,7 +112,7 @@ def test_lone_image_anyres_logits_equal_transformers_llava_next(ours, oracle, na
     assert plan.view == plan.pack == "anyres" and len(pixels) == 1 + cols * rows
     assert plan.tokens == anyres_token_count((width, height), config.image_grid_pinpoints)
     with paddle.no_grad():
-        packed = model.pack_image(model.encode_views(pixels), plan.pack, plan.size, plan.grid)
+        packed = model.pack_image(model.encode_views(pixels), plan.pack, plan.grid, plan.crop)
         embeds = model.embed_prompt(ids, [packed])
         logits = model.logits(model.forward_hidden(embeds)[0]).numpy()
     assert packed.shape[0] == plan.tokens
@@ -208,8 +206,8 @@ def test_context_budget_counts_the_five_views_of_a_lone_anyres_image(tiny_dir):
     assert "1,000" in str(error.value)
 
     final = small.generate(conversation, GenerationSettings(max_new_tokens=2, temperature=0), image_mode="eval")
-    assert final["visual_tokens_per_image"] == [730] and final["image_mode"] == "eval"
-    assert final["stats"]["prompt_tokens"] == needed - 3699 + 730 < 1000
+    assert final.visual_tokens_per_image == [730] and final.image_mode == "eval"
+    assert final.stats.prompt_tokens == needed - 3699 + 730 < 1000
 
 
 @pytest.mark.parametrize("mode, tokens", [("trained", 729 + 54 * 55), ("eval", 730), ("flat", 729)])
@@ -220,3 +218,15 @@ def test_image_mode_flag_of_the_command_line_reaches_the_engine(tiny_dir, tmp_pa
                      "--image-mode", mode, "--max-new-tokens", "1", "--temperature", "0", "--json"])
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and record["image_mode"] == mode and record["visual_tokens_per_image"] == [tokens]
+
+
+def test_a_lone_image_is_unpadded_as_llava_next_trained_it(engine):
+    """49×49 is where LLaVA-NeXT's truncation and transformers' rounding keep different rows (26 vs 28): the
+    engine plans, packs and prefills LLaVA-NeXT's, and the inspector says so."""
+    from llava_ui.web.inspector import summary
+
+    conversation = Conversation()
+    conversation.add_user("What is it?", [Image.new("RGB", (49, 49), (10, 200, 30))])
+    final = engine.generate(conversation, GenerationSettings(max_new_tokens=2, temperature=0), image_mode="trained")
+    assert final.visual_tokens_per_image == [729 + 26 * 28] != [anyres_token_count((49, 49), engine.config.image_grid_pinpoints, rounding="transformers")]
+    assert "LLaVA-NeXT's, as trained" in summary(final, engine.context_length, [])

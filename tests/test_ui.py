@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from llava_ui.web import handlers as ui_chat
-from llava_ui.config import GenerationSettings
-from llava_ui.chat.conversation import Conversation, Picture
 from llava_ui.backends.local import Engine
+from llava_ui.chat.conversation import Conversation, Picture
 from llava_ui.chat.media import load_image
+from llava_ui.config import GenerationSettings
+from llava_ui.web import handlers as ui_chat
 from llava_ui.web.handlers import ChatHandlers
 from llava_ui.web.inspector import status_html
 
@@ -66,13 +66,13 @@ def test_answer_streams_token_by_token_and_fills_the_inspector(chat):
     texts = bot_texts(updates)
     assert len(texts) > 2 and len(set(texts)) > 2, "the answer reaches the screen piece by piece"
     record = session.turns[0].record
-    assert record["finish_reason"] in ("stop", "length")
-    assert session.conversation.turns[0].answer == record["text"]
+    assert record.finish_reason in ("stop", "length")
+    assert session.conversation.turns[0].answer == record.text
     chatbot, _, stats, summary, spans, prompt, gallery, box = updates[-1]
     assert "tokens/s" in stats and "first token" in stats
     assert "Context used" in summary and "/ 32,768" in summary and "Time to first token" in summary
     assert "chart_sales_2023.png" in summary and "Prefix cache" in summary
-    assert prompt == record["prompt"] and prompt.count("<image>") == 2
+    assert prompt == record.prompt and prompt.count("<image>") == 2
     assert not value(gallery)
 
 
@@ -95,7 +95,7 @@ def test_markers_place_images_and_the_ui_shows_where_each_went(chat):
 def test_without_markers_images_come_first(chat):
     session, _ = send(chat, "compare these", [CHART_A, CHART_B])
     answer(chat, session, max_new_tokens=2)
-    assert "user\n<image><image>\ncompare these" in session.turns[0].record["prompt"]
+    assert "user\n<image><image>\ncompare these" in session.turns[0].record.prompt
 
 
 def test_stop_mid_answer_keeps_the_partial_answer_and_the_chat_goes_on(chat):
@@ -108,9 +108,9 @@ def test_stop_mid_answer_keeps_the_partial_answer_and_the_chat_goes_on(chat):
     rest = list(updates)
     stopper.join(10)
     record = session.turns[0].record
-    assert record["finish_reason"] == "stopped"
-    assert 0 < len(record["token_ids"]) < 400
-    assert session.conversation.turns[0].answer == record["text"] == bot_texts(rest)[-1]
+    assert record.finish_reason == "stopped"
+    assert 0 < len(record.token_ids) < 400
+    assert session.conversation.turns[0].answer == record.text == bot_texts(rest)[-1]
     session, _ = send(chat, "and now?", session=session)
     answer(chat, session, max_new_tokens=3)
     assert session.conversation.turns[1].answer is not None and len(session.turns) == 2
@@ -137,7 +137,7 @@ def test_regenerate_rewrites_the_last_answer(chat):
     chat.regenerate(session)
     assert session.conversation.turns[0].answer is None and session.turns[0].record is None
     answer(chat, session, seed=3, temperature=1.0)
-    assert session.turns[0].record["token_ids"] == first["token_ids"]  # same seed, same answer
+    assert session.turns[0].record.token_ids == first.token_ids  # same seed, same answer
     answer_count = len(session.conversation.turns)
     chat.regenerate(session, message_index=1)  # the Chatbot's retry on the answer's message
     answer(chat, session, seed=4, temperature=1.0)
@@ -164,7 +164,7 @@ def test_editing_a_past_message_drops_later_turns_and_answers_again(chat, warnin
     assert [t.text for t in session.conversation.turns] == ["edited <image> question"]
     assert session.conversation.turns[0].answer is None and len(session.turns) == 1
     answer(chat, session, max_new_tokens=2)
-    assert session.turns[0].record["prompt"].count("<image>") == 1
+    assert session.turns[0].record.prompt.count("<image>") == 1
     chat.edit(session, 1, "now two markers <image> <image>")
     assert warnings and "marker" in warnings[-1]
     assert session.conversation.turns[0].text == "edited <image> question"
@@ -184,7 +184,7 @@ def test_clear_during_an_answer_stops_it_and_the_old_chat_never_comes_back(chat)
     chat.clear(session)
     rest = list(updates)
     assert rest and all(update == (ui_chat.gr.skip(),) * 8 for update in rest)  # nothing touched
-    assert session.turns[0].record["finish_reason"] == "stopped"
+    assert session.turns[0].record.finish_reason == "stopped"
 
 
 @pytest.mark.parametrize("files, limit, says", [
@@ -320,7 +320,7 @@ def test_chat_endpoint_streams_and_ends_with_the_greedy_answer(served, engine):
     conversation = Conversation()
     conversation.add_user("hi <image> and <image>", [Picture(load_image(p), Path(p).name) for p in (CHART_A, CHART_B)])
     expected = engine.generate(conversation, GenerationSettings(max_new_tokens=150, temperature=0, seed=5))
-    assert final == expected["text"]
+    assert final == expected.text
 
 
 def test_chat_endpoint_defaults_and_errors(served):
@@ -339,7 +339,7 @@ def test_an_empty_seed_is_random_and_a_bad_one_is_explained(chat, warnings):
     for _ in range(2):
         chat.regenerate(session)
         list(chat.respond(session, "", 1.0, 1.0, 0, 1.0, 2, "", ""))
-        seeds.append(session.turns[0].record["seed"])
+        seeds.append(session.turns[0].record.seed)
     assert all(isinstance(seed, int) for seed in seeds) and seeds[0] != seeds[1]
     session, _ = send(chat, "again", session=session)
     *_, box = list(chat.respond(session, "", 0.2, 1.0, 0, 1.0, 2, "12abc", ""))[-1]

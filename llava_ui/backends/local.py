@@ -13,18 +13,21 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
+import paddle
+
 from llava_ui import DEFAULT_MODEL
-from llava_ui.model.processing import check_image_mode, default_image_mode, pixel_views, prepare_images
+from llava_ui.backends.base import Delta, Event, Progress, Result, generate, timed_stats
 from llava_ui.backends.caches import FeatureCache, PrefixCache
 from llava_ui.backends.compute import ComputeThread
-from llava_ui.config import GenerationSettings
-from llava_ui.chat.conversation import Conversation
-from llava_ui.errors import UserError
-from llava_ui.model.generate import IncrementalDecoder, decode_room, decode_tokens, prefill_chunks
-from llava_ui.chat.prompt import IMAGE_MARKER
-from llava_ui.chat.prompt import render_prompt
 from llava_ui.backends.rates import MAX_DEFAULT_FRAMES, Rates, Workload, calibrate
+from llava_ui.chat.conversation import Conversation
+from llava_ui.chat.prompt import IMAGE_MARKER, render_prompt
 from llava_ui.chat.stopping import StopStrings
+from llava_ui.checkpoints.load import build_model, load_tokenizer, resolve_model_dir
+from llava_ui.config import GenerationSettings
+from llava_ui.errors import Stopped, UserError
+from llava_ui.model.generate import IncrementalDecoder, decode_room, decode_tokens, prefill_chunks
+from llava_ui.model.processing import check_image_mode, default_image_mode, pixel_views, prepare_images
 
 
 @dataclass
@@ -54,8 +57,6 @@ class LoadState:
 
 
 def pick_device(requested: str | None = None) -> str:
-    import paddle
-
     if requested:
         return requested
     if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
@@ -64,8 +65,6 @@ def pick_device(requested: str | None = None) -> str:
 
 
 def pick_dtype(device: str, requested: str | None = None) -> str:
-    import paddle
-
     if requested:
         return requested
     if device.startswith("gpu"):
@@ -95,6 +94,7 @@ class Engine:
         return {"state": s.state, "message": s.message, "error": s.error, "model": self.model_id,
                 "device": s.device, "dtype": s.dtype, "layout": s.layout, "random_weights": s.random_weights,
                 "image_mode": self.image_mode if s.state == "ready" else None,
+                "unpad_rounding": self.config.unpad_rounding if s.state == "ready" else None,
                 "context_length": self.context_length if s.state == "ready" else None,
                 "caches": {"feature_bytes": self.features.bytes, "feature_entries": len(self.features),
                            "prefix_bytes": self.prefixes.bytes, "prefix_entries": len(self.prefixes)},
@@ -130,11 +130,6 @@ class Engine:
         return thread
 
     def _load(self) -> None:
-        import paddle
-
-        from llava_ui.checkpoints.load import build_model, resolve_model_dir
-        from llava_ui.checkpoints.load import load_tokenizer
-
         device_req, dtype_req, mode_req, context_req = self.requested
         device = pick_device(device_req)
         dtype = pick_dtype(device, dtype_req)
@@ -229,7 +224,10 @@ class Engine:
             for view in range(len(pixels)):
                 if stop_event is not None and stop_event.is_set():
                     return
-                features.append(self.run(self._encode_view, pixels[view:view + 1]))
+                view_features = self.run(self._encode_view, pixels[view:view + 1], stop_event)
+                if view_features is None:  # stopped inside the view
+                    return
+                features.append(view_features)
                 left -= 1
                 if view + 1 < len(pixels):
                     yield left
@@ -238,24 +236,24 @@ class Engine:
             encoded.add(prepared.cache_key)
             yield left
 
-    def _encode_view(self, pixels):
+    def _encode_view(self, pixels, stop_event: threading.Event | None = None):
         began = time.perf_counter()
-        features = self.model.encode_views(pixels)
+        try:
+            features = self.model.encode_views(pixels, stop_event.is_set if stop_event is not None else None)
+        except Stopped:
+            return None
         float(features[0, 0, 0])  # the device has finished: the time below is the view's
         self.rates.record("vision", self.rates.workload.vision_view, time.perf_counter() - began)
         return features
 
     def _pack(self, features: list, prepared):
-        import paddle  # the engine's callers need no paddle; the compute thread has it loaded
-
         views = features[0] if len(features) == 1 else paddle.concat(features)
-        return self.model.pack_image(views, prepared.pack, prepared.size, prepared.grid)
+        return self.model.pack_image(views, prepared.pack, prepared.grid, prepared.crop)
 
     def stream(self, conversation: Conversation, settings: GenerationSettings | None = None,
-               image_mode: str | None = None, stop_event: threading.Event | None = None) -> Iterator[dict]:
-        """Answer the conversation's last message. Yields {"type": "progress", "stage": "vision" | "prefill",
-        "done", "total", "eta_s"} between the steps before the first token, {"type": "delta", "text"} as the
-        answer grows, then {"type": "done", ...} with the text, generated ids, finish reason and stats; the answer
+               image_mode: str | None = None, stop_event: threading.Event | None = None) -> Iterator[Event]:
+        """Answer the conversation's last message. Yields Progress between the steps before the first token,
+        Delta as the answer grows, then one Result (text, generated ids, finish reason, stats); the answer
         (even a stopped one) is kept in the turn."""
         started = time.perf_counter()
         settings = (settings or GenerationSettings()).validate()
@@ -279,7 +277,7 @@ class Engine:
         encoded = len(fresh)
         if stop_event.is_set():  # stopped before the prompt was computed: nothing to say
             turn.answer = ""
-            yield _final(plan, "", [], "stopped", seed, started, None, 0, encoded)
+            yield _result(plan, "", [], "stopped", seed, started, None, 0, encoded)
             return
         matched, cached_positions, kv = self.prefixes.match(items)
         rest_ids = plan.prompt_ids[matched:]
@@ -311,7 +309,7 @@ class Engine:
                 times.append(time.perf_counter())
                 delta, hit = stops.feed(decoder.push(token))
                 if delta:
-                    yield {"type": "delta", "text": delta}
+                    yield Delta(delta)
                 if hit:
                     reason = "stop"
                     break
@@ -320,40 +318,32 @@ class Engine:
             if reason != "stop":
                 delta, _ = stops.feed(decoder.finish(), final=True)
                 if delta:
-                    yield {"type": "delta", "text": delta}
+                    yield Delta(delta)
         finally:
             tokens.close()
             turn.answer = stops.text
             if state.get("cache") is not None:
                 fed = state["fed"]
                 self.prefixes.store(items + token_ids[:fed], sizes + [1] * fed, state["cache"])
-        yield _final(plan, stops.text, token_ids, reason, seed, started, times, cached_positions, encoded)
+        yield _result(plan, stops.text, token_ids, reason, seed, started, times, cached_positions, encoded)
 
-    def _progress_event(self, stage: str, done: int, total: int, views_left: int, start: int, positions: int) -> dict:
+    def _progress_event(self, stage: str, done: int, total: int, views_left: int, start: int,
+                        positions: int) -> Progress:
         eta = self.rates.seconds(views=views_left, start=start, positions=positions)
-        return {"type": "progress", "stage": stage, "done": done, "total": total, "eta_s": round(eta, 1)}
+        return Progress(stage, done, total, round(eta, 1))
 
-    def generate(self, conversation: Conversation, settings: GenerationSettings | None = None, **kwargs) -> dict:
-        final = None
-        for event in self.stream(conversation, settings, **kwargs):
-            final = event
-        return final
+    def generate(self, conversation: Conversation, settings: GenerationSettings | None = None, **kwargs) -> Result:
+        return generate(self, conversation, settings, **kwargs)
 
 
-def _final(plan: Plan, text: str, token_ids: list[int], reason: str, seed: int, started: float, times,
-           cached_positions: int, encoded: int) -> dict:
-    times = times or []
-    first = times[0] - started if times else None
-    decode_rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
-    return {
-        "type": "done", "text": text, "token_ids": token_ids, "finish_reason": reason, "seed": seed,
-        "prompt": plan.prompt, "image_mode": plan.image_mode, "dropped_turns": plan.dropped_turns,
-        "visual_tokens_per_image": [p.tokens for p in plan.images],
-        "stats": {"ttft_s": first, "decode_tokens_per_s": decode_rate, "generated_tokens": len(token_ids),
-                  "prompt_tokens": plan.prompt_tokens, "visual_tokens": plan.visual_tokens,
-                  "cached_prefix_tokens": cached_positions, "images_encoded": encoded,
-                  "images_from_cache": len(plan.images) - encoded, "total_s": time.perf_counter() - started},
-    }
+def _result(plan: Plan, text: str, token_ids: list[int], reason: str, seed: int, started: float, times,
+            cached_positions: int, encoded: int) -> Result:
+    stats = timed_stats(started, times or [], generated_tokens=len(token_ids), prompt_tokens=plan.prompt_tokens,
+                        visual_tokens=plan.visual_tokens, cached_prefix_tokens=cached_positions,
+                        images_encoded=encoded, images_from_cache=len(plan.images) - encoded)
+    return Result(text=text, finish_reason=reason, seed=seed, token_ids=token_ids, prompt=plan.prompt,
+                  image_mode=plan.image_mode, dropped_turns=plan.dropped_turns,
+                  visual_tokens_per_image=[p.tokens for p in plan.images], stats=stats)
 
 
 def _items(plan: Plan) -> tuple[list, list[int]]:

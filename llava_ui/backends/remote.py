@@ -6,6 +6,8 @@ disconnect and stops generating.
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
 import random
 import threading
@@ -16,12 +18,12 @@ from typing import Iterator
 
 import httpx
 
-from llava_ui.config import GenerationSettings
-from llava_ui.chat.conversation import Conversation
-from llava_ui.errors import UserError
-from llava_ui.openai.format import image_data_url, openai_messages
-from llava_ui.chat.prompt import render_prompt
+from llava_ui.backends.base import Delta, Event, Progress, Result, generate, timed_stats
 from llava_ui.backends.rates import MAX_DEFAULT_FRAMES
+from llava_ui.chat.conversation import Conversation
+from llava_ui.chat.prompt import IMAGE_TOKEN, render_prompt
+from llava_ui.config import DEFAULT_SYSTEM_PROMPT, GenerationSettings
+from llava_ui.errors import UserError
 
 CONNECT_TIMEOUT_S = 10.0
 POLL_S = 1.0
@@ -128,7 +130,7 @@ class RemoteEngine:
         return httpx.Client(headers=headers, timeout=timeout, trust_env=False)
 
     def stream(self, conversation: Conversation, settings: GenerationSettings | None = None,
-               image_mode: str | None = None, stop_event: threading.Event | None = None) -> Iterator[dict]:
+               image_mode: str | None = None, stop_event: threading.Event | None = None) -> Iterator[Event]:
         started = time.perf_counter()
         settings = (settings or GenerationSettings()).validate()
         stop_event = stop_event or threading.Event()
@@ -154,7 +156,7 @@ class RemoteEngine:
                         if delta:
                             text += delta
                             times.append(time.perf_counter())
-                            yield {"type": "delta", "text": delta}
+                            yield Delta(delta)
                     if stop_event.is_set():
                         break
             finally:
@@ -163,7 +165,7 @@ class RemoteEngine:
             finish = "stopped"
         elif finish is None:
             raise RemoteError("the remote engine ended the stream without finishing the answer")
-        yield self._final(prompt, text, finish, seed, image_mode, usage, details, times, started)
+        yield self._result(prompt, text, finish, seed, image_mode, usage, details, times, started)
 
     def default_frames(self) -> int:
         return MAX_DEFAULT_FRAMES  # the remote machine's speed is not known here
@@ -171,11 +173,8 @@ class RemoteEngine:
     def estimate(self, image_sizes, frames: int = 0, image_mode: str | None = None, text_tokens: int = 64):
         return None
 
-    def generate(self, conversation: Conversation, settings: GenerationSettings | None = None, **kwargs) -> dict:
-        final = None
-        for event in self.stream(conversation, settings, **kwargs):
-            final = event
-        return final
+    def generate(self, conversation: Conversation, settings: GenerationSettings | None = None, **kwargs) -> Result:
+        return generate(self, conversation, settings, **kwargs)
 
     def _payload(self, conversation, settings: GenerationSettings, seed: int, image_mode) -> dict:
         payload = {"model": self.model, "messages": openai_messages(conversation, self._image_url), "stream": True,
@@ -236,28 +235,21 @@ class RemoteEngine:
                     response.close()  # before the body ends, this drops the connection: the server stops
                 return
 
-    def _final(self, prompt, text, finish, seed, image_mode, usage, details, times, started) -> dict:
+    def _result(self, prompt, text, finish, seed, image_mode, usage, details, times, started) -> Result:
+        """The remote's own numbers where it sent them (this app sends its stats), else what was seen here."""
         usage = usage or {}
-        remote_stats = details.get("stats") or {}
+        remote = details.get("stats") or {}
         generated = usage.get("completion_tokens")
-        span = times[-1] - times[0] if len(times) > 1 else 0.0
-        steps = (generated or len(times)) - 1
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-        return {
-            "type": "done", "text": text, "token_ids": [], "finish_reason": finish, "seed": seed,
-            "prompt": prompt,
-            "image_mode": details.get("image_mode") or (image_mode if self.same_app else None),
-            "dropped_turns": details.get("dropped_turns") or 0,
-            "visual_tokens_per_image": details.get("visual_tokens_per_image") or [],
-            "stats": {"ttft_s": times[0] - started if times else None,
-                      "decode_tokens_per_s": steps / span if span > 0 and steps > 0 else None,
-                      "generated_tokens": generated,
-                      "prompt_tokens": usage.get("prompt_tokens"), "visual_tokens": remote_stats.get("visual_tokens"),
-                      "cached_prefix_tokens": cached if cached is not None else remote_stats.get("cached_prefix_tokens"),
-                      "images_encoded": remote_stats.get("images_encoded"),
-                      "images_from_cache": remote_stats.get("images_from_cache"),
-                      "total_s": time.perf_counter() - started},
-        }
+        stats = timed_stats(started, times, (generated or len(times)) - 1, generated_tokens=generated,
+                            prompt_tokens=usage.get("prompt_tokens"), visual_tokens=remote.get("visual_tokens"),
+                            cached_prefix_tokens=cached if cached is not None else remote.get("cached_prefix_tokens"),
+                            images_encoded=remote.get("images_encoded"),
+                            images_from_cache=remote.get("images_from_cache"))
+        return Result(text=text, finish_reason=finish, seed=seed, prompt=prompt,
+                      image_mode=details.get("image_mode") or (image_mode if self.same_app else None),
+                      dropped_turns=details.get("dropped_turns") or 0,
+                      visual_tokens_per_image=details.get("visual_tokens_per_image") or [], stats=stats)
 
 
 def _sse_events(response: httpx.Response) -> Iterator[dict]:
@@ -281,15 +273,14 @@ def _sse_events(response: httpx.Response) -> Iterator[dict]:
         raise RemoteError(f"the remote engine dropped the stream ({type(err).__name__}: {err})") from None
 
 
-def _progress(text: str) -> dict | None:
+def _progress(text: str) -> Progress | None:
     try:
         fields = json.loads(text)
     except ValueError:
         return None  # a comment of another shape is ignored, as any SSE client ignores comments
     if not isinstance(fields, dict) or fields.get("stage") not in ("vision", "prefill"):
         return None
-    return {"type": "progress", "stage": fields["stage"], "done": fields.get("done"), "total": fields.get("total"),
-            "eta_s": fields.get("eta_s")}
+    return Progress(fields["stage"], fields.get("done") or 0, fields.get("total") or 0, fields.get("eta_s"))
 
 
 def _retry_after(response: httpx.Response) -> float:
@@ -314,3 +305,33 @@ def _error_message(response: httpx.Response) -> str:
         return _message(response.json())
     except ValueError:
         return response.text[:300] or response.reason_phrase
+
+
+def openai_messages(conversation: Conversation, image_url) -> list[dict]:
+    """A conversation as OpenAI messages; `image_url(image, digest)` gives each image's URL. The system prompt is
+    always sent, so servers without this app's default (vLLM with llava-hf's template) render the same prompt."""
+    system = DEFAULT_SYSTEM_PROMPT if conversation.system is None else conversation.system
+    messages = [{"role": "system", "content": system}]
+    for turn in conversation.turns:
+        media = turn.media()
+        pieces = turn.content().split(IMAGE_TOKEN)
+        parts = []
+        for i, piece in enumerate(pieces):
+            if i:
+                parts.append({"type": "image_url", "image_url": {"url": image_url(*media[i - 1])}})
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        messages.append({"role": "user", "content": parts if media else turn.content()})
+        if turn.answer is not None:
+            messages.append({"role": "assistant", "content": turn.answer})
+    return messages
+
+
+def image_data_url(image, image_format: str = "png") -> str:
+    """PNG keeps the pixels exact (same features on the remote side); JPEG is smaller."""
+    buffer = io.BytesIO()
+    if image_format == "jpeg":
+        image.convert("RGB").save(buffer, format="JPEG", quality=95)
+    else:
+        image.save(buffer, format="PNG", compress_level=1)
+    return f"data:image/{image_format};base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

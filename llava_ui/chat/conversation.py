@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from PIL import Image
 
-from llava_ui.errors import UserError
-from llava_ui.chat.media import Video, image_digest
+from llava_ui.chat.media import Video, image_digest, load_image, load_video
 from llava_ui.chat.prompt import IMAGE_TOKEN, Message, clean_user_text, place_images
+from llava_ui.errors import UserError
 
 VIDEO_TOKEN = "<video>"
 MAX_MESSAGE_CHARS = 20_000  # ~5k tokens; longer pastes would take minutes to prefill on a CPU
@@ -30,6 +31,7 @@ class Turn:
     pictures: list[Picture] = field(default_factory=list)
     video: Video | None = None
     answer: str | None = None
+    shown: object = None  # what a front end keeps with this turn (the web chat: its files, previews, result)
 
     def media(self) -> list[tuple[Image.Image, str]]:
         """(image, digest) pairs in prompt order: pictures and video frames, placed as `content` places them."""
@@ -80,6 +82,12 @@ class Conversation:
         self.turns.append(turn)
         return turn
 
+    def add_user_files(self, text: str, image_paths=(), video_path=None, frames: int = 16) -> Turn:
+        """add_user with the images and the video read from files (a UserError names a file that cannot be)."""
+        pictures = [Picture(load_image(path, name=Path(path).name), Path(path).name) for path in image_paths]
+        video = load_video(video_path, int(frames), name=Path(video_path).name) if video_path else None
+        return self.add_user(text, pictures, video)
+
     def messages(self, turns=None) -> list[Message]:
         out = []
         for turn in self.turns if turns is None else turns:
@@ -99,12 +107,6 @@ class Conversation:
     def undo(self) -> Turn | None:
         """Remove the last turn (question and answer); returns it so a UI can put the text back in the box."""
         return self.turns.pop() if self.turns else None
-
-    def prepare_regenerate(self) -> Turn:
-        if not self.turns:
-            raise UserError("nothing to regenerate")
-        self.turns[-1].answer = None
-        return self.turns[-1]
 
     def edit(self, index: int, text: str) -> Turn:
         """Replace a past user message and drop everything after it; the edited turn then awaits an answer."""

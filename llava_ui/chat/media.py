@@ -84,19 +84,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def frame_indices(total: int, count: int) -> list[int]:
-    """`count` frame indices spread evenly from the first to the last frame; every frame once if the clip is shorter."""
+    """`count` frame indices spread evenly from the first to the last frame, rounded down as LLaVA-NeXT's video
+    pipeline picks them (`np.linspace(0, total - 1, count, dtype=int)`, playground/demo/video_demo.py); every
+    frame once if the clip is shorter (the reference would repeat frames or fail there)."""
     if total <= 0 or count <= 0:
         return []
     if total <= count:
         return list(range(total))
-    if count == 1:
-        return [total // 2]
-    return [int(round(i * (total - 1) / (count - 1))) for i in range(count)]
+    return [int(i) for i in np.linspace(0, total - 1, count, dtype=int)]
 
 
 def load_video(path, count: int = 16, name: str = "") -> Video:
     """Sample `count` frames uniformly with OpenCV, seeking to each (an hour-long clip is not decoded in full)."""
-    import cv2
+    import cv2  # deferred: OpenCV loads only when a video is read
 
     label = name or Path(path).name
     if count < 1:
@@ -136,14 +136,14 @@ def _is_still_image(path) -> bool:
 
 
 def _to_frame(bgr, index: int, fps) -> Frame:
-    import cv2
+    import cv2  # deferred: as above
 
     image = Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
     return Frame(image=image, index=index, timestamp_s=round(index / fps, 3) if fps else None)
 
 
 def _read_frames(capture, indices: list[int], fps) -> list[Frame]:
-    import cv2
+    import cv2  # deferred: as above
 
     frames = []
     for index in indices:
@@ -156,7 +156,7 @@ def _read_frames(capture, indices: list[int], fps) -> list[Frame]:
 
 def _scan_frames(path, count: int, fps, limit: int = 200_000) -> list[Frame]:
     """For containers without a usable frame count: count by grabbing (no decoding), then decode only the picks."""
-    import cv2
+    import cv2  # deferred: as above
 
     capture = cv2.VideoCapture(str(path))
     total = 0

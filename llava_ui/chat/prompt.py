@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from llava_ui.config import DEFAULT_SYSTEM_PROMPT
 from llava_ui.errors import UserError
+
 IMAGE_TOKEN = "<image>"
 IMAGE_MARKER = -200  # stands for one image in prompt ids, as in the reference's tokenizer_image_token
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"

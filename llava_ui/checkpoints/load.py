@@ -1,6 +1,6 @@
 """Locate, download and load the three checkpoint layouts of the model into the same Paddle model.
 
-Layouts (see MODEL_FACTS.md): "paddlenlp" (model_state.pdparams, `qwen2.*`, Linear weights [in, out]),
+Layouts (README "Pointing it at a checkpoint"): "paddlenlp" (model_state.pdparams, `qwen2.*`, Linear weights [in, out]),
 "lmms" (lmms-lab safetensors, `model.*`, PyTorch [out, in]) and "hf" (llava-hf transformers safetensors).
 """
 from __future__ import annotations
@@ -12,10 +12,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import paddle
 
+from llava_ui.chat.prompt import PromptTokenizer
+from llava_ui.checkpoints.random import tiny_random_dir
+from llava_ui.checkpoints.weights import StoredArray, open_weights, weight_files
 from llava_ui.config import read_config
 from llava_ui.errors import UserError
-from llava_ui.checkpoints.weights import StoredArray, open_weights, weight_files
+from llava_ui.model.cpu import configure_cpu
+from llava_ui.model.llava import LlavaQwen
+from llava_ui.model.paddlenlp_lean import paddlenlp_module
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "added_tokens.json",
                    "special_tokens_map.json", "tokenizer.json", "preprocessor_config.json", "generation_config.json")
@@ -31,8 +37,6 @@ def resolve_model_dir(model: str, progress=None) -> Path:
     if path.is_dir():
         return path
     if model == TINY_RANDOM:
-        from llava_ui.checkpoints.random import tiny_random_dir
-
         return tiny_random_dir(progress)
     if path.exists() or model.startswith((".", "/", "~")):
         raise UserError(f"model folder {model} does not exist (or is not a folder)")
@@ -40,8 +44,6 @@ def resolve_model_dir(model: str, progress=None) -> Path:
 
 
 def _download(repo_id: str, progress) -> Path:
-    from llava_ui.model.paddlenlp_lean import paddlenlp_module
-
     resolve_file_path = paddlenlp_module("paddlenlp.utils.download").resolve_file_path
 
     def fetch(names, required=True):
@@ -72,7 +74,7 @@ def _download(repo_id: str, progress) -> Path:
     return Path(config).parent
 
 
-def detect_layout(model_dir: Path, keys=None) -> str:
+def detect_layout(model_dir: Path) -> str:
     raw = json.loads((model_dir / "config.json").read_text())
     if raw.get("model_type") == "llava" or "text_config" in raw:
         return "hf"
@@ -133,11 +135,6 @@ def vision_layers_in(state: dict) -> int:
 
 def build_model(model_dir: Path, dtype: str = "float32", progress=None):
     """Read config + weights, build LlavaQwen in `dtype`, load every weight; fail loudly on any mismatch."""
-    import paddle
-
-    from llava_ui.model.llava import LlavaQwen
-    from llava_ui.model.paddlenlp_lean import paddlenlp_module
-
     no_init_weights = paddlenlp_module("paddlenlp.transformers.model_utils").no_init_weights
 
     progress = progress or _stderr
@@ -158,8 +155,6 @@ def build_model(model_dir: Path, dtype: str = "float32", progress=None):
         raise UserError(f"{model_dir} carries no vision tower weights (a separate {config.raw.get('mm_vision_tower')} "
                         "checkpoint is not supported); use a checkpoint that includes them")
     if paddle.get_device() == "cpu":
-        from llava_ui.model.cpu import configure_cpu
-
         progress(f"using {configure_cpu()} CPU threads")
     progress(f"building the model ({dtype}) ...")
     previous = paddle.get_default_dtype()
@@ -182,8 +177,6 @@ def load_state(model, state: dict, progress=None) -> None:
     """Load numpy arrays or weights.StoredArray into the parameters, one at a time, dropping each from `state`
     once loaded: peak memory is the model plus its largest weight. `progress(message, done=, total=)` hears how
     many weights are in."""
-    import paddle
-
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))
@@ -233,9 +226,6 @@ def _stderr(message: str, done: int | None = None, total: int | None = None) -> 
 
 def load_tokenizer(model_dir):
     """paddlenlp's Qwen2 tokenizer from vocab.json + merges.txt, or its fast twin when only tokenizer.json is there."""
-    from llava_ui.chat.prompt import PromptTokenizer
-    from llava_ui.model.paddlenlp_lean import paddlenlp_module
-
     AutoTokenizer = paddlenlp_module("paddlenlp.transformers").AutoTokenizer
 
     folder = Path(model_dir)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from llava_ui.config import DEFAULT_PINPOINTS
 from llava_ui.checkpoints.weights import write_safetensors
+from llava_ui.config import DEFAULT_PINPOINTS
 
 SPECIALS = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}  # offsets after the regular vocabulary
 SIZES = {
@@ -186,7 +186,7 @@ def write_random_checkpoint(out, layout: str = "paddlenlp", size: str | dict = "
         if layout == "lmms":
             write_safetensors(out / "model.safetensors", weights)
         else:
-            import paddle
+            import paddle  # deferred: the safetensors layouts are written without Paddle
 
             state = {("qwen2." + k[len("model."):] if k.startswith("model.") else k):
                      (v.T.copy() if v.ndim == 2 and "embed" not in k else v) for k, v in weights.items()}

@@ -116,7 +116,7 @@ def open_weights(files: list[Path]) -> dict[str, StoredArray]:
         if path.suffix == ".safetensors":
             stored.update(open_safetensors(path))
         else:
-            import paddle
+            import paddle  # deferred: safetensors checkpoints are read (and tests written) without Paddle
 
             for name, array in paddle.load(str(path), return_numpy=True).items():
                 stored[name] = StoredArray(np.shape(array), lambda out, a=array: _copy_widened(out, np.asarray(a)))
@@ -129,7 +129,7 @@ def _copy_widened(out: np.ndarray, array: np.ndarray) -> None:
 
 
 def read_pdparams(path: Path) -> dict[str, np.ndarray]:
-    import paddle
+    import paddle  # deferred: as above
 
     state = paddle.load(str(path), return_numpy=True)
     # paddle pickles bf16 as uint16 bit patterns; no weight of this model is an integer

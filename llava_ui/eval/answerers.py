@@ -14,27 +14,21 @@ then the same) and later turns become ordinary chat turns.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
+from llava_ui.backends.local import Engine, Plan
+from llava_ui.chat.conversation import Conversation
+from llava_ui.chat.media import load_image
+from llava_ui.chat.prompt import IM_END, IM_START, IMAGE_MARKER, IMAGE_TOKEN
 from llava_ui.config import DEFAULT_SYSTEM_PROMPT, GenerationSettings
 from llava_ui.errors import UserError
-from llava_ui.eval.benchmark import EVAL_MAX_NEW_TOKENS, add_eval_arguments, run_evaluation
-from llava_ui.chat.prompt import IMAGE_MARKER
-from llava_ui.chat.prompt import IM_END, IM_START, IMAGE_TOKEN
+from llava_ui.eval.benchmark import EVAL_MAX_NEW_TOKENS
+from llava_ui.model.generate import generate_ids
+from llava_ui.model.processing import prepare_images
 
 TRACE_FILE = "eval_trace.jsonl"  # one line per answered turn: the prompt as the model saw it, tokens, timing
-
-
-def add_eval_command(sub) -> None:
-    from llava_ui.commands.main import add_model_arguments
-
-    parser = sub.add_parser("eval", help="run the model card's evaluation (LLaVA-Interleave-Bench)")
-    add_model_arguments(parser, image_mode=False)  # eval has its own --image-mode, default eval
-    add_eval_arguments(parser)
-    parser.set_defaults(func=cmd_eval)
 
 
 def greedy_settings(max_new_tokens: int | None = None, repetition_penalty: float = 1.0) -> GenerationSettings:
@@ -73,8 +67,6 @@ class Unanswerable(UserError):
 
 
 def _load_images(paths, count: int) -> list:
-    from llava_ui.chat.media import load_image
-
     if count > len(paths):
         raise Unanswerable(f"the questions hold {count} {IMAGE_TOKEN} markers but the sample has {len(paths)} images")
     try:
@@ -110,10 +102,6 @@ class ReferenceAnswerer:
         return ids, text
 
     def __call__(self, messages, image_paths) -> str:
-        from llava_ui.model.processing import prepare_images
-        from llava_ui.backends.local import Plan
-        from llava_ui.model.generate import generate_ids
-
         engine = self.engine
         if len(messages) == 1:
             self.answers.clear()  # a new sample
@@ -166,8 +154,6 @@ class ChatAnswerer:
         self.turns = []
 
     def __call__(self, messages, image_paths) -> str:
-        from llava_ui.chat.conversation import Conversation
-
         started = time.perf_counter()
         markers = [message["content"].count(IMAGE_TOKEN) for message in messages if message["role"] == "user"]
         images = iter(_load_images(image_paths, sum(markers)))
@@ -184,21 +170,19 @@ class ChatAnswerer:
                 conversation.turns[-1].answer = message["content"]
         final = self.backend.generate(conversation, greedy_settings(), image_mode=self.image_mode)
         seconds = time.perf_counter() - started
-        stats = final.get("stats") or {}
-        self.turns.append((seconds, stats.get("generated_tokens") or 0, final.get("finish_reason")))
+        stats = final.stats
+        self.turns.append((seconds, stats.generated_tokens or 0, final.finish_reason))
         _trace(self.trace_path, {"question": messages[-1]["content"], "images": list(image_paths[:sum(markers)]),
-                                 "image_mode": final.get("image_mode", self.image_mode), "prompt": final.get("prompt"),
-                                 "prompt_tokens": stats.get("prompt_tokens"),
-                                 "visual_tokens_per_image": final.get("visual_tokens_per_image"),
-                                 "generated_tokens": stats.get("generated_tokens"),
-                                 "finish_reason": final.get("finish_reason"), "seconds": round(seconds, 3)})
-        return final["text"].strip()
+                                 "image_mode": final.image_mode or self.image_mode, "prompt": final.prompt,
+                                 "prompt_tokens": stats.prompt_tokens,
+                                 "visual_tokens_per_image": final.visual_tokens_per_image,
+                                 "generated_tokens": stats.generated_tokens,
+                                 "finish_reason": final.finish_reason, "seconds": round(seconds, 3)})
+        return final.text.strip()
 
 
 def engine_answerer(backend, image_mode: str, trace_path: str | None = None, repetition_penalty: float = 1.0):
     """The reference prompting on the local engine; chat prompting through any other backend."""
-    from llava_ui.backends.local import Engine
-
     if isinstance(backend, Engine):
         return ReferenceAnswerer(backend, image_mode, trace_path, repetition_penalty)
     return ChatAnswerer(backend, image_mode, trace_path)
@@ -229,29 +213,3 @@ def model_name(model: str) -> str:
     """The model_id of the answer rows, as the reference's get_model_name_from_path: the folder or hub id's last part."""
     parts = str(model).rstrip("/").split("/")
     return f"{parts[-2]}_{parts[-1]}" if parts[-1].startswith("checkpoint-") and len(parts) > 1 else parts[-1]
-
-
-def cmd_eval(args) -> int:
-    from llava_ui.commands.main import make_backend
-
-    backend = make_backend(args)
-    backend.load()
-    os.makedirs(args.out, exist_ok=True)
-    penalty = checkpoint_repetition_penalty(args.model) if args.backend == "local" else 1.0
-    if penalty != 1.0:
-        print(f"decoding greedily with the repetition_penalty {penalty} of {args.model}/generation_config.json, "
-              "as the reference's transformers generate() did", file=sys.stderr)
-    answerer = engine_answerer(backend, args.image_mode, os.path.join(args.out, TRACE_FILE), penalty)
-    problems = []
-    run_evaluation(args.data, args.split, args.out, skipping_unanswerable(answerer, problems), limit=args.limit,
-                   model_id=model_name(backend.status().get("model") or args.model), image_mode=args.image_mode)
-    if answerer.turns:
-        seconds = sum(t[0] for t in answerer.turns)
-        at_limit = sum(1 for t in answerer.turns if t[2] == "length")
-        print(f"\n{len(answerer.turns)} turns answered in {seconds:,.0f} s ({seconds / len(answerer.turns):.2f} s per "
-              f"turn, {sum(t[1] for t in answerer.turns) / len(answerer.turns):.0f} tokens on average; {at_limit} hit "
-              f"the {EVAL_MAX_NEW_TOKENS}-token limit); prompts in {os.path.join(args.out, TRACE_FILE)}")
-    if problems:
-        print(f"{len(problems)} turn{'s' * (len(problems) != 1)} could not be put to the model and scored as wrong "
-              "(see the messages above)")
-    return 0

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from llava_ui.config import IMAGE_MODES
 from llava_ui.errors import UserError
 from llava_ui.eval.scoring import benchmark_scores, category_scores, score_rows
 
 SPLITS = ("multi_image_in_domain", "multi_image_out_domain", "multi_view_in_domain")
-IMAGE_MODES = ("trained", "eval", "flat")
 EVAL_MAX_NEW_TOKENS = 1024
 DEFAULT_MODEL_ID = "llava-next-interleave-qwen-0.5b"
 

@@ -2,7 +2,7 @@
 
 Paddle runs CPU math on one thread unless told otherwise, and the MKL it ships (2019.5) picks a slow generic
 code path on AMD processors; MKL_DEBUG_CPU_TYPE=5 (read by that MKL at its first call) selects the AVX2 kernels
-there, about 2.5× faster sgemm. Neither changes a result beyond float rounding order.
+there (sgemm several times faster). Neither changes a result beyond float rounding order.
 
 Split independent work (attention heads) over the CPU cores with Python threads.
 
@@ -19,12 +19,12 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import paddle
+
 
 def grad_off() -> None:
     """Run in every thread that computes (the engine's compute thread, the share workers): Paddle keeps grad
     mode per thread, and the product never trains."""
-    import paddle  # deferred: the share helpers below are importable without paddle loaded
-
     paddle.set_grad_enabled(False)
 
 
@@ -50,12 +50,11 @@ def is_amd() -> bool:
 
 def configure_cpu() -> int:
     """Use every allowed core for Paddle's CPU kernels; returns the thread count."""
-    import paddle
 
     if is_amd():
         os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
     os.environ.setdefault("KMP_BLOCKTIME", "1")  # idle MKL threads sleep after 1 ms: cores go to the head workers
-    # MKL's own memory manager keeps every gemm's packing buffers (~45 MB after the first image and prompt);
+    # MKL's own memory manager keeps every gemm's packing buffers;
     # without it they are ordinary malloc blocks, reused and handed back like the rest (same speed here)
     os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
     one_malloc_arena()
@@ -79,7 +78,7 @@ def _glibc():
 
 def one_malloc_arena() -> None:
     """Let glibc serve every thread from one heap: the workers' short-lived blocks then reuse each other's freed
-    memory instead of touching pages in an arena per thread (~25 MB less at the peak of a long prompt)."""
+    memory instead of touching pages in an arena per thread (a lower peak for long prompts)."""
     if _glibc():
         _libc.mallopt(M_ARENA_MAX, 1)
 
@@ -102,8 +101,6 @@ _lock = threading.Lock()
 def _mkl():
     global _mkl_library
     if _mkl_library is None:
-        import paddle
-
         path = Path(paddle.__file__).parent / "libs" / "libmklml_intel.so"
         _mkl_library = ctypes.CDLL(str(path)) if path.exists() else False
     return _mkl_library

@@ -8,8 +8,9 @@ import numpy as np
 import paddle
 
 from llava_ui.config import GenerationSettings
-from llava_ui.model.qwen2 import HEADROOM
+from llava_ui.errors import Stopped
 from llava_ui.model.cpu import release_free_memory
+from llava_ui.model.qwen2 import HEADROOM
 
 
 def _call(fn, *args):
@@ -23,7 +24,8 @@ def prefill_chunks(model, embeds, cache=None, start: int = 0, *, room: int = 0, 
     the logits of the last position and the cache. The cache gets room for the prompt + `room` positions.
 
     Each chunk is one model step through `run` (the engine's compute thread): other requests' steps run between
-    them, and when `should_stop()` turns true the prefill ends at the next chunk (`result["logits"]` stays None)."""
+    them, and when `should_stop()` turns true the prefill ends between two layers of the current chunk
+    (`result["logits"]` stays None)."""
     result = {} if result is None else result
     result["logits"] = None
     length = embeds.shape[1]
@@ -37,13 +39,19 @@ def prefill_chunks(model, embeds, cache=None, start: int = 0, *, room: int = 0, 
         # chunk, a long prompt's resident size stays that of one chunk
         began = time.perf_counter()
         release_free_memory()
-        out = model.forward_hidden(embeds[:, lo:lo + chunk], result["cache"], start + lo)
+        try:
+            out = model.forward_hidden(embeds[:, lo:lo + chunk], result["cache"], start + lo, should_stop)
+        except Stopped:
+            return None, 0.0
         return out, time.perf_counter() - began
 
     for lo in range(0, length, chunk):
         if lo and should_stop():
             return
-        (hidden, result["cache"]), seconds = run(step, lo)
+        out, seconds = run(step, lo)
+        if out is None:  # stopped between two layers of this chunk
+            return
+        hidden, result["cache"] = out
         done = min(lo + chunk, length)
         yield done, length, start + lo, done - lo, seconds
 

@@ -5,11 +5,10 @@ import paddle
 import paddle.nn as nn
 
 from llava_ui.chat.prompt import IMAGE_MARKER
-from llava_ui.model.processing import unpad_crop
 from llava_ui.config import ModelConfig
-from llava_ui.model.qwen2 import Qwen2Runner, head_logits
-from llava_ui.model.paddlenlp_lean import paddlenlp_module
 from llava_ui.model.cpu import release_free_memory
+from llava_ui.model.paddlenlp_lean import paddlenlp_module
+from llava_ui.model.qwen2 import Qwen2Runner, head_logits
 from llava_ui.model.vision import SiglipVisionModel
 
 _transformers = paddlenlp_module("paddlenlp.transformers")
@@ -29,7 +28,7 @@ class LlavaQwen(nn.Layer):
         self.language_model = Qwen2ForCausalLM(Qwen2Config(**config.text, use_flash_attention=False))
         self.runner = Qwen2Runner(self.language_model.qwen2, config.text)  # inference forward over those weights
         for layer in self.language_model.qwen2.layers:
-            # paddlenlp gives every layer its own cos/sin table for 32k positions (400 MB in all); the runner has
+            # paddlenlp gives every layer its own cos/sin table for 32k positions (hundreds of MB); the runner has
             # one. Emptied, a table is rebuilt to the length needed if paddlenlp's own forward ever runs.
             rotary = layer.self_attn.rotary_emb
             rotary.max_seq_len_cached, rotary.cos_cached, rotary.sin_cached = 0, None, None
@@ -39,21 +38,24 @@ class LlavaQwen(nn.Layer):
     def embed_tokens(self):
         return self.language_model.qwen2.embed_tokens
 
-    def encode_views(self, pixel_values) -> paddle.Tensor:
-        """[N, 3, S, S] float pixels → [N, patches, hidden] projected features."""
+    def encode_views(self, pixel_values, should_stop=None) -> paddle.Tensor:
+        """[N, 3, S, S] float pixels → [N, patches, hidden] projected features; raises errors.Stopped when
+        `should_stop()` turns true between two layers."""
         self.vision_calls += 1
         pixels = paddle.to_tensor(pixel_values, dtype=self.embed_tokens.weight.dtype)
         # one view at a time: the same matmuls (729 rows each), a working set that does not grow with the batch
-        features = paddle.concat([self.mm_projector(self.vision_tower(view)) for view in paddle.split(
-            pixels, pixels.shape[0])]) if pixels.shape[0] > 1 else self.mm_projector(self.vision_tower(pixels))
+        features = paddle.concat([self.mm_projector(self.vision_tower(view, should_stop)) for view in paddle.split(
+            pixels, pixels.shape[0])]) if pixels.shape[0] > 1 else self.mm_projector(self.vision_tower(pixels,
+                                                                                                      should_stop))
         release_free_memory()
         return features
 
-    def pack_image(self, view_features: paddle.Tensor, pack: str, image_size=None, grid=None) -> paddle.Tensor:
+    def pack_image(self, view_features: paddle.Tensor, pack: str, grid=None, crop=None) -> paddle.Tensor:
         """One image's view features [V, patches, hidden] → the rows it occupies in the prompt [T, hidden].
 
-        flat: the patch features; newline: + image_newline; anyres: base view, then the tile grid cropped to the
-        image's aspect with image_newline closing every row (LLaVA-NeXT's spatial_unpad).
+        flat: the patch features; newline: + image_newline; anyres: base view, then the tile grid (cols, rows)
+        cut to `crop` (top, bottom, left, right: the unpadding planned with the image) with image_newline closing
+        every row (LLaVA-NeXT's spatial_unpad in llava_arch.py).
         """
         if pack == "flat":
             return view_features[0]
@@ -67,7 +69,7 @@ class LlavaQwen(nn.Layer):
         hidden = view_features.shape[-1]
         tiles = view_features[1:].reshape([rows, cols, side, side, hidden])
         canvas = tiles.transpose([0, 2, 1, 3, 4]).reshape([rows * side, cols * side, hidden])
-        top, bottom, left, right = unpad_crop(rows * side, cols * side, image_size)
+        top, bottom, left, right = crop
         kept_rows = bottom - top
         if kept_rows == 0:  # a sliver image keeps no tile features
             return view_features[0]
@@ -90,13 +92,14 @@ class LlavaQwen(nn.Layer):
             start = slot + 1
         return paddle.concat(pieces, axis=0).unsqueeze(0)
 
-    def forward_hidden(self, embeds, cache=None, start: int = 0):
+    def forward_hidden(self, embeds, cache=None, start: int = 0, should_stop=None):
         """Run the language model over embeds placed at positions start.. ; returns (hidden [1, L, H], cache).
 
-        `cache` is a language.KVCache holding positions < start (None when start is 0); the one returned holds
+        `cache` is a qwen2.KVCache holding positions < start (None when start is 0); the one returned holds
         start + L positions. A shared (prefix) cache is copied before the first write, never changed.
+        `should_stop()` is asked between layers (errors.Stopped: the cache is then partly written).
         """
-        return self.runner.forward(embeds, cache, start)
+        return self.runner.forward(embeds, cache, start, should_stop)
 
     def prefill_chunk(self, embeds) -> int:
         """How many prompt positions generate.prefill hands to forward_hidden at a time."""

@@ -1,8 +1,8 @@
 """Import paddlenlp's Qwen2 model, tokenizer and downloader without its package-level imports.
 
 `import paddlenlp` runs paddlenlp/__init__.py, which imports every subpackage (datasets, metrics, trainer,
-taskflow, server) and with them scipy, pandas, scikit-learn, pyarrow and Hugging Face `datasets`: 0.24 GB
-resident and about 2 s on top of paddle, where the parts this project uses need 0.065 GB and 0.6 s.
+taskflow, server) and with them scipy, pandas, scikit-learn, pyarrow and Hugging Face `datasets`: several times
+the memory and import time of the parts this project uses (bench/README.md has the figures).
 `lean_paddlenlp()` registers the package without running that file; its submodules import as usual, and the first
 access to anything else on the package (`paddlenlp.Taskflow`, ...) runs the real __init__ then, so other code in
 the same process still sees the whole library. This project's modules get paddlenlp's through
@@ -52,6 +52,6 @@ def lean_paddlenlp() -> None:
         for name in [name for name in sys.modules if name == "paddlenlp" or name.startswith("paddlenlp.")]:
             del sys.modules[name]
         return
-    import paddle
+    import paddle  # after paddlenlp's modules, as its own __init__ does
 
     paddle.disable_signal_handler()  # what the real __init__ ends with (Python's own handlers stay in charge)

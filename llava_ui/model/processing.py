@@ -1,4 +1,4 @@
-"""How images become the vision tower's input and the prompt's visual tokens (MODEL_FACTS.md): the `trained`,
+"""How images become the vision tower's input and the prompt's visual tokens: the `trained`,
 `eval` and `flat` behaviours, LLaVA-NeXT's anyres tiling and unpadding, and SigLIP's preprocessing.
 
 Each image of a request becomes a PreparedImage when it is planned: how its pixels are viewed, how its features
@@ -114,39 +114,52 @@ def pad_to_square(image, fill=(127, 127, 127)):
     return canvas
 
 
-def unpad_crop(height, width, image_size):
+UNPAD_ROUNDING = {
+    "llava-next": int,  # LLaVA-NeXT's llava_arch.unpad_image (training): truncates
+    "transformers": lambda x: int(round(x, 7)),  # transformers' unpad_image (the parity tests' oracle)
+}
+
+
+def unpad_crop(height, width, image_size, rounding: str = "llava-next"):
     """Crop bounds (top, bottom, left, right) that cut the padding off a feature map of height x width.
 
-    The map covers the padded canvas; image_size is the original image's (width, height). Rounding follows
-    transformers' `unpad_image`, int(round(x, 7)). LLaVA-NeXT's `unpad_image` truncates with int(x) instead,
-    which differs when x lands a hair below an integer: a 49x49 image on a 1 col x 2 rows grid (54 x 27 map)
-    gives 49 * (27 / 49) = 26.999999999999996, so LLaVA-NeXT keeps 26 rows and transformers 28. The padding is
-    removed evenly from both sides, (extent - kept) // 2 each, so an odd difference keeps one extra row/column.
+    The map covers the padded canvas; image_size is the original image's (width, height). The kept extent is
+    rounded as `rounding` says (UNPAD_ROUNDING): LLaVA-NeXT, which trained the model, truncates with int(x);
+    transformers rounds to 7 decimals first. They differ when x lands a hair below an integer: a 49x49 image on a
+    1 col x 2 rows grid (54 x 27 map) gives 49 * (27 / 49) = 26.999999999999996, so LLaVA-NeXT keeps 26 rows and
+    transformers 28. The padding is removed evenly from both sides, (extent - kept) // 2 each, so an odd
+    difference keeps one extra row/column.
     """
+    keep = UNPAD_ROUNDING[rounding]
     image_width, image_height = image_size
     if image_width / image_height > width / height:
-        kept_height = int(round(image_height * (width / image_width), 7))
+        kept_height = keep(image_height * (width / image_width))
         padding = (height - kept_height) // 2
         return padding, height - padding, 0, width
-    kept_width = int(round(image_width * (height / image_height), 7))
+    kept_width = keep(image_width * (height / image_height))
     padding = (width - kept_width) // 2
     return 0, height, padding, width - padding
 
 
-def unpadded_grid_size(image_size, grid, patches_per_side=PATCHES_PER_SIDE):
+def anyres_grid(image_size, pinpoints, tile=TILE) -> tuple[int, int]:
+    """(cols, rows) of tiles of the pinpoint chosen for a lone image."""
+    target = select_best_resolution(image_size, pinpoints)
+    return target[0] // tile, target[1] // tile
+
+
+def unpadded_grid_size(image_size, grid, patches_per_side=PATCHES_PER_SIDE, rounding: str = "llava-next"):
     """(feature_rows, feature_cols) of the tile feature grid after unpad_crop, for an image of (width, height)
     tiled as grid (cols, rows). A sliver can keep nothing (384x9 -> (0, 27)): then only the base view remains."""
     cols, rows = grid
-    top, bottom, left, right = unpad_crop(rows * patches_per_side, cols * patches_per_side, image_size)
+    top, bottom, left, right = unpad_crop(rows * patches_per_side, cols * patches_per_side, image_size, rounding)
     return bottom - top, right - left
 
 
-def anyres_token_count(image_size, pinpoints, tile=TILE, patches_per_side=PATCHES_PER_SIDE):
+def anyres_token_count(image_size, pinpoints, tile=TILE, patches_per_side=PATCHES_PER_SIDE,
+                       rounding: str = "llava-next"):
     """Visual tokens of a lone image under `trained`: the base view's features (no image_newline after them),
     then the unpadded tile grid with one image_newline at the end of every feature row."""
-    target = select_best_resolution(image_size, pinpoints)
-    grid = (target[0] // tile, target[1] // tile)
-    rows, cols = unpadded_grid_size(image_size, grid, patches_per_side)
+    rows, cols = unpadded_grid_size(image_size, anyres_grid(image_size, pinpoints, tile), patches_per_side, rounding)
     return patches_per_side * patches_per_side + rows * (cols + 1)
 
 
@@ -167,6 +180,7 @@ class PreparedImage:
     pack: str  # "flat" | "newline" | "anyres": how features are laid into the prompt
     tokens: int
     grid: tuple[int, int] | None = None  # (cols, rows) of anyres tiles
+    crop: tuple[int, int, int, int] | None = None  # (top, bottom, left, right) of the tile feature map kept
 
     @property
     def cache_key(self) -> tuple:
@@ -201,11 +215,12 @@ def prepare_images(images: list[Image.Image], mode: str, config: ModelConfig, di
     for i, image in enumerate(images):
         digest = digests[i] if digests else image_digest(image)
         if mode == "trained" and lone:
+            side, rounding = config.vision.patches_per_side, config.unpad_rounding
+            grid = anyres_grid(image.size, config.image_grid_pinpoints, config.vision.image_size)
+            crop = unpad_crop(grid[1] * side, grid[0] * side, image.size, rounding)
             tokens = anyres_token_count(image.size, config.image_grid_pinpoints, tile=config.vision.image_size,
-                                        patches_per_side=config.vision.patches_per_side)
-            target = select_best_resolution(image.size, config.image_grid_pinpoints)
-            grid = (target[0] // config.vision.image_size, target[1] // config.vision.image_size)
-            prepared.append(PreparedImage(digest, image.size, "anyres", "anyres", tokens, grid))
+                                        patches_per_side=side, rounding=rounding)
+            prepared.append(PreparedImage(digest, image.size, "anyres", "anyres", tokens, grid, crop))
         elif mode == "trained":
             prepared.append(PreparedImage(digest, image.size, "square", "newline", patches + 1))
         elif mode == "eval":

@@ -18,8 +18,8 @@ import paddle
 import paddle.nn.functional as F
 from paddle.incubate.nn.functional import fused_rms_norm
 
-from llava_ui.model.cpu import map_shares, run_parts, shares
-from llava_ui.model.cpu import release_free_memory
+from llava_ui.errors import check_stop
+from llava_ui.model.cpu import map_shares, release_free_memory, run_parts, shares
 
 BLOCK = 512  # query rows per prefill attention block: bounds the score matrix and skips most masked entries
 HEADROOM = 128  # positions a cache grows by when decoding outgrows it (and at most what a prefill reserves ahead)
@@ -201,7 +201,7 @@ class Qwen2Runner:
             self.parts.append((attention, feed))
         release_free_memory()
 
-    def forward(self, embeds, cache: KVCache | None, start: int):
+    def forward(self, embeds, cache: KVCache | None, start: int, should_stop=None):
         if self.parts is None:
             self.pack()
         length = embeds.shape[1]
@@ -210,7 +210,8 @@ class Qwen2Runner:
         # a long prompt goes through in chunks (each attends to the cache the earlier ones filled): the same
         # arithmetic, with activations bounded by the chunk instead of the prompt
         chunk = self.chunk(embeds)
-        outs = [self._layers(embeds[0, lo:lo + chunk], cache, start + lo, fused) for lo in range(0, length, chunk)]
+        outs = [self._layers(embeds[0, lo:lo + chunk], cache, start + lo, fused, should_stop)
+                for lo in range(0, length, chunk)]
         if length > 1:
             cache.mask = None  # rebuilt from the length by the next decode step
         hidden = outs[0] if len(outs) == 1 else paddle.concat(outs, axis=0)
@@ -231,12 +232,13 @@ class Qwen2Runner:
     def _fused(self, embeds) -> bool:
         return self.fused_attention if self.fused_attention is not None else not embeds.place.is_cpu_place()
 
-    def _layers(self, embeds, cache: KVCache, start: int, fused: bool):
+    def _layers(self, embeds, cache: KVCache, start: int, fused: bool, should_stop=None):
         """embeds [L, hidden] at positions start.. through every layer, filling the cache; returns [L, hidden]."""
         step = _Step(self, cache, start, embeds.shape[0], embeds.dtype, fused)
         layers = self.qwen2.layers
         x, residual = rms_norm(embeds, layers[0].input_layernorm.weight, self.eps)
         for i, (layer, (attention, feed)) in enumerate(zip(layers, self.parts)):
+            check_stop(should_stop)  # a long chunk is seconds of work on a CPU: a stop lands within a layer
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.qwen2.norm
             outs = run_parts(lambda part: step.attention(part, x, i), attention)
             x, residual = rms_norm(_total(outs), layer.post_attention_layernorm.weight, self.eps, residual)
@@ -364,9 +366,9 @@ def _total(parts: list):
 
 
 def head_logits(lm_head, hidden):
-    """The LM head over [positions, hidden]. One position's logits (each decode step reads the 622 MB head) are
-    computed with the vocabulary rows shared among the workers: MKL's own threads read a matrix-vector product
-    at ~18 GB/s here, one worker per core at ~33 GB/s (as the layers' parts do)."""
+    """The LM head over [positions, hidden]. One position's logits (each decode step reads the whole head, the
+    largest matrix) are computed with the vocabulary rows shared among the workers: MKL does not thread a
+    matrix-vector product well, one worker per core reads memory faster (as the layers' parts do)."""
     if hidden.shape[0] != 1 or not lm_head.transpose_y:  # an untied head is stored [hidden, vocab]: as it is
         return lm_head(hidden)
     parts = map_shares(lambda rows: paddle.matmul(hidden, lm_head.weight[rows.start:rows.stop], transpose_y=True),

@@ -10,8 +10,9 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from llava_ui.config import VisionConfig
-from llava_ui.model.qwen2 import softmax
+from llava_ui.errors import check_stop
 from llava_ui.model.cpu import map_shares
+from llava_ui.model.qwen2 import softmax
 
 
 class SiglipEmbeddings(nn.Layer):
@@ -88,8 +89,9 @@ class SiglipEncoder(nn.Layer):
         super().__init__()
         self.layers = nn.LayerList([SiglipEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
 
-    def forward(self, x):
+    def forward(self, x, should_stop=None):
         for layer in self.layers:
+            check_stop(should_stop)  # one view is seconds of work on a CPU: a stop lands within a layer
             x = layer(x)
         return x
 
@@ -100,8 +102,8 @@ class SiglipVisionTransformer(nn.Layer):
         self.embeddings = SiglipEmbeddings(cfg)
         self.encoder = SiglipEncoder(cfg)
 
-    def forward(self, pixel_values):
-        return self.encoder(self.embeddings(pixel_values))
+    def forward(self, pixel_values, should_stop=None):
+        return self.encoder(self.embeddings(pixel_values), should_stop)
 
 
 class SiglipVisionModel(nn.Layer):
@@ -112,5 +114,6 @@ class SiglipVisionModel(nn.Layer):
         self.config = cfg
         self.vision_model = SiglipVisionTransformer(cfg)
 
-    def forward(self, pixel_values):
-        return self.vision_model(pixel_values)
+    def forward(self, pixel_values, should_stop=None):
+        """`should_stop()` is asked between layers; when it says so, Stopped is raised."""
+        return self.vision_model(pixel_values, should_stop)

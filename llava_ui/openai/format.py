@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import time
 import uuid
 from pathlib import Path
@@ -13,11 +12,12 @@ from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llava_ui.config import DEFAULT_SYSTEM_PROMPT, GenerationSettings
+from llava_ui.backends.base import Result
 from llava_ui.chat.conversation import Conversation, Picture
-from llava_ui.errors import UserError
 from llava_ui.chat.media import load_image
 from llava_ui.chat.prompt import IMAGE_TOKEN
+from llava_ui.config import IMAGE_MODES, GenerationSettings
+from llava_ui.errors import UserError
 
 MAX_IMAGE_BYTES = 50 << 20  # one decoded data: URL; the pixel limit in media.py applies as well
 
@@ -78,7 +78,7 @@ class ChatRequest(BaseModel):
     n: int | None = None
     top_k: int | None = None
     repetition_penalty: float | None = None
-    image_mode: Literal["trained", "eval", "flat"] | None = None
+    image_mode: Literal[IMAGE_MODES] | None = None
 
     def settings(self) -> GenerationSettings:
         if self.n not in (None, 1):
@@ -105,7 +105,7 @@ class Reply:
     def _head(self, object_name: str) -> dict:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
 
-    def chunk(self, delta: dict, finish_reason: str | None = None, final: dict | None = None) -> dict:
+    def chunk(self, delta: dict, finish_reason: str | None = None, final: Result | None = None) -> dict:
         chunk = {**self._head("chat.completion.chunk"),
                  "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
         if self.include_usage:
@@ -114,30 +114,30 @@ class Reply:
             chunk["llava_ui"] = details(final)
         return chunk
 
-    def usage_chunk(self, final: dict) -> dict:
+    def usage_chunk(self, final: Result) -> dict:
         return {**self._head("chat.completion.chunk"), "choices": [], "usage": usage(final)}
 
-    def completion(self, final: dict) -> dict:
-        message = {"role": "assistant", "content": final["text"]}
+    def completion(self, final: Result) -> dict:
+        message = {"role": "assistant", "content": final.text}
         return {**self._head("chat.completion"),
                 "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(final)}],
                 "usage": usage(final), "llava_ui": details(final)}
 
 
-def finish_reason(final: dict) -> str:
-    return "length" if final["finish_reason"] == "length" else "stop"
+def finish_reason(final: Result) -> str:
+    return "length" if final.finish_reason == "length" else "stop"
 
 
-def usage(final: dict) -> dict:
-    prompt = final["stats"].get("prompt_tokens") or 0
-    completion = final["stats"].get("generated_tokens") or 0
+def usage(final: Result) -> dict:
+    prompt = final.stats.prompt_tokens or 0
+    completion = final.stats.generated_tokens or 0
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def details(final: dict) -> dict:
+def details(final: Result) -> dict:
     """What this server adds for inspection (another instance's RemoteEngine reads it); clients may ignore it."""
-    keys = ("seed", "image_mode", "dropped_turns", "visual_tokens_per_image")
-    return {**{key: final.get(key) for key in keys}, "stats": final.get("stats")}
+    record = final.to_dict()
+    return {key: record[key] for key in ("seed", "image_mode", "dropped_turns", "visual_tokens_per_image", "stats")}
 
 
 MAX_REQUEST_IMAGES = 64
@@ -260,33 +260,3 @@ def _text_only(message: ChatMessage, index: int) -> str:
     if any(part.type != "text" for part in message.content):
         raise APIError(400, f"{message.role} messages can only hold text", param=f"messages.{index}.content")
     return "\n".join(part.text or "" for part in message.content)
-
-
-def openai_messages(conversation: Conversation, image_url) -> list[dict]:
-    """A conversation as OpenAI messages; `image_url(image, digest)` gives each image's URL. The system prompt is
-    always sent, so servers without this app's default (vLLM with llava-hf's template) render the same prompt."""
-    system = DEFAULT_SYSTEM_PROMPT if conversation.system is None else conversation.system
-    messages = [{"role": "system", "content": system}]
-    for turn in conversation.turns:
-        media = turn.media()
-        pieces = turn.content().split(IMAGE_TOKEN)
-        parts = []
-        for i, piece in enumerate(pieces):
-            if i:
-                parts.append({"type": "image_url", "image_url": {"url": image_url(*media[i - 1])}})
-            if piece:
-                parts.append({"type": "text", "text": piece})
-        messages.append({"role": "user", "content": parts if media else turn.content()})
-        if turn.answer is not None:
-            messages.append({"role": "assistant", "content": turn.answer})
-    return messages
-
-
-def image_data_url(image, image_format: str = "png") -> str:
-    """PNG keeps the pixels exact (same features on the remote side); JPEG is smaller."""
-    buffer = io.BytesIO()
-    if image_format == "jpeg":
-        image.convert("RGB").save(buffer, format="JPEG", quality=95)
-    else:
-        image.save(buffer, format="PNG", compress_level=1)
-    return f"data:image/{image_format};base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 
 import anyio
 from fastapi import APIRouter, Request
@@ -18,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
+from llava_ui.backends.base import Delta, Progress, Result
 from llava_ui.errors import UserError
 from llava_ui.openai.format import APIError, ChatRequest, Reply, conversation_from_messages, finish_reason
 
@@ -140,10 +142,10 @@ def create_api_router(backend, api_key: str | None = None, allow_file_urls: bool
         final, event = None, first
         async with watching(request, stop_event):
             while event is not _END:
-                final = event if event["type"] == "done" else final
+                final = event if isinstance(event, Result) else final
                 event = await next_event(events)
         if stop_event.is_set():
-            logger.info("client left %s after %d tokens", reply.id, final["stats"]["generated_tokens"])
+            logger.info("client left %s after %d tokens", reply.id, final.stats.generated_tokens)
         return reply.completion(final)
 
     @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
@@ -192,10 +194,9 @@ def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def progress_comment(event: dict) -> str:
+def progress_comment(event: Progress) -> str:
     """An SSE comment (OpenAI clients skip comments): `: progress {"stage": ..., "done", "total", "eta_s"}`."""
-    fields = {key: event.get(key) for key in ("stage", "done", "total", "eta_s")}
-    return f": progress {json.dumps(fields)}\n\n"
+    return f": progress {json.dumps(asdict(event))}\n\n"
 
 
 async def stream_chunks(reply: Reply, events, first, stop_event: threading.Event):
@@ -206,9 +207,9 @@ async def stream_chunks(reply: Reply, events, first, stop_event: threading.Event
         yield sse(reply.chunk({"role": "assistant", "content": ""}))
         final, event = None, first
         while event is not _END:
-            if event["type"] == "delta":
-                yield sse(reply.chunk({"content": event["text"]}))
-            elif event["type"] == "progress":
+            if isinstance(event, Delta):
+                yield sse(reply.chunk({"content": event.text}))
+            elif isinstance(event, Progress):
                 yield progress_comment(event)
             else:
                 final = event
@@ -281,7 +282,7 @@ def drain(events, reply_id: str) -> None:
     """Run a stopped backend generator to its end: it computes nothing more, and records the partial answer."""
     try:
         for event in events:
-            if event["type"] == "done":
-                logger.info("client left %s after %d tokens", reply_id, event["stats"]["generated_tokens"] or 0)
+            if isinstance(event, Result):
+                logger.info("client left %s after %d tokens", reply_id, event.stats.generated_tokens or 0)
     except Exception:
         logger.warning("stopping %s failed", reply_id, exc_info=True)

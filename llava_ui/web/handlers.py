@@ -13,11 +13,12 @@ import time
 
 import gradio as gr
 
-from llava_ui.config import GenerationSettings
-from llava_ui.chat.conversation import Conversation, Picture
-from llava_ui.errors import UserError
-from llava_ui.chat.media import image_size, load_image, load_video
+from llava_ui.backends.base import Delta, Progress, Result
 from llava_ui.backends.rates import human_seconds
+from llava_ui.chat.conversation import Conversation
+from llava_ui.chat.media import image_size
+from llava_ui.config import GenerationSettings
+from llava_ui.errors import UserError
 from llava_ui.web.inspector import inspector_views, stats_line, status_html, write_export
 from llava_ui.web.render import chat_messages, progress_text, turn_index, typed_text
 from llava_ui.web.session import ChatSession, add_message, check_files, settle
@@ -25,28 +26,6 @@ from llava_ui.web.session import ChatSession, add_message, check_files, settle
 REFRESH_S = 0.05  # at most ~20 screen updates a second while tokens stream
 LONG_WAIT_S = 20.0  # the input says how long the attached media take when it is at least this
 TEST_DELAY_ENV = "LLAVA_UI_TEST_TOKEN_DELAY"
-
-
-def make_settings(temperature=0.2, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=1024,
-                  seed=None) -> GenerationSettings:
-    """Settings from UI/API values; an empty or negative seed means a random one."""
-    return GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
-                              top_k=int(top_k or 0), repetition_penalty=float(repetition_penalty),
-                              seed=parse_seed(seed)).validate()
-
-
-def parse_seed(seed) -> int | None:
-    """A whole number, or None (random) for an empty or negative one."""
-    text = "" if seed is None else str(seed).strip()
-    if not text:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value.is_integer():
-        raise UserError(f"the seed must be a whole number (or empty for a random one), not {text!r}")
-    return int(value) if value >= 0 else None
 
 
 def warn(message: str) -> None:
@@ -68,7 +47,7 @@ class ChatHandlers:
     def frames_setting(self):
         """The video frames slider: the value in use and why."""
         if self.frames:
-            return gr.update(value=self.frames, info=f"set by --frames; each frame costs ~730 tokens")
+            return gr.update(value=self.frames, info="set by --frames; each frame costs ~730 tokens")
         if self.backend.status().get("state") != "ready":
             return gr.update(info="each frame costs ~730 tokens; the default follows this machine's speed once "
                                   "the model is loaded")
@@ -160,7 +139,7 @@ class ChatHandlers:
         restore = gr.skip()
         try:
             shown = session.turns[-1]
-            shown.settings = make_settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+            shown.settings = GenerationSettings.from_inputs(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
             session.conversation.system = (system or "").strip() or None
             yield self.streaming(session)  # "…" in place of the answer until the first token
             for _ in self._wait_for_model(session):
@@ -183,14 +162,14 @@ class ChatHandlers:
             last = 0.0
             unit = "frame" if session.conversation.turns[-1].video is not None else "image"
             for event in events:
-                if event["type"] == "done":
+                if isinstance(event, Result):
                     shown.record = event
                     continue
-                if event["type"] == "progress":  # before the first token: what is happening, how long it takes
+                if isinstance(event, Progress):  # before the first token: what is happening, how long it takes
                     session.notice = progress_text(event, unit)
                     yield self.streaming(session)
                     continue
-                session.partial += event["text"]
+                session.partial += event.text
                 if delay:
                     time.sleep(delay)
                 if time.monotonic() - last >= REFRESH_S:
@@ -220,8 +199,7 @@ class ChatHandlers:
     def _take_back(self, session: ChatSession) -> dict:
         """Remove the last turn; its text and files go back into the input box."""
         turn = session.conversation.undo()
-        shown = session.turns.pop() if session.turns else None
-        return {"text": turn.text if turn else "", "files": shown.files if shown else []}
+        return {"text": turn.text if turn else "", "files": turn.shown.files if turn and turn.shown else []}
 
     def stop(self, session: ChatSession | None):
         """Stop the model within one step; the partial answer stays. Returns the settled views."""
@@ -250,7 +228,6 @@ class ChatHandlers:
             index = len(session.turns) - 1 if message_index is None else turn_index(session, message_index)
             turn = session.conversation.turns[index]
             session.conversation.edit(index, turn.text)  # drops later turns; the answer is cleared
-            session.truncate(index + 1)
             session.turns[index].record = None
         except UserError as err:
             warn(err)
@@ -268,7 +245,6 @@ class ChatHandlers:
                 raise UserError("nothing to undo")
             index = len(session.turns) - 1 if message_index is None else turn_index(session, message_index)
             session.conversation.turns = session.conversation.turns[:index + 1]
-            session.truncate(index + 1)
             restore = self._take_back(session)
         except UserError as err:
             warn(err)
@@ -286,7 +262,6 @@ class ChatHandlers:
                 value = next((v for v in value if isinstance(v, str)), "")
             index = turn_index(session, message_index)
             session.conversation.edit(index, typed_text(str(value)))
-            session.truncate(index + 1)
             session.turns[index].record = None
         except UserError as err:
             warn(err)
@@ -328,20 +303,18 @@ class ChatHandlers:
         try:
             images, video_path = check_files(list(files or []), self.max_files, self.max_upload_mb)
             conversation = Conversation(system=(system_prompt or "").strip() or None)
-            pictures = [Picture(load_image(p), os.path.basename(p)) for p in images]
-            video = load_video(video_path, int(frames or self.default_frames())) if video_path else None
-            conversation.add_user(message or "", pictures, video)
-            settings = make_settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+            conversation.add_user_files(message or "", images, video_path, int(frames or self.default_frames()))
+            settings = GenerationSettings.from_inputs(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
             self.backend.load()
             text, last = "", 0.0
             events = self.backend.stream(conversation, settings, image_mode=image_mode or None,
                                          stop_event=threading.Event())
             try:
                 for event in events:
-                    if event["type"] == "done":
-                        text = event["text"]
-                    elif event["type"] == "delta" and event["text"]:
-                        text += event["text"]
+                    if isinstance(event, Result):
+                        text = event.text
+                    elif isinstance(event, Delta) and event.text:
+                        text += event.text
                         if time.monotonic() - last >= REFRESH_S:
                             last = time.monotonic()
                             yield text

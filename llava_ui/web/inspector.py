@@ -8,25 +8,26 @@ import tempfile
 import time
 from pathlib import Path
 
-from llava_ui.chat.prompt import IMAGE_TOKEN
+from llava_ui.backends.base import Result
 from llava_ui.chat.export import export_conversation
+from llava_ui.chat.prompt import IMAGE_TOKEN
 from llava_ui.web.session import ChatSession
 
 EMPTY_INSPECTOR = ("*Send a message: the exact prompt, where each image went, token counts and speed of the last "
                    "answer appear here.*")
 
 
-def stats_line(record: dict | None) -> str:
+def stats_line(record: Result | None) -> str:
     """One line under the chat: how the last answer went."""
     if not record:
         return ""
-    s = record["stats"]
-    parts = [f"{s['generated_tokens']} tokens", _finish(record["finish_reason"])]
-    if s.get("ttft_s") is not None:
-        parts.append(f"first token {s['ttft_s']:.2f} s")
-    if s.get("decode_tokens_per_s"):
-        parts.append(f"{s['decode_tokens_per_s']:.1f} tokens/s")
-    parts.append(f"prompt {s['prompt_tokens']:,} tokens ({s['visual_tokens']:,} visual)")
+    s = record.stats
+    parts = [f"{s.generated_tokens} tokens", _finish(record.finish_reason)]
+    if s.ttft_s is not None:
+        parts.append(f"first token {s.ttft_s:.2f} s")
+    if s.decode_tokens_per_s:
+        parts.append(f"{s.decode_tokens_per_s:.1f} tokens/s")
+    parts.append(f"prompt {s.prompt_tokens or 0:,} tokens ({s.visual_tokens or 0:,} visual)")
     return " · ".join(parts)
 
 
@@ -55,31 +56,33 @@ def inspector_views(session: ChatSession | None, context_length: int | None = No
         return EMPTY_INSPECTOR, [], "", frames_gallery(session)
     index = max(i for i, t in enumerate(session.turns) if t.record)
     record = session.turns[index].record
-    labels = media_labels(session, index, record.get("dropped_turns", 0))
-    tokens = record.get("visual_tokens_per_image", [])
+    labels = media_labels(session, index, record.dropped_turns)
+    tokens = record.visual_tokens_per_image
     rows = [f"| {i} | {label} | {n:,} |" for i, (label, n) in enumerate(zip(labels, tokens), 1)]
-    return (summary(record, context_length, rows), highlighted_prompt(record["prompt"], labels, tokens),
-            record["prompt"], frames_gallery(session))
+    return (summary(record, context_length, rows), highlighted_prompt(record.prompt, labels, tokens),
+            record.prompt, frames_gallery(session))
 
 
-def summary(record: dict, context_length: int | None, image_rows: list[str]) -> str:
-    s = record["stats"]
-    used = f"{s['prompt_tokens']:,}" + (f" / {context_length:,} ({100 * s['prompt_tokens'] / context_length:.1f} %)"
-                                       if context_length else "")
-    ttft = f"{s['ttft_s']:.3f} s" if s.get("ttft_s") is not None else "–"
-    speed = f"{s['decode_tokens_per_s']:.1f} tokens/s" if s.get("decode_tokens_per_s") else "–"
+def summary(record: Result, context_length: int | None, image_rows: list[str]) -> str:
+    s = record.stats
+    prompt_tokens = s.prompt_tokens or 0
+    used = f"{prompt_tokens:,}" + (f" / {context_length:,} ({100 * prompt_tokens / context_length:.1f} %)"
+                                   if context_length else "")
+    ttft = f"{s.ttft_s:.3f} s" if s.ttft_s is not None else "–"
+    speed = f"{s.decode_tokens_per_s:.1f} tokens/s" if s.decode_tokens_per_s else "–"
     lines = [
-        f"**Last answer**: {_finish(record['finish_reason'])} · seed `{record['seed']}` · "
-        f"image mode `{record['image_mode']}`",
+        f"**Last answer**: {_finish(record.finish_reason)} · seed `{record.seed}` · image mode `{record.image_mode}`",
         "", "| measure | value |", "|---|---|",
-        f"| Context used | {used} tokens, {s['visual_tokens']:,} of them visual |",
+        f"| Context used | {used} tokens, {s.visual_tokens or 0:,} of them visual |",
         f"| Time to first token | {ttft} |",
-        f"| Decoding | {speed}, {s['generated_tokens']} tokens, {s['total_s']:.2f} s in all |",
-        f"| Prefix cache | {s['cached_prefix_tokens']:,} prompt tokens reused |",
-        f"| Images | {s['images_encoded']} encoded, {s['images_from_cache']} from the feature cache |",
+        f"| Decoding | {speed}, {s.generated_tokens} tokens, {s.total_s or 0:.2f} s in all |",
+        f"| Prefix cache | {s.cached_prefix_tokens or 0:,} prompt tokens reused |",
+        f"| Images | {s.images_encoded} encoded, {s.images_from_cache} from the feature cache |",
     ]
-    if record.get("dropped_turns"):
-        lines.append(f"| Dropped turns | the oldest {record['dropped_turns']} left out to fit the context |")
+    if record.image_mode == "trained" and any(t > 730 for t in record.visual_tokens_per_image):
+        lines.append("| Anyres unpadding | LLaVA-NeXT's, as trained (the kept rows and columns rounded down) |")
+    if record.dropped_turns:
+        lines.append(f"| Dropped turns | the oldest {record.dropped_turns} left out to fit the context |")
     if image_rows:
         lines += ["", "**Visual tokens per image** (prompt order)", "", "| # | image | tokens |", "|---|---|---|"]
         lines += image_rows
@@ -139,7 +142,7 @@ def write_export(session: ChatSession, model: str, folder: str) -> str:
     conversation = session.conversation.copy()
     conversation.turns = [turn for turn, _ in answered]
     records = [shown.record for _, shown in answered]
-    image_mode = next((r["image_mode"] for r in reversed(records) if r), None)
+    image_mode = next((r.image_mode for r in reversed(records) if r), None)
     export = export_conversation(conversation, records, [shown.settings for _, shown in answered], model, image_mode)
     # a folder of its own: every tab shares `folder`, and two exports in the same second must not share a file
     name = f"llava-conversation-{time.strftime('%Y%m%d-%H%M%S')}.json"

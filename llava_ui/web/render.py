@@ -7,10 +7,12 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from llava_ui.backends.base import Progress
+from llava_ui.backends.rates import human_seconds
 from llava_ui.chat.conversation import VIDEO_TOKEN
-from llava_ui.errors import UserError
 from llava_ui.chat.media import Video
 from llava_ui.chat.prompt import IMAGE_TOKEN
+from llava_ui.errors import UserError
 
 BADGE_COLOUR = (79, 70, 229)
 
@@ -82,17 +84,15 @@ def typed_text(shown: str) -> str:
     return re.sub(r"`?<video>`?", VIDEO_TOKEN, shown)
 
 
-def progress_text(event: dict, unit: str = "image") -> str:
+def progress_text(event: Progress, unit: str = "image") -> str:
     """A progress event as the chat shows it in place of the answer: "encoding frame 5 of 16 · about 1 min left",
     "reading the prompt 40 % · 12 s left"."""
-    from llava_ui.backends.rates import human_seconds
-
-    done, total = event.get("done") or 0, event.get("total") or 0
-    if event.get("stage") == "vision":
+    done, total = event.done, event.total
+    if event.stage == "vision":
         what = f"encoding {unit} {min(done + 1, total)} of {total}" if total > 1 else f"encoding the {unit}"
     else:
         what = f"reading the prompt {100 * done // max(total, 1)} %"
-    eta = event.get("eta_s")
+    eta = event.eta_s
     left = f" · {human_seconds(eta)} left" if eta is not None and eta >= 1 else ""
     return f"*{what}{left}*"
 

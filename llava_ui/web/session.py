@@ -10,11 +10,11 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llava_ui.config import GenerationSettings
-from llava_ui.chat.conversation import Conversation, Picture
-from llava_ui.errors import UserError
-from llava_ui.chat.media import load_image, load_video
+from llava_ui.backends.base import Result
+from llava_ui.chat.conversation import Conversation
 from llava_ui.chat.prompt import IMAGE_TOKEN
+from llava_ui.config import GenerationSettings
+from llava_ui.errors import UserError
 from llava_ui.web.render import contact_sheet, numbered_preview
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -29,14 +29,13 @@ class TurnRecord:
     files: list[str]  # uploaded paths: the images in order, then the video
     previews: list[str] = field(default_factory=list)  # per image, the picture shown (numbered when it helps)
     sheet: str | None = None  # contact sheet of the sampled video frames
-    record: dict | None = None  # the engine's final "done" event
+    record: Result | None = None  # how the backend's answer ended
     settings: GenerationSettings | None = None
 
 
 @dataclass
 class ChatSession:
     conversation: Conversation = field(default_factory=Conversation)
-    turns: list[TurnRecord] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     idle: threading.Event = field(default_factory=threading.Event)  # set when no answer is being generated
     partial: str = ""  # the answer so far while one is being written
@@ -50,12 +49,13 @@ class ChatSession:
     def busy(self) -> bool:
         return not self.idle.is_set()
 
-    def last_record(self) -> dict | None:
-        return next((t.record for t in reversed(self.turns) if t.record), None)
+    @property
+    def turns(self) -> list[TurnRecord]:
+        """What each conversation turn showed: kept on the turn itself, so undo and edit drop both at once."""
+        return [turn.shown for turn in self.conversation.turns]
 
-    def truncate(self, count: int) -> None:
-        """Keep the first `count` turn records (after the conversation dropped later turns)."""
-        del self.turns[count:]
+    def last_record(self) -> Result | None:
+        return next((t.record for t in reversed(self.turns) if t.record), None)
 
 
 def check_files(paths: list[str], max_files: int, max_upload_mb: float) -> tuple[list[str], str | None]:
@@ -87,14 +87,13 @@ def add_message(session: ChatSession, text: str, paths: list[str], frames: int, 
         raise UserError("an answer is still being written: wait for it or press Stop")
     settle(session)
     images, video_path = check_files(paths, max_files, max_upload_mb)
-    pictures = [load_image(p, name=Path(p).name) for p in images]
-    video = load_video(video_path, int(frames), name=Path(video_path).name) if video_path else None
-    turn = session.conversation.add_user(text, [Picture(img, Path(p).name) for img, p in zip(pictures, images)], video)
+    turn = session.conversation.add_user_files(text, images, video_path, frames)
+    video = turn.video
     numbered = len(images) > 1 or IMAGE_TOKEN in text  # a badge "2" on the picture that `<image 2>` names
     previews = [numbered_preview(p.image, i, p.digest, folder) if numbered else path
                 for i, (p, path) in enumerate(zip(turn.pictures, images), 1)]
-    session.turns.append(TurnRecord(images + ([video_path] if video_path else []), previews,
-                                    contact_sheet(video, folder) if video else None))
+    turn.shown = TurnRecord(images + ([video_path] if video_path else []), previews,
+                            contact_sheet(video, folder) if video else None)
 
 
 def settle(session: ChatSession) -> None:
@@ -103,6 +102,6 @@ def settle(session: ChatSession) -> None:
     if session.busy or not turns:
         return
     if turns[-1].answer is None and session.turns[-1].record is not None:
-        turns[-1].answer = session.turns[-1].record.get("text", "")
+        turns[-1].answer = session.turns[-1].record.text
     elif turns[-1].answer is None:
         turns[-1].answer = session.partial  # stopped before (or while) generating

@@ -1,0 +1,107 @@
+"""`generate`: answer one prompt with images or a video; the answer streams to stdout, progress bars to stderr."""
+from __future__ import annotations
+
+import json
+import sys
+
+from llava_ui.backends.base import Delta, Progress
+from llava_ui.commands.common import (
+    add_model_arguments,
+    add_sampling_arguments,
+    conversation_from_files,
+    make_backend,
+    settings_from,
+)
+
+
+def add_generate_command(sub) -> None:
+    gen = sub.add_parser("generate", help="answer one prompt with images or a video")
+    add_model_arguments(gen)
+    gen.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
+    gen.add_argument("--video", default=None, help="a video file (frames are sampled uniformly)")
+    gen.add_argument("--frames", type=int, default=None,
+                     help="video frames to sample (default: 16 on a GPU; on a CPU as many, up to 16, as give the "
+                          "first token within about a minute at this machine's measured speed)")
+    gen.add_argument("--prompt", required=True,
+                     help="the question; <image> markers place the images, otherwise they come first")
+    gen.add_argument("--system", default=None, help="system prompt (default: You are a helpful assistant.)")
+    add_sampling_arguments(gen)
+    gen.add_argument("--json", action="store_true", help="print one JSON object with ids and stats on the last line")
+    gen.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> int:
+    bars = ProgressBars("frame" if args.video else "image")
+    backend = make_backend(args, on_progress=bars.load)
+    frames = args.frames
+    if args.video and frames is None:  # the default follows this machine's speed: load first
+        backend.load()
+        frames = backend.default_frames()
+        print(f"sampling {frames} frames (the default here; --frames N to choose)", file=sys.stderr, flush=True)
+    conversation = conversation_from_files(args.prompt, args.image, args.video, frames or 16, args.system)
+    backend.load()
+    final = None
+    for event in backend.stream(conversation, settings_from(args), image_mode=args.image_mode):
+        if isinstance(event, Progress):
+            bars.event(event)
+            continue
+        bars.close()
+        if isinstance(event, Delta):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        else:
+            final = event
+    sys.stdout.write("\n")
+    if args.json:
+        video = conversation.turns[-1].video
+        result = final.to_dict()
+        record = {
+            **{key: result[key] for key in ("text", "token_ids", "finish_reason", "seed", "image_mode",
+                                            "visual_tokens_per_image", "stats")},
+            "prompt_tokens": final.stats.prompt_tokens, "model": backend.status()["model"], "random_weights": backend.status().get("random_weights", False),
+            "frames": [{"index": f.index, "timestamp_s": f.timestamp_s} for f in video.frames] if video else [],
+        }
+        sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+class ProgressBars:
+    """tqdm bars on stderr: loading the weights, encoding the images or frames, reading the prompt. Steps
+    without a count print as lines."""
+
+    def __init__(self, unit: str = "image"):
+        self.unit = unit
+        self.bar = None
+        self.label = None
+
+    def load(self, message: str, done: int | None = None, total: int | None = None) -> None:
+        if done is None:
+            self.close()
+            print(message, file=sys.stderr, flush=True)
+        else:
+            self._show(message, done, total, "weight")
+
+    def event(self, event: Progress) -> None:
+        if event.stage == "vision":
+            self._show(f"encoding {self.unit}s", event.done, event.total, self.unit, event.eta_s)
+        else:
+            self._show("reading the prompt", event.done, event.total, "tok", event.eta_s)
+
+    def _show(self, label: str, done: int, total: int, unit: str, eta_s: float | None = None) -> None:
+        from tqdm import tqdm  # deferred: only the command line draws bars
+
+        if label != self.label:
+            self.close()
+            self.bar = tqdm(total=total, desc=label, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=True)
+            self.label = label
+        self.bar.n = done
+        if eta_s is not None:
+            self.bar.set_postfix_str(f"first token in ~{eta_s:.0f} s", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.n = self.bar.total or self.bar.n
+            self.bar.close()
+        self.bar = self.label = None

@@ -1,0 +1,49 @@
+"""`replay`: re-run a conversation exported from the inspector and say, turn by turn, whether the answer is the same."""
+from __future__ import annotations
+
+import json
+import sys
+
+from llava_ui.chat.conversation import Conversation
+from llava_ui.chat.export import FORMAT, import_turn
+from llava_ui.commands.common import add_model_arguments, make_backend
+from llava_ui.config import GenerationSettings
+from llava_ui.errors import UserError
+
+
+def replay(export: dict, backend, out=sys.stdout) -> list[bool]:
+    if export.get("format") != FORMAT:
+        raise UserError(f"not a conversation export (format {export.get('format')!r}, expected {FORMAT!r})")
+    conversation = Conversation(system=export.get("system"))
+    same = []
+    for n, entry in enumerate(export["turns"], 1):
+        text, pictures, video = import_turn(entry)
+        conversation.add_user(text, pictures, video)
+        recorded = dict(entry["settings"])
+        recorded["stop"] = tuple(recorded.get("stop") or ())
+        final = backend.generate(conversation, GenerationSettings(**recorded), image_mode=export.get("image_mode"))
+        match = final.text == entry.get("answer")
+        same.append(match)
+        out.write(f"turn {n}: {'same answer' if match else 'DIFFERENT answer'}\n{final.text}\n\n")
+        conversation.turns[-1].answer = entry.get("answer") if entry.get("answer") is not None else final.text
+    return same
+
+
+def add_replay_command(sub) -> None:
+    parser = sub.add_parser("replay", help="re-run an exported conversation and compare the answers")
+    parser.add_argument("export", help="JSON file exported from the web UI's inspector")
+    add_model_arguments(parser)
+    parser.set_defaults(func=cmd_replay, model=None)
+
+
+def cmd_replay(args) -> int:
+    try:
+        with open(args.export) as f:
+            export = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {args.export}: {err}") from None
+    args.model = args.model or export.get("model")
+    args.image_mode = args.image_mode or export.get("image_mode")
+    backend = make_backend(args)
+    backend.load()
+    return 0 if all(replay(export, backend)) else 1
