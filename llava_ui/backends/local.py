@@ -26,7 +26,7 @@ from llava_ui.chat.stopping import StopStrings
 from llava_ui.checkpoints.load import build_model, load_tokenizer, resolve_model_dir
 from llava_ui.config import GenerationSettings
 from llava_ui.errors import Stopped, UserError
-from llava_ui.model.generate import IncrementalDecoder, decode_room, decode_tokens, prefill_chunks
+from llava_ui.model.generate import IncrementalDecoder, decode_room, decode_tokens, generate_ids, prefill_chunks
 from llava_ui.model.processing import check_image_mode, default_image_mode, pixel_views, prepare_images
 
 
@@ -331,6 +331,14 @@ class Engine:
                         positions: int) -> Progress:
         eta = self.rates.seconds(views=views_left, start=start, positions=positions)
         return Progress(stage, done, total, round(eta, 1))
+
+    def prompt_tokens(self, plan: Plan, settings: GenerationSettings, stop_ids=(), seen=()) -> Iterator[int]:
+        """Generated token ids for a ready prompt (a Plan built by the caller, e.g. the evaluation's reference
+        prompting): its images through the feature cache, then prefill and decode in the compute thread; no
+        prefix cache, no text. Ends at a stop id (not yielded) or max_new_tokens."""
+        rows, _ = self.image_rows(plan)
+        embeds = self.run(self.model.embed_prompt, plan.prompt_ids, rows)
+        return generate_ids(self.model, embeds, settings, set(stop_ids), seen=list(seen), run=self.run)
 
     def generate(self, conversation: Conversation, settings: GenerationSettings | None = None, **kwargs) -> Result:
         return generate(self, conversation, settings, **kwargs)

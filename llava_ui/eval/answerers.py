@@ -25,7 +25,6 @@ from llava_ui.chat.prompt import IM_END, IM_START, IMAGE_MARKER, IMAGE_TOKEN
 from llava_ui.config import DEFAULT_SYSTEM_PROMPT, GenerationSettings
 from llava_ui.errors import UserError
 from llava_ui.eval.benchmark import EVAL_MAX_NEW_TOKENS
-from llava_ui.model.generate import generate_ids
 from llava_ui.model.processing import prepare_images
 
 TRACE_FILE = "eval_trace.jsonl"  # one line per answered turn: the prompt as the model saw it, tokens, timing
@@ -117,12 +116,10 @@ class ReferenceAnswerer:
         plan = Plan(prompt_ids=ids, images=prepared, pil_images=images, prompt=text, prompt_tokens=total,
                     visual_tokens=visual, max_new_tokens=settings.max_new_tokens, dropped_turns=0,
                     image_mode=self.image_mode)
-        rows, _ = engine.image_rows(plan)
-        embeds = engine.run(engine.model.embed_prompt, ids, rows)
         names = {i: name for name, i in engine.tokenizer.special_ids.items()}
-        # Stop ids are watched here, not by generate_ids, because the next turn needs the one that was generated.
+        # Stop ids are watched here, not by the engine, because the next turn needs the one that was generated.
         # No `seen` prompt ids: transformers' generate() given embeddings penalises repeats of generated tokens only.
-        tokens = generate_ids(engine.model, embeds, settings, stop_ids=set(), run=engine.run)
+        tokens = engine.prompt_tokens(plan, settings)
         generated, stop = [], None
         try:
             for token in tokens:
