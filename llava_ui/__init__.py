@@ -1,4 +1,6 @@
 """Chat with, demo and inspect LLaVA-NeXT-Interleave (Qwen1.5-0.5B + SigLIP) on PaddlePaddle."""
+import logging
+import warnings
 
 __version__ = "0.1.0"
 DEFAULT_MODEL = "lmms-lab/llava-next-interleave-qwen-0.5b"
@@ -6,9 +8,6 @@ DEFAULT_MODEL = "lmms-lab/llava-next-interleave-qwen-0.5b"
 
 def _quiet_dependencies() -> None:
     """Paddle and paddlenlp print build and deprecation chatter on import; users see only our messages."""
-    import logging
-    import warnings
-
     warnings.filterwarnings("ignore", message="No ccache found")
     warnings.filterwarnings("ignore", message=".*distutils.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
