@@ -7,6 +7,7 @@ can watch an answer grow and press Stop mid-answer with a model that decodes hun
 from __future__ import annotations
 
 import os
+import queue
 import tempfile
 import threading
 import time
@@ -26,6 +27,70 @@ from llava_ui.web.session import ChatSession, add_message, check_files, settle
 REFRESH_S = 0.05  # at most ~20 screen updates a second while tokens stream
 LONG_WAIT_S = 20.0  # the input says how long the attached media take when it is at least this
 TEST_DELAY_ENV = "LLAVA_UI_TEST_TOKEN_DELAY"
+
+
+class Prefetch:
+    """A backend stream consumed in its own thread; `batches()` gives the events that arrived, a list at a time
+    (blocking for the first, then collecting for at most REFRESH_S). `delay` (tests only) sleeps after each
+    answer piece, pacing the engine itself."""
+
+    def __init__(self, events, delay: float = 0.0):
+        self.arrived: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, args=(events, delay), name="llava-chat-stream",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self, events, delay: float) -> None:
+        try:
+            for event in events:
+                self.arrived.put(event)
+                if delay and isinstance(event, Delta):
+                    time.sleep(delay)
+        except BaseException as err:  # handed to the page's thread, which raises it there
+            self.arrived.put(_Failed(err))
+        finally:
+            events.close()
+            self.arrived.put(_END)
+
+    def batches(self):
+        while True:
+            batch = [self.arrived.get()]
+            deadline = time.monotonic() + REFRESH_S
+            while batch[-1] is not _END and not isinstance(batch[-1], _Failed):
+                try:
+                    batch.append(self.arrived.get(timeout=max(deadline - time.monotonic(), 0)))
+                except queue.Empty:
+                    break
+            done = batch[-1] is _END
+            if isinstance(batch[-1], _Failed):
+                raise batch[-1].error
+            events = batch[:-1] if done else batch
+            if events:
+                yield events
+            if done:
+                return
+
+    def join(self, timeout: float = 60.0) -> None:
+        self.thread.join(timeout)
+
+    def rest(self) -> list:
+        """The events not taken by batches() yet (after join: all that the stream still produced)."""
+        events = []
+        while True:
+            try:
+                event = self.arrived.get_nowait()
+            except queue.Empty:
+                return events
+            if event is not _END and not isinstance(event, _Failed):
+                events.append(event)
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_END = object()
 
 
 def warn(message: str) -> None:
@@ -155,28 +220,34 @@ class ChatHandlers:
         yield self.streaming(session) if session.cleared else (*self.views(session), restore)
 
     def _stream(self, session: ChatSession, shown, image_mode: str | None):
-        delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
+        """The answer as it grows: the backend's stream runs ahead in its own thread (the engine computes at its
+        pace, not at the page's), and the page is redrawn once per batch of what arrived, at most every
+        REFRESH_S while tokens flow."""
         events = self.backend.stream(session.conversation, shown.settings, image_mode=image_mode,
                                      stop_event=session.stop)
-        try:
-            last = 0.0
-            unit = "frame" if session.conversation.turns[-1].video is not None else "image"
+        feed = Prefetch(events, float(os.environ.get(TEST_DELAY_ENV) or 0))
+        unit = "frame" if session.conversation.turns[-1].video is not None else "image"
+
+        def take(events):
             for event in events:
                 if isinstance(event, Result):
                     shown.record = event
-                    continue
-                if isinstance(event, Progress):  # before the first token: what is happening, how long it takes
+                elif isinstance(event, Progress):  # before the first token: what runs, how long it takes
                     session.notice = progress_text(event, unit)
-                    yield self.streaming(session)
-                    continue
-                session.partial += event.text
-                if delay:
-                    time.sleep(delay)
-                if time.monotonic() - last >= REFRESH_S:
-                    last = time.monotonic()
-                    yield self.streaming(session)
+                else:
+                    session.partial += event.text
+
+        finished = False
+        try:
+            for batch in feed.batches():
+                take(batch)
+                yield self.streaming(session)
+            finished = True
         finally:
-            events.close()  # when Gradio cancels us mid-answer, the engine keeps the partial answer
+            if not finished:  # Gradio cancelled us mid-answer: the engine stops and keeps the partial answer
+                session.stop.set()
+                feed.join()
+                take(feed.rest())  # what the engine wrote after the last redraw: the kept answer is all of it
 
     def _wait_for_model(self, session: ChatSession):
         """Start loading if needed and wait, showing the progress in place of the answer."""
@@ -304,22 +375,24 @@ class ChatHandlers:
             images, video_path = check_files(list(files or []), self.max_files, self.max_upload_mb)
             conversation = Conversation(system=(system_prompt or "").strip() or None)
             conversation.add_user_files(message or "", images, video_path, int(frames or self.default_frames()))
-            settings = GenerationSettings.from_inputs(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+            settings = GenerationSettings.from_inputs(temperature, top_p, top_k, repetition_penalty, max_new_tokens,
+                                                      seed)
             self.backend.load()
-            text, last = "", 0.0
-            events = self.backend.stream(conversation, settings, image_mode=image_mode or None,
-                                         stop_event=threading.Event())
+            stop, text, finished = threading.Event(), "", False
+            feed = Prefetch(self.backend.stream(conversation, settings, image_mode=image_mode or None,
+                                                stop_event=stop))
             try:
-                for event in events:
-                    if isinstance(event, Result):
-                        text = event.text
-                    elif isinstance(event, Delta) and event.text:
-                        text += event.text
-                        if time.monotonic() - last >= REFRESH_S:
-                            last = time.monotonic()
-                            yield text
+                for batch in feed.batches():
+                    for event in batch:
+                        if isinstance(event, Result):
+                            text = event.text
+                        elif isinstance(event, Delta):
+                            text += event.text
+                    yield text
+                finished = True
             finally:
-                events.close()
-            yield text
+                if not finished:  # the client left: the engine stops at its next layer
+                    stop.set()
+                    feed.join()
         except UserError as err:
             raise gr.Error(str(err), title="Could not answer") from None
