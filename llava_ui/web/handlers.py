@@ -24,14 +24,16 @@ from llava_ui.web.inspector import inspector_views, stats_line, status_html, wri
 from llava_ui.web.render import chat_messages, progress_text, turn_index, typed_text
 from llava_ui.web.session import ChatSession, add_message, check_files, settle
 
-REFRESH_S = 0.05  # at most ~20 screen updates a second while tokens stream
+REFRESH_S = 0.05  # at most ~20 screen updates a second while tokens stream ...
+REDRAW_SHARE = 0.04  # ... and redrawing the chat takes at most this share of the time the model computes
+MAX_REFRESH_S = 1.0
 LONG_WAIT_S = 20.0  # the input says how long the attached media take when it is at least this
 TEST_DELAY_ENV = "LLAVA_UI_TEST_TOKEN_DELAY"
 
 
 class Prefetch:
-    """A backend stream consumed in its own thread; `batches()` gives the events that arrived, a list at a time
-    (blocking for the first, then collecting for at most REFRESH_S). `delay` (tests only) sleeps after each
+    """A backend stream consumed in its own thread; `batches(wait)` gives the events that arrived, a list at a
+    time (blocking for the first, then collecting for at most wait() seconds). `delay` (tests only) sleeps after each
     answer piece, pacing the engine itself."""
 
     def __init__(self, events, delay: float = 0.0):
@@ -52,10 +54,10 @@ class Prefetch:
             events.close()
             self.arrived.put(_END)
 
-    def batches(self):
+    def batches(self, wait=lambda: REFRESH_S):
         while True:
             batch = [self.arrived.get()]
-            deadline = time.monotonic() + REFRESH_S
+            deadline = time.monotonic() + wait()
             while batch[-1] is not _END and not isinstance(batch[-1], _Failed):
                 try:
                     batch.append(self.arrived.get(timeout=max(deadline - time.monotonic(), 0)))
@@ -237,11 +239,15 @@ class ChatHandlers:
                 else:
                     session.partial += event.text
 
-        finished = False
+        finished, wait = False, REFRESH_S
         try:
-            for batch in feed.batches():
+            for batch in feed.batches(lambda: wait):
                 take(batch)
+                began = time.monotonic()
                 yield self.streaming(session)
+                # Gradio's work on that update (diffing and sending the chat) runs on the cores the model needs:
+                # the next redraw waits long enough that redrawing takes at most REDRAW_SHARE of the time
+                wait = min(max(REFRESH_S, (time.monotonic() - began) / REDRAW_SHARE), MAX_REFRESH_S)
             finished = True
         finally:
             if not finished:  # Gradio cancelled us mid-answer: the engine stops and keeps the partial answer
