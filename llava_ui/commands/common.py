@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from llava_ui import DEFAULT_MODEL
+from llava_ui.backends.base import Progress
 from llava_ui.chat.conversation import Conversation
 from llava_ui.config import IMAGE_MODES, GenerationSettings
 from llava_ui.errors import UserError
@@ -54,7 +56,8 @@ def settings_from(args) -> GenerationSettings:
 
 
 def make_backend(args, on_progress=None):
-    """The backend the flags ask for: the process-wide local engine, or a remote one."""
+    """The backend the flags ask for: the process-wide local engine, or a remote one. Loading progress goes to
+    `on_progress(message, done, total)`, by default progress bars on stderr."""
     if getattr(args, "backend", "local") == "remote":
         from llava_ui.backends.remote import RemoteEngine  # deferred: a local run never needs httpx's client
 
@@ -65,8 +68,7 @@ def make_backend(args, on_progress=None):
 
     engine = get_engine(args.model, device=args.device, dtype=args.dtype, image_mode=getattr(args, "image_mode", None),
                         context_length=args.context_length)
-    if on_progress is not None:
-        engine.on_progress = on_progress
+    engine.on_progress = on_progress or ProgressBars().load
     return engine
 
 
@@ -76,3 +78,44 @@ def conversation_from_files(text: str, image_paths=(), video_path=None, frames: 
     conversation = Conversation(system=system)
     conversation.add_user_files(text, image_paths or [], video_path, frames)
     return conversation
+
+
+class ProgressBars:
+    """tqdm bars on stderr: loading the weights, encoding the images or frames, reading the prompt. Steps
+    without a count print as lines."""
+
+    def __init__(self, unit: str = "image"):
+        self.unit = unit
+        self.bar = None
+        self.label = None
+
+    def load(self, message: str, done: int | None = None, total: int | None = None) -> None:
+        if done is None:
+            self.close()
+            print(message, file=sys.stderr, flush=True)
+        else:
+            self._show(message, done, total, "weight")
+
+    def event(self, event: Progress) -> None:
+        if event.stage == "vision":
+            self._show(f"encoding {self.unit}s", event.done, event.total, self.unit, event.eta_s)
+        else:
+            self._show("reading the prompt", event.done, event.total, "tok", event.eta_s)
+
+    def _show(self, label: str, done: int, total: int, unit: str, eta_s: float | None = None) -> None:
+        from tqdm import tqdm  # deferred: only the command line draws bars
+
+        if label != self.label:
+            self.close()
+            self.bar = tqdm(total=total, desc=label, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=True)
+            self.label = label
+        self.bar.n = done
+        if eta_s is not None:
+            self.bar.set_postfix_str(f"first token in ~{eta_s:.0f} s", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.n = self.bar.total or self.bar.n
+            self.bar.close()
+        self.bar = self.label = None

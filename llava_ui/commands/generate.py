@@ -5,13 +5,8 @@ import json
 import sys
 
 from llava_ui.backends.base import Delta, Progress
-from llava_ui.commands.common import (
-    add_model_arguments,
-    add_sampling_arguments,
-    conversation_from_files,
-    make_backend,
-    settings_from,
-)
+from llava_ui.commands.common import (ProgressBars, add_model_arguments, add_sampling_arguments,
+                                      conversation_from_files, make_backend, settings_from)
 
 
 def add_generate_command(sub) -> None:
@@ -64,44 +59,3 @@ def cmd_generate(args) -> int:
         sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
     sys.stdout.flush()
     return 0
-
-
-class ProgressBars:
-    """tqdm bars on stderr: loading the weights, encoding the images or frames, reading the prompt. Steps
-    without a count print as lines."""
-
-    def __init__(self, unit: str = "image"):
-        self.unit = unit
-        self.bar = None
-        self.label = None
-
-    def load(self, message: str, done: int | None = None, total: int | None = None) -> None:
-        if done is None:
-            self.close()
-            print(message, file=sys.stderr, flush=True)
-        else:
-            self._show(message, done, total, "weight")
-
-    def event(self, event: Progress) -> None:
-        if event.stage == "vision":
-            self._show(f"encoding {self.unit}s", event.done, event.total, self.unit, event.eta_s)
-        else:
-            self._show("reading the prompt", event.done, event.total, "tok", event.eta_s)
-
-    def _show(self, label: str, done: int, total: int, unit: str, eta_s: float | None = None) -> None:
-        from tqdm import tqdm  # deferred: only the command line draws bars
-
-        if label != self.label:
-            self.close()
-            self.bar = tqdm(total=total, desc=label, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=True)
-            self.label = label
-        self.bar.n = done
-        if eta_s is not None:
-            self.bar.set_postfix_str(f"first token in ~{eta_s:.0f} s", refresh=False)
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.n = self.bar.total or self.bar.n
-            self.bar.close()
-        self.bar = self.label = None

@@ -33,7 +33,7 @@ TEST_DELAY_ENV = "LLAVA_UI_TEST_TOKEN_DELAY"
 
 class Prefetch:
     """A backend stream consumed in its own thread; `batches(wait)` gives the events that arrived, a list at a
-    time (blocking for the first, then collecting for at most wait() seconds). `delay` (tests only) sleeps after each
+    time (blocking for the first, then collecting answer pieces for at most wait() seconds). `delay` (tests only) sleeps after each
     answer piece, pacing the engine itself."""
 
     def __init__(self, events, delay: float = 0.0):
@@ -58,7 +58,8 @@ class Prefetch:
         while True:
             batch = [self.arrived.get()]
             deadline = time.monotonic() + wait()
-            while batch[-1] is not _END and not isinstance(batch[-1], _Failed):
+            # a progress event is shown as it comes (they are seconds apart at real size); answer pieces gather
+            while batch[-1] is not _END and not isinstance(batch[-1], (_Failed, Progress)):
                 try:
                     batch.append(self.arrived.get(timeout=max(deadline - time.monotonic(), 0)))
                 except queue.Empty:
