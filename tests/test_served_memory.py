@@ -3,6 +3,7 @@ and through the web chat's handlers, stays within 0.5 GB of the command line doi
 requests in a row grow nothing but the bounded caches. The same code as `bench/served.py`, which reports the
 figures; this asserts them.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +23,12 @@ SLACK_BYTES = 0.5 * 2**30
 
 @pytest.fixture(scope="module")
 def model():
-    return ensure_checkpoints(DEFAULT_CHECKPOINTS)["paddle"]
+    """LLAVA_UI_REAL_CHECKPOINT, else the benchmark's real-size checkpoint (written once if missing)."""
+    given = os.environ.get("LLAVA_UI_REAL_CHECKPOINT")
+    if given:
+        return Path(given)
+    shared = Path.home() / ".cache" / "llava_ui" / "bench-real" / "lmms"  # bench/run.py's, outside the test home
+    return shared if (shared / "model.safetensors").exists() else ensure_checkpoints(DEFAULT_CHECKPOINTS)["paddle"]
 
 
 @pytest.fixture(scope="module")
