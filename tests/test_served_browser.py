@@ -31,10 +31,6 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-SHOTS = ROOT / "test-artifacts" / "screenshots"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 DEFAULT_CHECKPOINT = Path.home() / ".cache" / "llava_ui" / "bench-real" / "lmms"
 CHECKPOINT_LOG = Path("/tmp/ckpt.log")  # another process may be writing DEFAULT_CHECKPOINT; it ends with CKPT_DONE
 FRAMES = 8
@@ -50,9 +46,8 @@ WINDOW_S = 5.0  # the window whose CPU use must be that of an idle server
 WINDOW_MAX_CPU_S = 0.5
 STOP_IDLE_S = 1.5  # after Stop, the server must be idle within this (the click's round trip, then one layer)
 
-if not os.path.exists(CHROMIUM):
-    pytest.skip("needs Chromium at /usr/bin/chromium (apt-get install -y chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright Python package")
+# the shared headless Chromium (skips this module where there is none, or no playwright)
+from test_browser import SHOTS, browser  # noqa: E402,F401
 psutil = pytest.importorskip("psutil")
 cv2 = pytest.importorskip("cv2")
 np = pytest.importorskip("numpy")
@@ -147,15 +142,6 @@ def server(real_checkpoint, tmp_path_factory):
         popen.kill()
         popen.wait(10)
     log.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 def open_page(browser, server):
