@@ -51,3 +51,16 @@ def serve(app, lifespan="off"):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@contextmanager
+def serve_api(backend, **options):
+    """The /v1 routes alone over `backend`, served on loopback: yields the base URL (…/v1)."""
+    from fastapi import FastAPI
+
+    from llava_ui.openai.server import create_api_router
+
+    app = FastAPI()
+    app.include_router(create_api_router(backend, **options))
+    with serve(app) as root:
+        yield root + "/v1"

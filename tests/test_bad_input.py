@@ -21,9 +21,8 @@ from typing import Callable
 import httpx
 import numpy as np
 import pytest
-from fastapi import FastAPI
 from PIL import Image
-from servers import RecordingEngine, serve
+from servers import RecordingEngine, serve_api
 from test_media import write_video
 
 from llava_ui.chat.conversation import Conversation, Picture
@@ -31,7 +30,6 @@ from llava_ui.chat.media import load_image, load_video
 from llava_ui.chat.prompt import IM_END, IM_START
 from llava_ui.config import GenerationSettings
 from llava_ui.errors import UserError
-from llava_ui.openai.server import create_api_router
 from llava_ui.web import handlers as ui_chat
 from llava_ui.web.handlers import ChatHandlers
 from llava_ui.web.session import VIDEO_EXTENSIONS
@@ -220,10 +218,8 @@ def engine(tiny_dir):
 
 @pytest.fixture(scope="module")
 def api_url(engine):
-    app = FastAPI()
-    app.include_router(create_api_router(engine))
-    with serve(app) as root:
-        yield root + "/v1"
+    with serve_api(engine) as url:
+        yield url
 
 
 @dataclass

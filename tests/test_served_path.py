@@ -8,9 +8,8 @@ import numpy as np
 import openai
 import paddle
 import pytest
-from fastapi import FastAPI
 from PIL import Image
-from servers import serve
+from servers import serve_api
 from test_api import data_url
 
 from llava_ui.backends.base import Delta, Progress, Result
@@ -23,7 +22,6 @@ from llava_ui.chat.media import Frame, Video
 from llava_ui.config import GenerationSettings
 from llava_ui.model import cpu as parallel
 from llava_ui.model import qwen2 as language
-from llava_ui.openai.server import create_api_router
 from llava_ui.web.handlers import ChatHandlers
 from llava_ui.web.session import ChatSession
 
@@ -153,10 +151,8 @@ def test_the_rates_learn_from_what_ran_and_bound_the_default_frames(engine):
 
 @pytest.fixture(scope="module")
 def api_root(engine):
-    app = FastAPI()
-    app.include_router(create_api_router(engine))
-    with serve(app) as root:
-        yield root + "/v1"
+    with serve_api(engine) as url:
+        yield url
 
 
 def test_the_api_streams_progress_as_sse_comments_that_openai_clients_skip(api_root):

@@ -38,6 +38,3 @@ class ComputeThread:
         if threading.current_thread() is self._thread:
             return fn(*args, **kwargs)
         return (self._executor or self._start()).submit(fn, *args, **kwargs).result()
-
-    def __call__(self, fn, *args, **kwargs):
-        return self.run(fn, *args, **kwargs)

@@ -28,7 +28,6 @@ from llava_ui.errors import UserError
 CONNECT_TIMEOUT_S = 10.0
 POLL_S = 1.0
 PROGRESS_COMMENT = ": progress "  # SSE comment lines this app's API sends before the first token
-PROGRESS_KEY = "progress"
 IMAGE_URL_CACHE_CHARS = 64 << 20  # encoded images kept (history images are re-sent every turn)
 
 
@@ -143,8 +142,8 @@ class RemoteEngine:
         with self._open(payload, stop_event) as response:
             try:
                 for chunk in _sse_events(response) if response is not None else ():
-                    if PROGRESS_KEY in chunk:
-                        yield chunk[PROGRESS_KEY]
+                    if isinstance(chunk, Progress):
+                        yield chunk
                         continue
                     if "error" in chunk:
                         raise RemoteError(f"the remote engine failed: {_message(chunk)}")
@@ -252,13 +251,13 @@ class RemoteEngine:
                       visual_tokens_per_image=details.get("visual_tokens_per_image") or [], stats=stats)
 
 
-def _sse_events(response: httpx.Response) -> Iterator[dict]:
+def _sse_events(response: httpx.Response) -> Iterator[dict | Progress]:
     try:
         for line in response.iter_lines():
             if line.startswith(PROGRESS_COMMENT):  # this app's progress before the first token
                 progress = _progress(line[len(PROGRESS_COMMENT):])
                 if progress is not None:
-                    yield {PROGRESS_KEY: progress}
+                    yield progress
                 continue
             if not line.startswith("data:"):
                 continue  # blank separators, other comments, event names

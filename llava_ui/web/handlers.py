@@ -112,21 +112,23 @@ class ChatHandlers:
     def default_frames(self) -> int:
         return self.frames or self.backend.default_frames()
 
-    def frames_setting(self):
+    def frames_setting(self, status: dict | None = None):
         """The video frames slider: the value in use and why."""
         if self.frames:
             return gr.update(value=self.frames, info="set by --frames; each frame costs ~730 tokens")
-        if self.backend.status().get("state") != "ready":
+        status = status or self.backend.status()
+        if status.get("state") != "ready":
             return gr.update(info="each frame costs ~730 tokens; the default follows this machine's speed once "
                                   "the model is loaded")
         frames = self.backend.default_frames()
-        device = str(self.backend.status().get("device") or "")
+        device = str(status.get("device") or "")
         why = ("16 on a GPU" if device.startswith("gpu") else "16 for a remote engine" if device.startswith("remote")
                else f"{frames}: the first token within about a minute at this CPU's measured speed (at most 16)")
         return gr.update(value=frames, info=f"default {why}; each frame costs ~730 tokens")
 
     def status_and_frames(self):
-        return (*self.status(), self.frames_setting())
+        status = self.backend.status()  # one look for both: the timer asks every second while loading
+        return (*self.status(status), self.frames_setting(status))
 
     def estimate(self, message: dict | None, frames=None, image_mode: str = ""):
         """Next to the input, before sending: how long the attached media will take here, when that is long."""
@@ -361,9 +363,9 @@ class ChatHandlers:
         return gr.update(value=write_export(session, str(self.backend.status().get("model")), self.files_dir),
                          visible=True)
 
-    def status(self):
+    def status(self, status: dict | None = None):
         """(status HTML, load button, timer): the timer stops once the model is ready."""
-        status = self.backend.status()
+        status = status or self.backend.status()
         state = status.get("state")
         label = {"failed": "Retry load", "not_loaded": "Load now"}.get(state)
         return (status_html(status), gr.update(visible=label is not None, value=label or "Load now"),
