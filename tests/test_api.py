@@ -148,7 +148,7 @@ def test_one_request_cannot_hold_unbounded_images(client, monkeypatch):
     assert "megapixels in all" in caught.value.body["message"]
 
 
-@pytest.mark.parametrize("url, words", [("https://example.com/cat.png", "not fetched"),
+@pytest.mark.parametrize("url, words", [("https://example.com/cat.png", "--allow-image-urls"),
                                         ("data:image/png;base64,@@@", "not valid base64")])
 def test_unusable_image_urls_are_refused(client, url, words):
     with pytest.raises(openai.BadRequestError) as caught:

@@ -15,7 +15,8 @@ LAYERS = ["errors", "config", "chat", "model", "checkpoints", "backends", "opena
 
 @pytest.mark.parametrize("module", ["llava_ui.chat", "llava_ui.chat.conversation", "llava_ui.chat.prompt",
                                     "llava_ui.chat.media", "llava_ui.chat.export", "llava_ui.backends.remote",
-                                    "llava_ui.openai.server", "llava_ui.web.page", "llava_ui.commands.serve"])
+                                    "llava_ui.openai.server", "llava_ui.openai.fetch", "llava_ui.web.page",
+                                    "llava_ui.commands.serve", "llava_ui.commands.main"])
 def test_the_light_side_imports_without_paddle_or_paddlenlp(module):
     code = (f"import sys, {module}\n"
             "print(sorted(m for m in ('paddle', 'paddlenlp') if m in sys.modules))")

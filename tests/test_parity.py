@@ -50,6 +50,7 @@ def reference_embeds(hf, ids, images, newline):
     with torch.no_grad():
         feats = hf.get_image_features(pixel_values=pixels, vision_feature_layer=-1,
                                       vision_feature_select_strategy="full")
+        feats = getattr(feats, "pooler_output", feats)  # transformers 5: the projected features per image
         embed = hf.get_input_embeddings()
         pieces, start, k = [], 0, 0
         slots = [i for i, t in enumerate(ids) if t == IMAGE_MARKER]

@@ -63,7 +63,8 @@ def test_video_without_marker_leads_like_the_reference():
 def tokenizers(checkpoints):
     transformers = pytest.importorskip("transformers")
     folder = checkpoints("hf")  # real Qwen vocabulary, and `<image>` as an added token like llava-hf
-    return load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(str(folder)), folder
+    # the class tokenizer_config.json names (transformers 5's AutoTokenizer goes by the llava config instead)
+    return load_tokenizer(folder), transformers.Qwen2Tokenizer.from_pretrained(str(folder)), folder
 
 
 @pytest.mark.parametrize("messages", [

@@ -156,6 +156,45 @@ def test_the_file_route_serves_nothing_outside_the_upload_folder(site, secret_im
     assert "root:" not in response.text and "llava_ui" not in response.text
 
 
+@pytest.mark.parametrize("url", ["https://evil.example/phish", "http://evil.example/x.png", "//evil.example/x",
+                                 "https:%2F%2Fevil.example%2Fphish"])
+def test_the_file_route_never_redirects_to_an_external_url(site, url):
+    """Gradio <= 6.19 answered /gradio_api/file=<url> with a redirect to it: a link on this app's address that
+    lands on anyone's page."""
+    root, _ = site
+    response = httpx.get(f"{root}/gradio_api/file={url}", follow_redirects=False, timeout=30)
+    assert not response.is_redirect, (url, response.status_code, response.headers.get("location"))
+    assert "evil.example" not in response.headers.get("location", "")
+    assert response.status_code >= 400
+
+
+def test_a_json_body_over_the_bound_is_refused_before_it_is_read_whole(site):
+    root, _ = site
+    response = httpx.post(root + "/gradio_api/call/chat", content=b'{"data": ["' + b"x" * (5 << 20) + b'"]}',
+                          headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == 413 and "upload files instead" in response.json()["detail"]
+
+
+def test_the_chat_endpoint_itself_takes_only_uploads(tmp_path):
+    from gradio.utils import get_upload_folder
+
+    from llava_ui.errors import UserError
+    from llava_ui.web.uploads import uploaded_paths
+
+    inside = Path(get_upload_folder()) / f"ok-{uuid.uuid4().hex}.png"
+    inside.parent.mkdir(parents=True, exist_ok=True)
+    inside.write_bytes(b"x")
+    try:
+        meta = {"_type": "gradio.FileData"}
+        assert uploaded_paths([{"path": str(inside), "meta": meta}]) == [os.path.realpath(inside)]
+        for bad in ({"path": "/etc/passwd", "meta": meta}, {"path": f"{inside.parent}/../../etc/passwd", "meta": meta},
+                    {"path": str(inside)}, "/etc/passwd"):
+            with pytest.raises(UserError):
+                uploaded_paths([bad])
+    finally:
+        inside.unlink()
+
+
 def _file(path) -> dict:
     return {"path": str(path), "meta": {"_type": "gradio.FileData"}}
 
@@ -195,7 +234,7 @@ def test_gradio_client_with_a_plain_path_string_is_refused(site):
 
     client = Client(site[0], verbose=False)
     try:
-        with pytest.raises(AppError, match="meta"):  # not an upload: Gradio rejects a bare string as a file
+        with pytest.raises(AppError, match="must be uploads"):  # a bare string is not an upload
             client.predict("hi", ["/etc/passwd"], api_name="/chat")
     finally:
         client.close()
@@ -225,7 +264,7 @@ def test_the_api_refuses_file_and_network_urls_without_the_flag(site, url):
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="", messages=[{"role": "user", "content": [
             {"type": "text", "text": "what is it?"}, {"type": "image_url", "image_url": {"url": url}}]}])
-    assert "disabled on this server" in caught.value.body["message"] or "not fetched" in caught.value.body["message"]
+    assert "disabled on this server" in caught.value.body["message"] or "off on this server" in caught.value.body["message"]
     assert caught.value.body["param"] == "messages.0.content.1"
 
 

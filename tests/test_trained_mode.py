@@ -75,6 +75,8 @@ def llava_next_oracle(model_dir):
     state = {lmms_to_llava_next(k): torch.from_numpy(np.array(v)) for k, v in read_weights(weight_files(model_dir)).items()}
     if raw["tie_word_embeddings"]:
         state["lm_head.weight"] = state["model.language_model.embed_tokens.weight"]
+    own = model.state_dict().keys()  # transformers 5 holds the SigLIP transformer itself: no `vision_model.` level
+    state = {k if k in own else k.replace("vision_tower.vision_model.", "vision_tower."): v for k, v in state.items()}
     model.load_state_dict(state, strict=True)
     return model
 

@@ -23,6 +23,7 @@ from llava_ui.backends.rates import MAX_DEFAULT_FRAMES, Rates, Workload, calibra
 from llava_ui.chat.conversation import Conversation
 from llava_ui.chat.prompt import IMAGE_MARKER, render_prompt
 from llava_ui.chat.stopping import StopStrings
+from llava_ui.checkpoints.hub import model_source
 from llava_ui.checkpoints.load import build_model, load_tokenizer, resolve_model_dir
 from llava_ui.config import GenerationSettings
 from llava_ui.errors import Stopped, UserError
@@ -73,10 +74,11 @@ def pick_dtype(device: str, requested: str | None = None) -> str:
 
 
 class Engine:
-    def __init__(self, model: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
+    def __init__(self, model: str = DEFAULT_MODEL, hub: str | None = None, device: str | None = None,
+                 dtype: str | None = None,
                  image_mode: str | None = None, context_length: int | None = None,
                  feature_cache_mb: int = 256, prefix_cache_mb: int = 1024, prefix_cache_entries: int = 4):
-        self.model_id = model
+        self.model_id, self.hub = model, hub
         self.requested = (device, dtype, image_mode, context_length)
         self.load_state = LoadState()
         self.features = FeatureCache(feature_cache_mb << 20)
@@ -92,6 +94,7 @@ class Engine:
     def status(self) -> dict:
         s = self.load_state
         return {"state": s.state, "message": s.message, "error": s.error, "model": self.model_id,
+                "source": model_source(self.model_id, self.hub),
                 "device": s.device, "dtype": s.dtype, "layout": s.layout, "random_weights": s.random_weights,
                 "image_mode": self.image_mode if s.state == "ready" else None,
                 "unpad_rounding": self.config.unpad_rounding if s.state == "ready" else None,
@@ -134,7 +137,7 @@ class Engine:
         device = pick_device(device_req)
         dtype = pick_dtype(device, dtype_req)
         paddle.set_device(device)
-        model_dir = resolve_model_dir(self.model_id, self._progress)
+        model_dir = resolve_model_dir(self.model_id, self._progress, self.hub)
         self.model_dir = model_dir
         model, config, layout = build_model(model_dir, dtype, self._progress)
         self._progress("loading the tokenizer ...")

@@ -15,6 +15,7 @@ import numpy as np
 import paddle
 
 from llava_ui.chat.prompt import PromptTokenizer
+from llava_ui.checkpoints.hub import hf_download, split_model_id
 from llava_ui.checkpoints.random import tiny_random_dir
 from llava_ui.checkpoints.weights import StoredArray, open_weights, weight_files
 from llava_ui.config import read_config
@@ -30,8 +31,9 @@ WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "model_stat
 TINY_RANDOM = "tiny-random"
 
 
-def resolve_model_dir(model: str, progress=None) -> Path:
-    """A local folder as it is; `tiny-random` made on first use; anything else is a hub id downloaded by paddlenlp."""
+def resolve_model_dir(model: str, progress=None, hub: str | None = None) -> Path:
+    """A local folder as it is; `tiny-random` made on first use; anything else is a model id, downloaded from
+    the Hugging Face Hub or PaddleNLP's community storage (checkpoints/hub.py says which)."""
     progress = progress or _stderr
     path = Path(model).expanduser()
     if path.is_dir():
@@ -40,7 +42,8 @@ def resolve_model_dir(model: str, progress=None) -> Path:
         return tiny_random_dir(progress)
     if path.exists() or model.startswith((".", "/", "~")):
         raise UserError(f"model folder {model} does not exist (or is not a folder)")
-    return _download(model, progress)
+    source, repo_id = split_model_id(model, hub)
+    return hf_download(repo_id, progress) if source == "hf" else _download(repo_id, progress)
 
 
 def _download(repo_id: str, progress) -> Path:
@@ -226,10 +229,13 @@ def _stderr(message: str, done: int | None = None, total: int | None = None) -> 
 
 def load_tokenizer(model_dir):
     """paddlenlp's Qwen2 tokenizer from vocab.json + merges.txt, or its fast twin when only tokenizer.json is there."""
-    AutoTokenizer = paddlenlp_module("paddlenlp.transformers").AutoTokenizer
-
     folder = Path(model_dir)
     has_bpe_files = (folder / "vocab.json").exists() and (folder / "merges.txt").exists()
     if not has_bpe_files and not (folder / "tokenizer.json").exists():
         raise UserError(f"{folder} has no tokenizer (vocab.json + merges.txt, or tokenizer.json)")
-    return PromptTokenizer(AutoTokenizer.from_pretrained(str(folder), use_fast=not has_bpe_files))
+    # the Qwen2 classes directly: paddlenlp's AutoTokenizer imports every model's tokenizer (scipy, ...) to choose
+    if has_bpe_files:
+        tokenizer = paddlenlp_module("paddlenlp.transformers.qwen2.tokenizer").Qwen2Tokenizer
+    else:
+        tokenizer = paddlenlp_module("paddlenlp.transformers.qwen2.tokenizer_fast").Qwen2TokenizerFast
+    return PromptTokenizer(tokenizer.from_pretrained(str(folder)))

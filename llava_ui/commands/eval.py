@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from llava_ui.commands.common import add_model_arguments, make_backend
+from llava_ui.commands.common import HelpFormatter, add_log_level, add_model_arguments, make_backend
 from llava_ui.eval.answerers import (
     TRACE_FILE,
     checkpoint_repetition_penalty,
@@ -16,8 +16,10 @@ from llava_ui.eval.benchmark import EVAL_MAX_NEW_TOKENS, add_eval_arguments, run
 
 
 def add_eval_command(sub) -> None:
-    parser = sub.add_parser("eval", help="run the model card's evaluation (LLaVA-Interleave-Bench)")
+    parser = sub.add_parser("eval", help="run the model card's evaluation (LLaVA-Interleave-Bench)",
+                            formatter_class=HelpFormatter)
     add_model_arguments(parser, image_mode=False)  # eval has its own --image-mode, default eval
+    add_log_level(parser)
     add_eval_arguments(parser)
     parser.set_defaults(func=cmd_eval)
 

@@ -5,18 +5,19 @@ import json
 import sys
 
 from llava_ui.backends.base import Delta, Progress
-from llava_ui.commands.common import (ProgressBars, add_model_arguments, add_sampling_arguments,
-                                      conversation_from_files, make_backend, settings_from)
+from llava_ui.commands.common import (HelpFormatter, ProgressBars, add_frames_argument, add_log_level,
+                                      add_model_arguments, add_sampling_arguments, conversation_from_files,
+                                      make_backend, settings_from)
 
 
 def add_generate_command(sub) -> None:
-    gen = sub.add_parser("generate", help="answer one prompt with images or a video")
+    gen = sub.add_parser("generate", help="answer one prompt with images or a video",
+                         formatter_class=HelpFormatter)
     add_model_arguments(gen)
+    add_log_level(gen)
     gen.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
     gen.add_argument("--video", default=None, help="a video file (frames are sampled uniformly)")
-    gen.add_argument("--frames", type=int, default=None,
-                     help="video frames to sample (default: 16 on a GPU; on a CPU as many, up to 16, as give the "
-                          "first token within about a minute at this machine's measured speed)")
+    add_frames_argument(gen)
     gen.add_argument("--prompt", required=True,
                      help="the question; <image> markers place the images, otherwise they come first")
     gen.add_argument("--system", default=None, help="system prompt (default: You are a helpful assistant.)")

@@ -7,15 +7,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llava_ui.commands.eval import add_eval_command
-from llava_ui.commands.generate import add_generate_command
-from llava_ui.commands.replay import add_replay_command
+from llava_ui.commands.common import HelpFormatter, configure_logging, version_line
 from llava_ui.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m llava_ui",
-                                     description="LLaVA-NeXT-Interleave on PaddlePaddle: serve, generate, evaluate")
+    # deferred: these import the local engine (Paddle); `llava-ui serve` in a light front end has no Paddle
+    from llava_ui.commands.eval import add_eval_command
+    from llava_ui.commands.generate import add_generate_command
+    from llava_ui.commands.replay import add_replay_command
+
+    parser = argparse.ArgumentParser(prog="llava-ui", formatter_class=HelpFormatter,
+                                     description="LLaVA-NeXT-Interleave on PaddlePaddle: serve, generate, evaluate "
+                                                 "(also python -m llava_ui); every command has --help")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="the web chat + OpenAI-compatible API (the flags of python app.py)")
     add_generate_command(sub)
@@ -48,6 +53,7 @@ def main(argv=None) -> int:
         if argv and argv[0] in PASSED_ON:
             return PASSED_ON[argv[0]](argv[1:])
         args = build_parser().parse_args(argv)
+        configure_logging(args.log_level)
         return args.func(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -55,3 +61,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def cli() -> None:
+    """The `llava-ui` console command."""
+    sys.exit(main())

@@ -6,12 +6,13 @@ import sys
 
 from llava_ui.chat.conversation import Conversation
 from llava_ui.chat.export import FORMAT, import_turn
-from llava_ui.commands.common import add_model_arguments, make_backend
+from llava_ui.commands.common import HelpFormatter, add_log_level, add_model_arguments, make_backend
 from llava_ui.config import GenerationSettings
 from llava_ui.errors import UserError
 
 
-def replay(export: dict, backend, out=sys.stdout) -> list[bool]:
+def replay(export: dict, backend, out=None) -> list[bool]:
+    out = out or sys.stdout  # looked up per call: a default bound at import would outlive a redirected stdout
     if export.get("format") != FORMAT:
         raise UserError(f"not a conversation export (format {export.get('format')!r}, expected {FORMAT!r})")
     conversation = Conversation(system=export.get("system"))
@@ -30,9 +31,11 @@ def replay(export: dict, backend, out=sys.stdout) -> list[bool]:
 
 
 def add_replay_command(sub) -> None:
-    parser = sub.add_parser("replay", help="re-run an exported conversation and compare the answers")
+    parser = sub.add_parser("replay", help="re-run an exported conversation and compare the answers",
+                            formatter_class=HelpFormatter)
     parser.add_argument("export", help="JSON file exported from the web UI's inspector")
     add_model_arguments(parser)
+    add_log_level(parser)
     parser.set_defaults(func=cmd_replay, model=None)
 
 

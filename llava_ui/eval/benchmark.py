@@ -275,7 +275,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     """The benchmark flags; the caller adds the model flags and calls run_evaluation."""
     parser.add_argument("--data", required=True, metavar="DIR",
                         help="LLaVA-NeXT-Interleave-Bench folder: <split>.json files and the image folders")
-    parser.add_argument("--split", required=True, choices=SPLITS)
+    parser.add_argument("--split", required=True, choices=SPLITS, help="which of the benchmark's splits to answer")
     parser.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate only the first N samples")
     parser.add_argument("--image-mode", choices=IMAGE_MODES, default="eval",
                         help="how images become visual tokens; 'eval' is what produced the published scores")

@@ -62,7 +62,9 @@ class StreamOptions(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    """The fields this server reads; other OpenAI fields (user, logprobs, penalties, ...) are accepted and ignored."""
+    """The fields this server reads. OpenAI fields that would change the answer and that it does not implement
+    (tools, structured output, logprobs, n > 1, penalties, logit bias) are refused with a 400 rather than ignored;
+    fields that change nothing here (user, metadata, store, ...) are accepted."""
 
     model_config = ConfigDict(extra="allow")
     model: str | None = None
@@ -79,10 +81,19 @@ class ChatRequest(BaseModel):
     top_k: int | None = None
     repetition_penalty: float | None = None
     image_mode: Literal[IMAGE_MODES] | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+    response_format: dict | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict | None = None
 
     def settings(self) -> GenerationSettings:
-        if self.n not in (None, 1):
-            raise APIError(400, "only n=1 is supported", param="n")
+        self.refuse_unsupported()
         default = GenerationSettings()
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         top_k = 0 if self.top_k in (None, -1) else self.top_k  # vLLM spells "off" as -1
@@ -93,6 +104,27 @@ class ChatRequest(BaseModel):
             top_k=top_k, repetition_penalty=self.repetition_penalty or default.repetition_penalty,
             seed=self.seed, stop=stop)
         return settings.validate()
+
+    def refuse_unsupported(self) -> None:
+        def refuse(param: str, what: str) -> None:
+            raise APIError(400, f"{what} is not supported by this server", code="unsupported_parameter", param=param)
+
+        if self.n not in (None, 1):
+            refuse("n", "n > 1 (several choices per request)")
+        if self.tools or self.functions:
+            refuse("tools" if self.tools else "functions", "tool calling")
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none", "auto"):
+                refuse(name, "tool calling")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            refuse("response_format", f"response_format {self.response_format.get('type')!r} (only text)")
+        if self.logprobs or self.top_logprobs:
+            refuse("logprobs" if self.logprobs else "top_logprobs", "logprobs")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                refuse(name, f"{name} (use repetition_penalty)")
+        if self.logit_bias:
+            refuse("logit_bias", "logit_bias")
 
 
 class Reply:
@@ -144,9 +176,11 @@ MAX_REQUEST_IMAGES = 64
 MAX_REQUEST_PIXELS = 160_000_000  # decoded RGB ≈ 480 MB: one request cannot exhaust the server's memory
 
 
-def conversation_from_messages(messages: list[ChatMessage], allow_file_urls: bool = False) -> Conversation:
+def conversation_from_messages(messages: list[ChatMessage], allow_file_urls: bool = False,
+                               fetched: dict[str, bytes] | None = None) -> Conversation:
     """system/developer messages set the system prompt; user + assistant pairs become answered turns; the last
-    message must come from the user. Consecutive user (or assistant) messages are joined by a newline."""
+    message must come from the user. Consecutive user (or assistant) messages are joined by a newline. `fetched`
+    holds the bytes of the http(s) image URLs the server downloaded (--allow-image-urls)."""
     parts = sum(1 for m in messages if isinstance(m.content, list) for p in m.content if p.type == "image_url")
     if parts > MAX_REQUEST_IMAGES:
         raise APIError(400, f"the request has {parts} images; the limit is {MAX_REQUEST_IMAGES} per request",
@@ -157,7 +191,7 @@ def conversation_from_messages(messages: list[ChatMessage], allow_file_urls: boo
         if message.role in ("system", "developer"):
             system.append(_text_only(message, i))
         elif message.role == "user":
-            text, pictures = user_content(message, i, allow_file_urls)
+            text, pictures = user_content(message, i, allow_file_urls, fetched or {})
             decoded += sum(p.image.width * p.image.height for p in pictures)
             if decoded > MAX_REQUEST_PIXELS:
                 raise APIError(400, f"the request's images hold more than {MAX_REQUEST_PIXELS // 1_000_000} "
@@ -184,7 +218,8 @@ def conversation_from_messages(messages: list[ChatMessage], allow_file_urls: boo
     return conversation
 
 
-def user_content(message: ChatMessage, index: int, allow_file_urls: bool) -> tuple[str, list[Picture]]:
+def user_content(message: ChatMessage, index: int, allow_file_urls: bool,
+                 fetched: dict[str, bytes]) -> tuple[str, list[Picture]]:
     """The turn text with one <image> marker per image, and the images in marker order.
 
     Images go where their parts are. Images that all come before the text are followed by a newline (the
@@ -201,7 +236,8 @@ def user_content(message: ChatMessage, index: int, allow_file_urls: bool) -> tup
             url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
             if not url:
                 raise APIError(400, "an image_url part needs a url", param=where)
-            pictures.append(Picture(decode_image_url(url, allow_file_urls, where), name=f"image {len(pictures) + 1}"))
+            image = _load(fetched[url], where) if url in fetched else decode_image_url(url, allow_file_urls, where)
+            pictures.append(Picture(image, name=f"image {len(pictures) + 1}"))
             pieces.append(IMAGE_TOKEN)
         else:
             raise APIError(400, f"unsupported content part type {part.type!r} (use text or image_url; send video "
@@ -220,7 +256,8 @@ def user_content(message: ChatMessage, index: int, allow_file_urls: bool) -> tup
 
 
 def decode_image_url(url: str, allow_file_urls: bool, where: str = ""):
-    """data: URLs always; file:// only when the server allows it; http(s) never (no outbound fetching)."""
+    """data: URLs always; file:// only when the server allows it; http(s) ones arrive already fetched, when the
+    server allows them (openai/fetch.py)."""
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
         header, _, payload = url.partition(",")
@@ -242,8 +279,8 @@ def decode_image_url(url: str, allow_file_urls: bool, where: str = ""):
             raise APIError(400, "file:// URLs must name a local path (file:///path/to/image.png)", param=where)
         return _load(Path(unquote(parsed.path)), where)
     if scheme in ("http", "https"):
-        raise APIError(400, "http(s) image URLs are not fetched by this server; send the image as a data: URL "
-                            "(data:image/png;base64,...)", param=where)
+        raise APIError(400, "http(s) image URLs are off on this server (start it with --allow-image-urls to fetch "
+                            "them); send the image as a data: URL (data:image/png;base64,...)", param=where)
     raise APIError(400, "image_url must be a data: URL (data:image/png;base64,...)", param=where)
 
 

@@ -1,4 +1,5 @@
-"""OpenAI-compatible endpoints served next to the UI: GET /v1/models and POST /v1/chat/completions (SSE streaming).
+"""OpenAI-compatible endpoints served next to the UI: GET /v1/models, GET /v1/models/{id} and
+POST /v1/chat/completions (SSE streaming).
 
 The backend computes one step per next(); each step runs in a worker thread so the event loop keeps serving. A
 client that goes away stops its generation: the stop event is set and the backend is drained (no more compute).
@@ -21,6 +22,7 @@ from pydantic import ValidationError
 
 from llava_ui.backends.base import Delta, Progress, Result
 from llava_ui.errors import UserError
+from llava_ui.openai.fetch import URLPolicy, fetch_images
 from llava_ui.openai.format import APIError, ChatRequest, Reply, conversation_from_messages, finish_reason
 
 logger = logging.getLogger(__name__)
@@ -93,7 +95,9 @@ class LoadGate:
                        "server_error", "model_loading", headers={"Retry-After": str(LOADING_RETRY_S)})
 
 
-def create_api_router(backend, api_key: str | None = None, allow_file_urls: bool = False) -> APIRouter:
+def create_api_router(backend, api_key: str | None = None, allow_file_urls: bool = False,
+                      image_urls: URLPolicy | None = None) -> APIRouter:
+    """The /v1 routes on `backend`; `image_urls` set: http(s) image URLs are fetched within its limits."""
     router = APIRouter(prefix="/v1", route_class=OpenAIRoute, tags=["OpenAI-compatible API"])
     gate = LoadGate(backend)
     started = int(time.time())
@@ -112,6 +116,15 @@ def create_api_router(backend, api_key: str | None = None, allow_file_urls: bool
         authorize(request)
         return {"object": "list", "data": [model_card(gate.warm(), started)]}
 
+    @router.get("/models/{model_id:path}")
+    async def retrieve_model(request: Request, model_id: str):
+        authorize(request)
+        card = model_card(gate.warm(), started)
+        if model_id != card["id"]:
+            raise APIError(404, f"the model {model_id!r} does not exist; this server serves {card['id']!r}",
+                           code="model_not_found", param="model")
+        return card
+
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
@@ -121,7 +134,9 @@ def create_api_router(backend, api_key: str | None = None, allow_file_urls: bool
         if body.model and served and body.model != served:
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {served!r}",
                            code="model_not_found", param="model")
-        conversation = await anyio.to_thread.run_sync(conversation_from_messages, body.messages, allow_file_urls)
+        fetched = await fetch_images(body.messages, image_urls) if image_urls else {}
+        conversation = await anyio.to_thread.run_sync(conversation_from_messages, body.messages, allow_file_urls,
+                                                      fetched)
         gate.check()
         stop_event = threading.Event()
         events = backend.stream(conversation, settings, image_mode=body.image_mode, stop_event=stop_event)
@@ -151,8 +166,8 @@ def create_api_router(backend, api_key: str | None = None, allow_file_urls: bool
     @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     async def unknown_endpoint(request: Request, path: str):
         authorize(request)
-        raise APIError(404, f"no endpoint {request.method} /v1/{path}; this server offers GET /v1/models and "
-                            "POST /v1/chat/completions", code="not_found")
+        raise APIError(404, f"no endpoint {request.method} /v1/{path}; this server offers GET /v1/models, "
+                            "GET /v1/models/{id} and POST /v1/chat/completions", code="not_found")
 
     return router
 

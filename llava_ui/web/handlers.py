@@ -4,15 +4,15 @@ and the stateless `/chat` API endpoint. Plain methods over a `ChatSession`, so t
 Test-only: LLAVA_UI_TEST_TOKEN_DELAY=<seconds> sleeps that long per streamed piece in `respond`, so a browser test
 can watch an answer grow and press Stop mid-answer with a model that decodes hundreds of tokens a second.
 """
-from __future__ import annotations
-
 import os
 import queue
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 
 import gradio as gr
+from gradio import FileData
 
 from llava_ui.backends.base import Delta, Progress, Result
 from llava_ui.backends.rates import human_seconds
@@ -23,6 +23,7 @@ from llava_ui.errors import UserError
 from llava_ui.web.inspector import inspector_views, stats_line, status_html, write_export
 from llava_ui.web.render import chat_messages, progress_text, turn_index, typed_text
 from llava_ui.web.session import ChatSession, add_message, check_files, settle
+from llava_ui.web.uploads import uploaded_paths
 
 REFRESH_S = 0.05  # at most ~20 screen updates a second while tokens stream ...
 REDRAW_SHARE = 0.04  # ... and redrawing the chat takes at most this share of the time the model computes
@@ -376,12 +377,15 @@ class ChatHandlers:
         time.sleep(0.1)  # let the state leave "not_loaded"/"failed" so the badge shows the load starting
         return self.status()
 
-    def chat_api(self, message: str, files: list[str] | None = None, system_prompt: str = "", temperature=0.2,
-                 top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=1024, frames=16, seed=-1,
-                 image_mode: str = ""):
-        """Stateless one-message chat: streams the growing answer text; the last value is the final answer."""
+    def chat_api(self, message: str, files: list[FileData] | None = None, system_prompt: str = "",
+                 temperature: float = 0.2, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+                 max_new_tokens: int = 1024, frames: int = 0, seed: int = -1,
+                 image_mode: str = "") -> Iterator[str]:
+        """Stateless one-message chat (gr.api, "/chat"): streams the growing answer text; the last value is the
+        final answer. frames 0: the default in use; seed -1: a random one."""
         try:
-            images, video_path = check_files(list(files or []), self.max_files, self.max_upload_mb)
+            paths = uploaded_paths(files or [])
+            images, video_path = check_files(paths, self.max_files, self.max_upload_mb)
             conversation = Conversation(system=(system_prompt or "").strip() or None)
             conversation.add_user_files(message or "", images, video_path, int(frames or self.default_frames()))
             settings = GenerationSettings.from_inputs(temperature, top_p, top_k, repetition_penalty, max_new_tokens,

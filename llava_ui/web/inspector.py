@@ -113,6 +113,8 @@ def frames_gallery(session: ChatSession | None) -> list:
 
 def status_html(status: dict) -> str:
     state, model = status.get("state"), html.escape(str(status.get("model") or ""))
+    if status.get("source"):
+        model += f" <small>(from {html.escape(status['source'])})</small>"
     if state == "ready":
         details = " · ".join(html.escape(str(status[k])) for k in ("device", "dtype") if status.get(k))
         badge = (' <span class="badge-random" title="a test model: its answers are noise">random weights — '

@@ -108,17 +108,6 @@ def build_demo(backend, args) -> gr.Blocks:
                 export_file = gr.File(label="Replay with: python -m llava_ui replay FILE.json",
                                       interactive=False, elem_id="export-file", visible=False)
 
-        with gr.Group(visible=False):  # the stateless /chat endpoint's inputs and output, for API clients
-            api_inputs = [gr.Textbox(value="", label="message"),
-                          gr.File(file_count="multiple", type="filepath", label="files"),
-                          gr.Textbox(value="", label="system_prompt"), gr.Number(value=0.2, label="temperature"),
-                          gr.Number(value=1.0, label="top_p"), gr.Number(value=0, precision=0, label="top_k"),
-                          gr.Number(value=1.0, label="repetition_penalty"),
-                          gr.Number(value=1024, precision=0, label="max_new_tokens"),
-                          gr.Number(value=frames or 0, precision=0, label="frames"),  # 0: the default in use
-                          gr.Number(value=-1, precision=0, label="seed"), gr.Textbox(value="", label="image_mode")]
-            api_answer = gr.Textbox(label="answer")
-            api_button = gr.Button("chat")
         timer = gr.Timer(1.0)
 
         views = [chatbot, session, stats, summary, prompt_view, raw_prompt, gallery]
@@ -148,8 +137,8 @@ def build_demo(backend, args) -> gr.Blocks:
         for changed in (chat_input.change, video_frames.release, image_mode.change):
             changed(chat.estimate, [chat_input, video_frames, image_mode], [estimate], **QUIET)
         demo.unload(chat.leave)  # a closed tab stops its answer
-        api_button.click(chat.chat_api, api_inputs, [api_answer], api_name="chat",
-                         api_description="Answer one message (text with optional <image>/<video> markers, plus "
-                                         "image files and/or one video); streams the growing answer text.")
+        gr.api(chat.chat_api, api_name="chat",
+               api_description="Answer one message (text with optional <image>/<video> markers, plus image files "
+                               "and/or one video); streams the growing answer text.")
     demo.chat_handlers = chat  # for tests and app.py
     return demo
