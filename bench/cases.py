@@ -15,15 +15,18 @@ class Case:
     new_tokens: int
     video: bool = False  # frames go through the engine's video path (Paddle side); transformers sees images
     follow_up: str = ""  # a second turn on the same images: its time to first token is the figure
+    temperature: float = 0.0  # 0: greedy; else sampling at this temperature (top-k and top-p off, as the UI)
 
 
 CASES = {c.name: c for c in [
     Case("1-image", 1, "What is shown in this picture? Answer briefly.", 32),
     Case("4-images", 4, "What do these four pictures have in common?", 32),
     Case("video-8", 8, "What happens in this video?", 32, video=True),
+    Case("video-16", 16, "What happens in this video?", 32, video=True),
     Case("second-turn", 1, "What is shown in this picture? Answer briefly.", 32,
          follow_up="And which colours dominate it?"),
     Case("answer-256", 1, "Tell a long story about this picture.", 256),
+    Case("answer-256-t0.2", 1, "Tell a long story about this picture.", 256, temperature=0.2),  # the UI's default
 ]}
 WARM_UP = Case("warm-up", 1, "Hello?", 4)
 

@@ -28,9 +28,10 @@ sys.path.insert(0, str(HERE))
 
 from cases import CASES  # noqa: E402
 
+from llava_ui.model.onednn import bf16_units  # noqa: E402
+
 DEFAULT_CHECKPOINTS = Path(os.environ.get("LLAVA_UI_HOME", Path.home() / ".cache" / "llava_ui")) / "bench-real"
 LAYOUTS = {"paddle": "lmms", "transformers": "hf"}
-TARGETS = {"ttft_ratio": 0.8, "decode_ratio": 1.5, "bound_fraction": 0.5, "second_turn_ratio": 0.2, "rss_ratio": 1.4}
 
 
 def ensure_checkpoints(root: Path) -> dict[str, Path]:
@@ -124,76 +125,82 @@ def median(values):
     return statistics.median(values) if values else None
 
 
+PEERS = [("paddle", "transformers"), ("paddle", "transformers-bf16"), ("paddle-fp32", "transformers")]
+
+
+def engine_of(side: str) -> str:
+    """paddle-fp32 → paddle, transformers-bf16 → transformers (the checkpoint each reads)."""
+    return side.split("-")[0]
+
+
 def summarise(runs: dict, sizes: dict, bandwidth: float) -> dict:
     """Medians per (case, side) and the ratios the targets speak about."""
     table = {}
     for case, sides in runs.items():
-        row = {}
+        row = {"sides": {}, "ratios": {}}
         for side, results in sides.items():
-            row[side] = {
+            row["sides"][side] = {
                 "ttft_s": median([r["first"]["ttft_s"] for r in results]),
                 "decode_tokens_per_s": median([r["first"]["decode_tokens_per_s"] for r in results]),
                 "peak_rss_bytes": median([r["peak_rss"] for r in results]),
+                "rss_ratio": median([r["peak_rss"] for r in results]) / sizes["model_fp32"],
                 "load_s": median([r["load_s"] for r in results]),
                 "prompt_tokens": results[0]["first"]["prompt_tokens"],
                 "first_ids": results[0]["first"]["first_ids"],
+                "precision": results[0].get("precision") or results[0].get("dtype"),
             }
             if "second" in results[0]:
-                row[side]["second_ttft_s"] = median([r["second"]["ttft_s"] for r in results])
-        p, t = row.get("paddle"), row.get("transformers")
-        if p and t:
-            # ratios of the runs made back to back (repetition i of each side), then their median: the
-            # machine's load drifts over minutes, and neighbours see the same load
-            pairs = list(zip(sides["paddle"], sides["transformers"]))
-            row["ttft_ratio"] = median([a["first"]["ttft_s"] / b["first"]["ttft_s"] for a, b in pairs])
-            row["decode_ratio"] = median([a["first"]["decode_tokens_per_s"] / b["first"]["decode_tokens_per_s"]
-                                          for a, b in pairs])
-            row["same_first_tokens"] = p["first_ids"] == t["first_ids"]
-            if "second_ttft_s" in p:
-                row["second_turn_ttft_ratio_vs_transformers"] = median(
-                    [a["second"]["ttft_s"] / b["second"]["ttft_s"] for a, b in pairs])
-        if p:
-            row["paddle_rss_ratio"] = p["peak_rss_bytes"] / sizes["model_fp32"]
-            if "second_ttft_s" in p:
-                row["second_turn_ratio"] = median([r["second"]["ttft_s"] / r["first"]["ttft_s"]
-                                                   for r in sides["paddle"]])
+                row["sides"][side]["second_ttft_s"] = median([r["second"]["ttft_s"] for r in results])
+                row["sides"][side]["second_turn_ratio"] = median([r["second"]["ttft_s"] / r["first"]["ttft_s"]
+                                                                  for r in results])
+        for a, b in PEERS:
+            if a in sides and b in sides:
+                # ratios of the runs made back to back (repetition i of each side), then their median: the
+                # machine's load drifts over minutes, and neighbours see the same load
+                pairs = list(zip(sides[a], sides[b]))
+                ratio = {"ttft": median([x["first"]["ttft_s"] / y["first"]["ttft_s"] for x, y in pairs]),
+                         "decode": median([x["first"]["decode_tokens_per_s"] / y["first"]["decode_tokens_per_s"]
+                                           for x, y in pairs])}
+                if "second" in sides[a][0]:
+                    ratio["second_ttft"] = median([x["second"]["ttft_s"] / y["second"]["ttft_s"] for x, y in pairs])
+                row["ratios"][f"{a} / {b}"] = ratio
+        fp32, reference = row["sides"].get("paddle-fp32"), row["sides"].get("transformers")
+        if fp32 and reference and not CASES[case].temperature:
+            row["same_first_tokens"] = fp32["first_ids"] == reference["first_ids"]
         table[case] = row
-    bound = bandwidth / sizes["decode_read_per_token"]
-    return {"cases": table, "decode_bound_tokens_per_s": bound}
+    return {"cases": table, "decode_bound_tokens_per_s": bandwidth / sizes["decode_read_per_token"]}
 
 
 def markdown(report: dict) -> str:
     m, s = report["machine"], report["summary"]
     gb = 1e9
     lines = [
-        f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores, {m['memory_gb']:.0f} GB), "
-        f"{report['reps']} runs per side, medians; paddle {m['versions']['paddle']}, paddlenlp "
-        f"{m['versions']['paddlenlp']}, torch {m['versions']['torch']}, transformers {m['versions']['transformers']}.",
+        f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores, {m['memory_gb']:.0f} GB; bf16 units: "
+        f"{m.get('bf16_units') or 'none'}), {report['reps']} runs per side, medians; paddle "
+        f"{m['versions']['paddle']}, paddlenlp {m['versions']['paddlenlp']}, torch {m['versions']['torch']}, "
+        f"transformers {m['versions']['transformers']}.",
         "",
-        "Ratios are medians of the per-repetition ratios (each Paddle run against the transformers run next to it).",
-        "",
-        "| case | prompt tokens | first token: Paddle | transformers | ratio | decode tok/s: Paddle | transformers "
-        "| ratio | peak RSS: Paddle | transformers |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | side | precision | prompt tokens | first token | decode tok/s | peak RSS | RSS / fp32 weights |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for case, row in s["cases"].items():
-        p, t = row.get("paddle", {}), row.get("transformers", {})
-        lines.append(
-            f"| {case} | {p.get('prompt_tokens', t.get('prompt_tokens', ''))} | {_f(p.get('ttft_s'), 's')} "
-            f"| {_f(t.get('ttft_s'), 's')} | {_f(row.get('ttft_ratio'), '×', 2)} "
-            f"| {_f(p.get('decode_tokens_per_s'), '', 2)} | {_f(t.get('decode_tokens_per_s'), '', 2)} "
-            f"| {_f(row.get('decode_ratio'), '×', 2)} | {_f(p.get('peak_rss_bytes', 0) / gb, ' GB', 2)} "
-            f"| {_f(t.get('peak_rss_bytes', 0) / gb, ' GB', 2)} |")
-        if "second_ttft_s" in p:
-            lines.append(
-                f"| {case}: turn 2 | | {_f(p['second_ttft_s'], 's')} | {_f(t.get('second_ttft_s'), 's')} "
-                f"| {_f(row.get('second_turn_ttft_ratio_vs_transformers'), '×', 2)} | | | | | |")
+        for side, r in row["sides"].items():
+            second = f" (turn 2: {_f(r['second_ttft_s'], ' s', 2)})" if "second_ttft_s" in r else ""
+            lines.append(f"| {case} | {side} | {r['precision']} | {r['prompt_tokens']} | {_f(r['ttft_s'], ' s', 2)}"
+                         f"{second} | {_f(r['decode_tokens_per_s'], '', 2)} | {_f(r['peak_rss_bytes'] / gb, ' GB', 2)} "
+                         f"| {_f(r['rss_ratio'], '×', 2)} |")
+    lines += ["", "Ratios: medians of the per-repetition ratios (each run against the peer's run next to it).", "",
+              "| case | pair | first token | decode |", "|---|---|---:|---:|"]
+    for case, row in s["cases"].items():
+        for pair, ratio in row["ratios"].items():
+            lines.append(f"| {case} | {pair} | {_f(ratio['ttft'], '×', 2)} | {_f(ratio['decode'], '×', 2)} |")
     sizes = report["sizes"]
     lines += [
         "",
-        f"fp32 weights: {sizes['model_fp32'] / gb:.2f} GB; one decode step reads {sizes['decode_read_per_token'] / gb:.2f} GB; "
-        f"read bandwidth (numpy streaming sum over 2 GB, every core): {report['bandwidth_bytes_per_s'] / gb:.1f} GB/s → "
-        f"decode bound {s['decode_bound_tokens_per_s']:.1f} tokens/s.",
+        f"fp32 weights: {sizes['model_fp32'] / gb:.2f} GB; one fp32 decode step reads "
+        f"{sizes['decode_read_per_token'] / gb:.2f} GB; read bandwidth (numpy streaming sum over 2 GB, every core): "
+        f"{report['bandwidth_bytes_per_s'] / gb:.1f} GB/s → fp32 decode bound {s['decode_bound_tokens_per_s']:.1f} "
+        f"tokens/s.",
         "",
         "| target | measured | met |",
         "|---|---:|:---:|",
@@ -204,32 +211,29 @@ def markdown(report: dict) -> str:
 
 
 def targets(report: dict) -> list[tuple[str, str, str, bool]]:
-    s, out = report["summary"], []
-    cases = s["cases"]
+    """Issue 17's targets, from the ratios of this run."""
+    cases, out = report["summary"]["cases"], []
+
+    def check(case, pair, measure, goal, at_most):
+        ratio = cases.get(case, {}).get("ratios", {}).get(pair, {}).get(measure)
+        if ratio is not None:
+            ok = ratio <= goal if at_most else ratio >= goal
+            out.append((f"{'first token' if measure == 'ttft' else 'decode'}, {case}, {pair}", f"{ratio:.2f}×",
+                        f"{'≤' if at_most else '≥'} {goal}×", ok))
+
     for case in ("1-image", "4-images", "video-8"):
-        if "ttft_ratio" in cases.get(case, {}):
-            r = cases[case]["ttft_ratio"]
-            out.append((f"first token, {case}", f"{r:.2f}×", f"≤ {TARGETS['ttft_ratio']}× transformers",
-                        r <= TARGETS["ttft_ratio"]))
-    decode_case = "answer-256" if "answer-256" in cases else next(iter(cases), None)
-    row = cases.get(decode_case, {})
-    if "decode_ratio" in row:
-        r = row["decode_ratio"]
-        out.append((f"decode, {decode_case}", f"{r:.2f}×", f"≥ {TARGETS['decode_ratio']}× transformers",
-                    r >= TARGETS["decode_ratio"]))
-    if "paddle" in row:
-        rate, bound = row["paddle"]["decode_tokens_per_s"], s["decode_bound_tokens_per_s"]
-        out.append((f"decode vs bandwidth bound, {decode_case}", f"{rate:.2f} / {bound:.1f} = {rate / bound:.2f}",
-                    f"≥ {TARGETS['bound_fraction']} of the bound", rate / bound >= TARGETS["bound_fraction"]))
-    if "second_turn_ratio" in cases.get("second-turn", {}):
-        r = cases["second-turn"]["second_turn_ratio"]
-        out.append(("second turn first token vs first turn", f"{r:.2f}×", f"≤ {TARGETS['second_turn_ratio']}×",
-                    r <= TARGETS["second_turn_ratio"]))
+        check(case, "paddle / transformers", "ttft", 0.35, True)
+        check(case, "paddle / transformers-bf16", "ttft", 0.8, True)
+        check(case, "paddle-fp32 / transformers", "ttft", 1.0, True)
+    for case in ("answer-256", "answer-256-t0.2"):
+        check(case, "paddle / transformers", "decode", 2.0, False)
+        check(case, "paddle / transformers-bf16", "decode", 1.3, False)
+        check(case, "paddle-fp32 / transformers", "decode", 1.3, False)
     for case, row in cases.items():
-        if "paddle_rss_ratio" in row:
-            r = row["paddle_rss_ratio"]
-            out.append((f"peak RSS / fp32 weights, {case}", f"{r:.2f}×", f"≤ {TARGETS['rss_ratio']}×",
-                        r <= TARGETS["rss_ratio"]))
+        for side in ("paddle", "paddle-fp32"):
+            if side in row["sides"]:
+                r = row["sides"][side]["rss_ratio"]
+                out.append((f"peak RSS / fp32 weights, {case}, {side}", f"{r:.2f}×", "≤ 1.4×", r <= 1.4))
     return out
 
 
@@ -241,7 +245,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3, help="subprocess runs per side and case (default 3)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
-    parser.add_argument("--sides", default="paddle,transformers")
+    parser.add_argument("--sides", default="paddle,transformers,transformers-bf16,paddle-fp32",
+                        help="paddle (its default precision), paddle-fp32, transformers (fp32), transformers-bf16")
     parser.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS,
                         help="where the random real-dimension checkpoints are (written on first use, 2×3.5 GB)")
     parser.add_argument("--device", default=None, help="cpu (default here) or gpu (transformers then uses cuda)")
@@ -259,10 +264,10 @@ def main(argv=None) -> None:
     for rep in range(args.reps):
         for case in cases:
             for side in sides:
-                result = run_worker(side, case, dirs[side], args.device)
+                result = run_worker(side, case, dirs[engine_of(side)], args.device)
                 runs[case][side].append(result)
                 f = result["first"]
-                print(f"rep {rep + 1}/{args.reps} {case:12s} {side:12s} first token {f['ttft_s']:6.2f}s "
+                print(f"rep {rep + 1}/{args.reps} {case:15s} {side:17s} first token {f['ttft_s']:6.2f}s "
                       f"decode {f['decode_tokens_per_s'] or 0:5.2f} tok/s peak RSS {result['peak_rss'] / 1e9:.2f} GB"
                       + (f" turn 2 first token {result['second']['ttft_s']:.2f}s" if "second" in result else ""),
                       flush=True)
@@ -272,7 +277,7 @@ def main(argv=None) -> None:
         "machine": {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "cpu": cpu_model(),
                     "cores": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
                     "memory_gb": psutil.virtual_memory().total / 2**30, "platform": platform.platform(),
-                    "load_average": os.getloadavg(), "versions": versions()},
+                    "load_average": os.getloadavg(), "versions": versions(), "bf16_units": bf16_units()},
         "reps": args.reps, "device": args.device or "cpu", "sizes": sizes,
         "bandwidth_bytes_per_s": bandwidth, "bandwidth_samples": bandwidths, "runs": runs,
     }

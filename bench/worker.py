@@ -1,7 +1,9 @@
-"""One side (paddle | transformers) running one case in this process; prints one JSON line starting with RESULT.
+"""One side running one case in this process; prints one JSON line starting with RESULT.
 
-Run by bench/run.py, one subprocess per (side, case, repetition), so each peak RSS is this process's alone.
-Generation is greedy and forced to its length (no stop token), after a small warm-up generation.
+Sides: paddle (the engine's default precision: bf16 on a CPU with bf16 units), paddle-fp32 (--dtype float32),
+transformers (fp32 on a CPU), transformers-bf16. Run by bench/run.py, one subprocess per (side, case,
+repetition). Generation is forced to its length (no stop token), greedy or sampled as the case says, after a
+small warm-up generation.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from cases import CASES, WARM_UP, Case, media, warm_up_media  # noqa: E402
 
 SYSTEM = "You are a helpful assistant."
+SIDES = {"paddle": ("paddle", None), "paddle-fp32": ("paddle", "float32"), "transformers": ("transformers", None),
+         "transformers-bf16": ("transformers", "bfloat16")}  # side → (engine, dtype; None: its default)
 
 
 def rss_bytes() -> int:
@@ -31,17 +35,25 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's own peak: VmHWM belongs to its address space, made at exec. (ru_maxrss is not: Linux folds
+    the parent's peak at fork into the child's, so every worker of a parent that once held 7 GB reported 7 GB.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: the best there is
 
 
-def run_paddle(case: Case, model_dir: Path, device: str | None) -> dict:
+def run_paddle(case: Case, model_dir: Path, device: str | None, dtype: str | None = None) -> dict:
     from llava_ui.backends.local import Engine
     from llava_ui.chat.conversation import Conversation
     from llava_ui.chat.media import Frame, Video
     from llava_ui.config import GenerationSettings
 
     started = time.perf_counter()
-    engine = Engine(str(model_dir), device=device, image_mode="flat").load()
+    engine = Engine(str(model_dir), device=device, dtype=dtype, image_mode="flat").load()
     loaded = time.perf_counter() - started
     after_load = rss_bytes()
     engine.tokenizer.stop_ids = set()  # force the length: no stop token ends an answer early
@@ -53,7 +65,7 @@ def run_paddle(case: Case, model_dir: Path, device: str | None) -> dict:
             conversation.add_user(c.question, video=video)
         else:
             conversation.add_user(c.question, images)
-        settings = GenerationSettings(max_new_tokens=c.new_tokens, temperature=0, seed=0)
+        settings = GenerationSettings(max_new_tokens=c.new_tokens, temperature=c.temperature, seed=0)
         return conversation, engine.generate(conversation, settings)
 
     ask(WARM_UP, warm_up_media())
@@ -62,10 +74,11 @@ def run_paddle(case: Case, model_dir: Path, device: str | None) -> dict:
     result = {"first": _paddle_turn(first)}
     if case.follow_up:
         conversation.add_user(case.follow_up)
-        settings = GenerationSettings(max_new_tokens=case.new_tokens, temperature=0, seed=0)
+        settings = GenerationSettings(max_new_tokens=case.new_tokens, temperature=case.temperature, seed=0)
         result["second"] = _paddle_turn(engine.generate(conversation, settings))
     result.update(load_s=loaded, rss_after_load=after_load, peak_rss=peak_rss_bytes(),
-                  threads=_paddle_threads(), device=engine.status()["device"], dtype=engine.status()["dtype"])
+                  threads=_paddle_threads(), device=engine.status()["device"], dtype=engine.status()["dtype"],
+                  precision=engine.status()["precision"])
     if result["device"].startswith("gpu"):
         import paddle
 
@@ -108,14 +121,14 @@ class TimingStreamer:
         pass
 
 
-def run_transformers(case: Case, model_dir: Path, device: str | None) -> dict:
+def run_transformers(case: Case, model_dir: Path, device: str | None, dtype: str | None = None) -> dict:
     import torch
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     from llava_ui.model.processing import preprocess
 
     device = {"gpu": "cuda", None: "cpu"}.get(device, device)
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = getattr(torch, dtype) if dtype else torch.float32 if device == "cpu" else torch.bfloat16
     torch.set_grad_enabled(False)
     started = time.perf_counter()
     model = LlavaForConditionalGeneration.from_pretrained(str(model_dir), torch_dtype=dtype).to(device).eval()
@@ -137,9 +150,12 @@ def run_transformers(case: Case, model_dir: Path, device: str | None) -> dict:
         ids = tokenizer(text, return_tensors="pt")["input_ids"].to(device)
         assert int((ids == image_token).sum()) == patches * len(images)
         streamer = TimingStreamer()
+        sampling = dict(do_sample=True, temperature=case.temperature, top_k=0, top_p=1.0) if case.temperature \
+            else dict(do_sample=False)
+        torch.manual_seed(0)
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       eos_token_id=None, pad_token_id=regular, streamer=streamer)
+                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
+                       pad_token_id=regular, streamer=streamer, **sampling)
         t = streamer.times
         answer = tokenizer.decode([i for i in streamer.ids if i < regular], skip_special_tokens=True)
         return {"ttft_s": t[0] - begun, "decode_tokens_per_s": (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 else None,
@@ -167,13 +183,14 @@ def run_transformers(case: Case, model_dir: Path, device: str | None) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("side", choices=["paddle", "transformers"])
+    parser.add_argument("side", choices=list(SIDES))
     parser.add_argument("case", choices=sorted(CASES))
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
-    run = run_paddle if args.side == "paddle" else run_transformers
-    result = run(CASES[args.case], args.model_dir, args.device)
+    engine, dtype = SIDES[args.side]
+    run = run_paddle if engine == "paddle" else run_transformers
+    result = run(CASES[args.case], args.model_dir, args.device, dtype)
     print("RESULT " + json.dumps({"side": args.side, "case": args.case, "pid": os.getpid(), **result}), flush=True)
 
 

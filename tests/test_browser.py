@@ -38,8 +38,9 @@ def app_url(tiny_dir, tmp_path_factory):
     port = _free_port()
     log = open(tmp_path_factory.mktemp("app") / "app.log", "w+")
     env = {**os.environ, "LLAVA_UI_TEST_TOKEN_DELAY": TOKEN_DELAY_S, "GRADIO_ANALYTICS_ENABLED": "False"}
-    server = subprocess.Popen([sys.executable, "app.py", "--model", str(tiny_dir), "--port", str(port),
-                               "--frames", "3", "--max-upload-mb", "5"],
+    # fp32: the seeds below were chosen for the tiny random model's fp32 answers (bf16 rounds them differently)
+    server = subprocess.Popen([sys.executable, "app.py", "--model", str(tiny_dir), "--dtype", "float32",
+                               "--port", str(port), "--frames", "3", "--max-upload-mb", "5"],
                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -137,7 +138,7 @@ def test_chat_streams_stops_regenerates_and_undoes(page):
     shot(page, "01-start")
     # with the tiny random weights this seed writes all 400 tokens (other seeds hit a stop token early),
     # ~6 s with the test pacing: time enough to watch it grow and to press Stop
-    set_settings(page, max_new_tokens=400, temperature=0.3, seed=1)
+    set_settings(page, max_new_tokens=400, temperature=0.3, seed=2)
     send(page, "first <image> then <image>: which has the taller blue bar?",
          [ROOT / "assets/chart_sales_2023.png", ROOT / "assets/chart_sales_2024.png"])
 
@@ -165,7 +166,7 @@ def test_chat_streams_stops_regenerates_and_undoes(page):
     shot(page, "03-stopped")
     assert "random weights" in page.locator("#status").inner_text()
 
-    set_settings(page, seed=2)  # a short answer this time
+    set_settings(page, seed=1)  # a short answer this time
     page.locator("#regenerate-button").click()
     page.wait_for_timeout(300)
     regenerated = wait_for_answer(page, line, timeout_s=60)

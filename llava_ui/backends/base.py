@@ -40,6 +40,7 @@ class Stats:
     images_encoded: int | None = None
     images_from_cache: int | None = None
     total_s: float | None = None
+    precision: str | None = None  # e.g. "bf16 on oneDNN (AMX)"
 
 
 @dataclass

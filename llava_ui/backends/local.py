@@ -27,6 +27,7 @@ from llava_ui.checkpoints.hub import model_source
 from llava_ui.checkpoints.load import build_model, load_tokenizer, resolve_model_dir
 from llava_ui.config import GenerationSettings
 from llava_ui.errors import Stopped, UserError
+from llava_ui.model.onednn import bf16_units
 from llava_ui.model.generate import IncrementalDecoder, decode_room, decode_tokens, generate_ids, prefill_chunks
 from llava_ui.model.processing import check_image_mode, default_image_mode, pixel_views, prepare_images
 
@@ -55,6 +56,7 @@ class LoadState:
     dtype: str = ""
     layout: str = ""
     random_weights: bool = False
+    precision: str = ""  # precision_label()
 
 
 def pick_device(requested: str | None = None) -> str:
@@ -66,11 +68,28 @@ def pick_device(requested: str | None = None) -> str:
 
 
 def pick_dtype(device: str, requested: str | None = None) -> str:
-    if requested:
-        return requested
+    """The compute precision: the request, else bf16 on a GPU that has it (else fp16), bf16 on a CPU with bf16
+    matrix units (oneDNN programs, llava_ui.model.onednn), fp32 on other CPUs."""
     if device.startswith("gpu"):
+        if requested:
+            return requested
         return "bfloat16" if paddle.amp.is_bfloat16_supported() else "float16"
-    return "float32"  # Paddle CPU has no bf16/fp16 matmul kernels, whatever is_bfloat16_supported() says
+    if requested == "float16":
+        raise UserError("--dtype float16 needs a GPU: on the CPU use bfloat16 (with AMX or AVX-512 BF16) or float32")
+    if requested == "bfloat16" and not bf16_units():
+        raise UserError("--dtype bfloat16 on the CPU needs AMX or AVX-512 BF16 units, and this CPU has neither: "
+                        "use --dtype float32")
+    return requested or ("bfloat16" if bf16_units() else "float32")
+
+
+def precision_label(device: str, dtype: str) -> str:
+    """What the status bar and the inspector say about the arithmetic, e.g. "bf16 on oneDNN (AMX)"."""
+    if device.startswith("cpu"):
+        units = bf16_units()
+        if dtype == "bfloat16":
+            return f"bf16 on oneDNN ({units})"
+        return "fp32" + ("" if units else " (this CPU has no bf16 units)")
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "fp32")
 
 
 class Engine:
@@ -95,7 +114,8 @@ class Engine:
         s = self.load_state
         return {"state": s.state, "message": s.message, "error": s.error, "model": self.model_id,
                 "source": model_source(self.model_id, self.hub),
-                "device": s.device, "dtype": s.dtype, "layout": s.layout, "random_weights": s.random_weights,
+                "device": s.device, "dtype": s.dtype, "precision": s.precision, "layout": s.layout,
+                "random_weights": s.random_weights,
                 "image_mode": self.image_mode if s.state == "ready" else None,
                 "unpad_rounding": self.config.unpad_rounding if s.state == "ready" else None,
                 "context_length": self.context_length if s.state == "ready" else None,
@@ -139,7 +159,13 @@ class Engine:
         paddle.set_device(device)
         model_dir = resolve_model_dir(self.model_id, self._progress, self.hub)
         self.model_dir = model_dir
-        model, config, layout = build_model(model_dir, dtype, self._progress)
+        on_cpu = not device.startswith("gpu")
+        # on the CPU the weights stay fp32 (today's exact path); bf16 runs them through oneDNN programs
+        model, config, layout = build_model(model_dir, "float32" if on_cpu else dtype, self._progress)
+        if on_cpu and dtype == "bfloat16":
+            model.use_bf16(self._progress)
+            self._progress(f"bf16 programs ready in {model.bf16.prepare_seconds:.0f} s "
+                           f"(exported in {model.bf16.export_seconds:.0f} s)")
         self._progress("loading the tokenizer ...")
         self.tokenizer = load_tokenizer(model_dir)
         has_newline = model.image_newline is not None
@@ -147,9 +173,10 @@ class Engine:
         self.context_length = min(context_req or config.context_length, config.context_length)
         self.model, self.config = model, config
         self.load_state.device, self.load_state.dtype, self.load_state.layout = device, dtype, layout
+        self.load_state.precision = precision_label(device, dtype)
         self.load_state.random_weights = bool(config.raw.get("random_weights"))
         self._progress("measuring this machine's speed ...")
-        self.rates = Rates(Workload.of(config), calibrate(dtype))
+        self.rates = Rates(Workload.of(config), calibrate("float32" if on_cpu else dtype))
 
     def default_frames(self) -> int:
         """Video frames by default: 16 on a GPU; on a CPU as many (up to 16) as answer within about a minute at
@@ -280,7 +307,7 @@ class Engine:
         encoded = len(fresh)
         if stop_event.is_set():  # stopped before the prompt was computed: nothing to say
             turn.answer = ""
-            yield _result(plan, "", [], "stopped", seed, started, None, 0, encoded)
+            yield _result(plan, "", [], "stopped", seed, started, None, 0, encoded, self.load_state.precision)
             return
         matched, cached_positions, kv = self.prefixes.match(items)
         rest_ids = plan.prompt_ids[matched:]
@@ -328,7 +355,8 @@ class Engine:
             if state.get("cache") is not None:
                 fed = state["fed"]
                 self.prefixes.store(items + token_ids[:fed], sizes + [1] * fed, state["cache"])
-        yield _result(plan, stops.text, token_ids, reason, seed, started, times, cached_positions, encoded)
+        yield _result(plan, stops.text, token_ids, reason, seed, started, times, cached_positions, encoded,
+                      self.load_state.precision)
 
     def _progress_event(self, stage: str, done: int, total: int, views_left: int, start: int,
                         positions: int) -> Progress:
@@ -348,10 +376,10 @@ class Engine:
 
 
 def _result(plan: Plan, text: str, token_ids: list[int], reason: str, seed: int, started: float, times,
-            cached_positions: int, encoded: int) -> Result:
+            cached_positions: int, encoded: int, precision: str) -> Result:
     stats = timed_stats(started, times or [], generated_tokens=len(token_ids), prompt_tokens=plan.prompt_tokens,
                         visual_tokens=plan.visual_tokens, cached_prefix_tokens=cached_positions,
-                        images_encoded=encoded, images_from_cache=len(plan.images) - encoded)
+                        images_encoded=encoded, images_from_cache=len(plan.images) - encoded, precision=precision)
     return Result(text=text, finish_reason=reason, seed=seed, token_ids=token_ids, prompt=plan.prompt,
                   image_mode=plan.image_mode, dropped_turns=plan.dropped_turns,
                   visual_tokens_per_image=[p.tokens for p in plan.images], stats=stats)

@@ -117,7 +117,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, image_mode: bool = True
                 "PaddleNLP's community storage)")
     option(parser, "--device", env_name="DEVICE", help="cpu, gpu or gpu:N (default: gpu when Paddle has CUDA)")
     option(parser, "--dtype", env_name="DTYPE", choices=["float32", "float16", "bfloat16"],
-           help="default: bfloat16 (or float16) on a GPU, float32 on a CPU")
+           help="default: bfloat16 (or float16) on a GPU; on a CPU bfloat16 through oneDNN where it has AMX or "
+                "AVX-512 BF16 units, else float32 (float32: the exact fp32 path)")
     if image_mode:
         option(parser, "--image-mode", env_name="IMAGE_MODE", choices=IMAGE_MODES,
                help="how images become visual tokens (default: trained when the checkpoint allows, else flat)")

@@ -88,19 +88,42 @@ def sample_next(logits: paddle.Tensor, settings: GenerationSettings, seen: list[
         logits = paddle.scatter(logits, ids, penalised)
     if settings.temperature == 0:
         return int(paddle.argmax(logits).item())
-    scores = logits.numpy().astype(np.float64) / settings.temperature
-    if settings.top_k and settings.top_k < scores.size:
-        kth = np.partition(scores, -settings.top_k)[-settings.top_k]
-        scores[scores < kth] = -np.inf
-    order = np.argsort(-scores, kind="stable")
-    probs = np.exp(scores[order] - scores[order[0]])
-    probs /= probs.sum()
-    if settings.top_p < 1.0:
-        # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        keep = int(np.searchsorted(np.cumsum(probs), settings.top_p) + 1)
-        probs = probs[:keep] / probs[:keep].sum()
-        order = order[:keep]
-    return int(order[rng.choice(len(probs), p=probs)])
+    ids, probs = sampling_distribution(logits.numpy(), settings)
+    return int(ids[np.searchsorted(np.cumsum(probs), rng.random() * probs.sum(), side="right").clip(0, len(ids) - 1)])
+
+
+def sampling_distribution(logits: np.ndarray, settings: GenerationSettings) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, their probabilities) that temperature → top-k → top-p leave (temperature > 0).
+
+    One float32 pass over the vocabulary; only the candidates top-k / top-p need are sorted (by score, then id),
+    and their probabilities are float64. Without top-k and top-p every token is a candidate and nothing is
+    sorted."""
+    scores = logits.astype(np.float32, copy=False) / np.float32(settings.temperature)
+    size = scores.size
+    if settings.top_k and settings.top_k < size:
+        kth = np.partition(scores, size - settings.top_k)[size - settings.top_k]
+        candidates = np.flatnonzero(scores >= kth)  # (ties at the k-th score all stay, as a full sort keeps them)
+    else:
+        candidates = None
+    kept = scores if candidates is None else scores[candidates]
+    weights = np.exp(kept - kept.max())
+    total = weights.sum(dtype=np.float64)
+    if settings.top_p >= 1.0:
+        ids = np.arange(size) if candidates is None else candidates
+        return ids, weights.astype(np.float64) / total
+    # the smallest prefix (by descending score) whose mass reaches top_p: look among the best `count` first
+    count = min(kept.size, 256)
+    while True:
+        best = np.argpartition(-kept, count - 1)[:count] if count < kept.size else np.arange(kept.size)
+        best = best[np.lexsort((best, -kept[best]))]
+        mass = np.cumsum(weights[best].astype(np.float64)) / total
+        if mass[-1] >= settings.top_p or count == kept.size:
+            break
+        count = min(kept.size, count * 8)
+    keep = min(int(np.searchsorted(mass, settings.top_p) + 1), best.size)
+    best = best[:keep]
+    probs = weights[best].astype(np.float64)
+    return (best if candidates is None else candidates[best]), probs / probs.sum()
 
 
 def generate_ids(model, embeds, settings: GenerationSettings, stop_ids: set[int], *, cache=None, start: int = 0,

@@ -33,6 +33,13 @@ class LlavaQwen(nn.Layer):
             rotary = layer.self_attn.rotary_emb
             rotary.max_seq_len_cached, rotary.cos_cached, rotary.sin_cached = 0, None, None
         self.vision_calls = 0  # how many times the vision tower ran; caches are tested against it
+        self.bf16 = None  # bf16.Bf16Runner once use_bf16() ran: the CPU's bf16 programs over these weights
+
+    def use_bf16(self, progress=None) -> None:
+        """Compute in bf16 through oneDNN programs (CPU); the fp32 weights stay the programs' inputs."""
+        from llava_ui.model.bf16 import Bf16Runner
+
+        self.bf16 = Bf16Runner(self, progress)
 
     @property
     def embed_tokens(self):
@@ -43,6 +50,8 @@ class LlavaQwen(nn.Layer):
         `should_stop()` turns true between two layers."""
         self.vision_calls += 1
         pixels = paddle.to_tensor(pixel_values, dtype=self.embed_tokens.weight.dtype)
+        if self.bf16 is not None:
+            return self.bf16.encode(pixels, should_stop)
         # one view at a time: the same matmuls (729 rows each), a working set that does not grow with the batch
         features = paddle.concat([self.mm_projector(self.vision_tower(view, should_stop)) for view in paddle.split(
             pixels, pixels.shape[0])]) if pixels.shape[0] > 1 else self.mm_projector(self.vision_tower(pixels,
@@ -99,11 +108,13 @@ class LlavaQwen(nn.Layer):
         start + L positions. A shared (prefix) cache is copied before the first write, never changed.
         `should_stop()` is asked between layers (errors.Stopped: the cache is then partly written).
         """
+        if self.bf16 is not None and self.bf16.takes(embeds.shape[1]):
+            return self.bf16.forward(embeds, cache, start, should_stop)
         return self.runner.forward(embeds, cache, start, should_stop)
 
     def prefill_chunk(self, embeds) -> int:
         """How many prompt positions generate.prefill hands to forward_hidden at a time."""
-        return self.runner.chunk(embeds)
+        return self.runner.chunk(embeds)  # the bf16 programs take the same chunks (bf16.CHUNK)
 
     def reserve(self, cache, positions: int):
         """`cache` (None: a new one), writable and with room for `positions` positions."""

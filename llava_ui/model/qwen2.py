@@ -281,17 +281,33 @@ class _Step:
     def attention(self, part: AttentionPart, x, layer: int):
         """This part's heads over x [L, hidden]: q|k|v, RoPE, the cache write, attention; returns its o_proj
         product [L, hidden] (the layer's attention output is the sum over parts)."""
-        dim, length = self.dim, self.length
-        qkv = F.linear(x, part.qkv, part.bias).reshape([length, part.q_heads + 2 * part.kv_heads, dim])
+        return paddle.matmul(self.attend(part, F.linear(x, part.qkv, part.bias), layer), part.o_rows)
+
+    def attend(self, part: AttentionPart, qkv, layer: int):
+        """From the part's q|k|v [L, (q + 2 kv) heads * dim]: RoPE, the cache write, attention; returns the
+        heads' outputs [L, q heads * dim] (before o_proj)."""
+        qkv = self._rotated(part, qkv)
+        if self.length == 1:
+            return self._decode(part, qkv[0], layer)
+        return self._prefill(part, qkv, layer)
+
+    def _rotated(self, part: AttentionPart, qkv):
+        """[L, (q + 2 kv) heads * dim] → [L, q + 2 kv heads, dim] with RoPE (q also scaled)."""
+        qkv = qkv.reshape([self.length, part.q_heads + 2 * part.kv_heads, self.dim])
         cos, sin, _ = self.shapes[part.q_heads, part.kv_heads]
         turned = paddle.matmul(qkv, self.rotate).multiply_(sin)
-        qkv = qkv.multiply_(cos).add_(turned)  # in place: a long prompt keeps fewer copies alive
-        del turned
-        if length == 1:
-            out = self._decode(part, qkv[0], layer)
-        else:
-            out = self._prefill(part, qkv, layer)
-        return paddle.matmul(out, part.o_rows)
+        return qkv.multiply_(cos).add_(turned)  # in place: a long prompt keeps fewer copies alive
+
+    def _store(self, part: AttentionPart, qkv, layer: int):
+        """Write the new keys and values into the cache; returns (per head [q + 2 kv heads, L, dim], the part's
+        key rows, its value rows)."""
+        q_heads, kv_heads, dim = part.q_heads, part.kv_heads, self.dim
+        per_head = paddle.transpose(qkv, [1, 0, 2]).contiguous()
+        rows = self.shapes[q_heads, kv_heads][2]
+        keys, values = self._own(part, layer)
+        paddle.scatter_(keys, rows, per_head[q_heads:q_heads + kv_heads].reshape([-1, dim]), overwrite=True)
+        paddle.scatter_(values, rows, per_head[q_heads + kv_heads:].reshape([-1, dim]), overwrite=True)
+        return per_head, keys, values
 
     def _own(self, part: AttentionPart, layer: int):
         """The part's rows of the layer's K and V buffers, as views of their own: a write through a view lands in
@@ -318,12 +334,8 @@ class _Step:
     def _prefill(self, part: AttentionPart, qkv, layer: int):
         """Many new positions: per head and block of query rows, attend over the contiguous prefix it may see
         (CPU), or one fused attention kernel (GPU)."""
-        q_heads, kv_heads, dim = part.q_heads, part.kv_heads, self.dim
-        per_head = paddle.transpose(qkv, [1, 0, 2]).contiguous()  # [q + 2 kv heads, L, dim]
-        rows = self.shapes[part.q_heads, kv_heads][2]
-        keys, values = self._own(part, layer)
-        paddle.scatter_(keys, rows, per_head[q_heads:q_heads + kv_heads].reshape([-1, dim]), overwrite=True)
-        paddle.scatter_(values, rows, per_head[q_heads + kv_heads:].reshape([-1, dim]), overwrite=True)
+        q_heads, kv_heads = part.q_heads, part.kv_heads
+        per_head, keys, values = self._store(part, qkv, layer)
         if self.fused:
             return self._fused(part, qkv, keys, values)
         q = per_head[:q_heads]

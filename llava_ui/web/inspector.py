@@ -79,6 +79,8 @@ def summary(record: Result, context_length: int | None, image_rows: list[str]) -
         f"| Prefix cache | {s.cached_prefix_tokens or 0:,} prompt tokens reused |",
         f"| Images | {s.images_encoded} encoded, {s.images_from_cache} from the feature cache |",
     ]
+    if s.precision:
+        lines.append(f"| Precision | {s.precision} |")
     if record.image_mode == "trained" and any(t > 730 for t in record.visual_tokens_per_image):
         lines.append("| Anyres unpadding | LLaVA-NeXT's, as trained (the kept rows and columns rounded down) |")
     if record.dropped_turns:
@@ -116,7 +118,8 @@ def status_html(status: dict) -> str:
     if status.get("source"):
         model += f" <small>(from {html.escape(status['source'])})</small>"
     if state == "ready":
-        details = " · ".join(html.escape(str(status[k])) for k in ("device", "dtype") if status.get(k))
+        details = " · ".join(html.escape(str(status[k])) for k in ("device", "precision" if status.get("precision")
+                                                                    else "dtype") if status.get(k))
         badge = (' <span class="badge-random" title="a test model: its answers are noise">random weights — '
                  'output is meaningless</span>' if status.get("random_weights") else "")
         return _status("ready", f"<b>Ready</b> · {model} · {details}{badge}")

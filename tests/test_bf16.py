@@ -1,0 +1,219 @@
+"""The CPU's bf16 path (oneDNN programs over the fp32 weights) against the fp32 path, on the same weights and
+prompts: max |Δlogit| / max |logit|, the cosine of the last hidden state, greedy agreement over 32 tokens.
+
+The bounds are set from bf16's precision, not from what was measured: bf16 keeps 8 significant bits (unit
+roundoff 2^-8 ≈ 0.004 per rounding); through ~50 matmul layers with independent roundings the relative error of
+an output grows like 0.004·√50 ≈ 0.03. So: max |Δlogit| ≤ 5 % of max |logit|, cosine of the last hidden state
+≥ 0.999 (an error of 3 % in norm costs 1 - cos ≈ 0.03² / 2 = 5e-4). Greedy agreement on random weights is
+reported (random logits are near-ties, so flips say little) and must hold where fp32's top-1 lead is at least
+twice the measured logit error.
+"""
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+
+from llava_ui.backends.local import Engine, pick_dtype, precision_label
+from llava_ui.checkpoints.load import build_model
+from llava_ui.errors import UserError
+from llava_ui.model import bf16 as bf16_path
+from llava_ui.model.generate import decode_one_token, prefill
+from llava_ui.model.onednn import bf16_units
+
+needs_units = pytest.mark.skipif(bf16_units() is None, reason="this CPU has no AMX / AVX-512 BF16 units")
+MAX_LOGIT_ERROR, MIN_COSINE, STEPS = 0.05, 0.999, 32
+
+
+def test_bf16_units_are_read_from_the_cpu_flags():
+    assert bf16_units("flags\t: fpu sse avx512f avx512_bf16 amx_bf16 amx_tile\n") == "AMX"
+    assert bf16_units("flags\t: fpu sse avx512f avx512_bf16\n") == "AVX-512 BF16"
+    assert bf16_units("flags\t: fpu sse avx2 fma\n") is None
+    assert bf16_units("") is None
+
+
+def test_default_precision_follows_the_cpu(monkeypatch):
+    import llava_ui.backends.local as local
+
+    monkeypatch.setattr(local, "bf16_units", lambda: "AMX")
+    assert pick_dtype("cpu") == "bfloat16" and pick_dtype("cpu", "float32") == "float32"
+    assert precision_label("cpu", "bfloat16") == "bf16 on oneDNN (AMX)"
+    monkeypatch.setattr(local, "bf16_units", lambda: None)
+    assert pick_dtype("cpu") == "float32"
+    assert precision_label("cpu", "float32") == "fp32 (this CPU has no bf16 units)"
+    with pytest.raises(UserError, match="AMX or AVX-512 BF16"):
+        pick_dtype("cpu", "bfloat16")
+    with pytest.raises(UserError, match="needs a GPU"):
+        pick_dtype("cpu", "float16")
+
+
+def compare(model, embeds, steps: int = STEPS) -> dict:
+    """fp32 then bf16 over the same prompt: the first logits, the last hidden state, and 32 teacher-forced steps
+    (both fed fp32's greedy tokens, so every step compares the same input)."""
+    runs = {}
+    bf16 = model.bf16
+    for name in ("fp32", "bf16"):
+        model.bf16 = bf16 if name == "bf16" else None
+        hidden, cache = model.forward_hidden(embeds, None, 0)
+        logits = [model.logits(hidden[:, -1])[0].numpy()]
+        position, tokens = embeds.shape[1], runs.get("fp32", {}).get("tokens")
+        fed = []
+        for step in range(steps):
+            token = int(np.argmax(logits[-1])) if tokens is None else tokens[step]
+            fed.append(token)
+            out, cache = decode_one_token(model, token, cache, position)
+            logits.append(out.numpy())
+            position += 1
+        runs[name] = {"hidden": hidden[0, -1].numpy(), "logits": np.stack(logits), "tokens": fed}
+    model.bf16 = bf16
+    a, b = runs["fp32"], runs["bf16"]
+    error = np.abs(a["logits"] - b["logits"]).max(axis=1) / np.abs(a["logits"]).max(axis=1)
+    hidden_a, hidden_b = a["hidden"].astype(np.float64), b["hidden"].astype(np.float64)
+    top2 = np.sort(a["logits"], axis=1)[:, -2:]
+    lead = (top2[:, 1] - top2[:, 0]) / np.abs(a["logits"]).max(axis=1)
+    agree = np.argmax(a["logits"], axis=1) == np.argmax(b["logits"], axis=1)
+    return {"max_logit_error": float(error.max()),
+            "cosine_last_hidden": float(hidden_a @ hidden_b / np.linalg.norm(hidden_a) / np.linalg.norm(hidden_b)),
+            "greedy_agreement": int(agree[1:].sum()), "steps": steps,
+            "clear_lead_disagreements": int((~agree & (lead > 2 * error)).sum())}
+
+
+def prompt_embeds(model, text_tokens: int, images: int, seed: int = 0):
+    """Text tokens around `images` images (random pixels through the vision tower of the path under test)."""
+    rng = np.random.default_rng(seed)
+    side = model.config.vision.image_size
+    ids = rng.integers(0, 200, text_tokens).tolist()
+    pieces, cut = [], np.linspace(0, text_tokens, images + 2).astype(int)[1:-1]
+    start = 0
+    for i, end in enumerate(list(cut) + [text_tokens]):
+        pieces.append(model.embed_tokens(paddle.to_tensor(ids[start:end])))
+        if i < images:
+            pixels = rng.uniform(-1, 1, (1, 3, side, side)).astype("float32")
+            pieces.append(model.encode_views(pixels)[0])
+        start = end
+    return paddle.concat(pieces).unsqueeze(0)
+
+
+def vision_agreement(model) -> dict:
+    side = model.config.vision.image_size
+    pixels = np.random.default_rng(5).uniform(-1, 1, (2, 3, side, side)).astype("float32")
+    bf16, model.bf16 = model.bf16, None
+    fp32 = model.encode_views(pixels).numpy().astype(np.float64).ravel()
+    model.bf16 = bf16
+    low = model.encode_views(pixels).numpy().astype(np.float64).ravel()
+    return {"max_feature_error": float(np.abs(fp32 - low).max() / np.abs(fp32).max()),
+            "cosine_features": float(fp32 @ low / np.linalg.norm(fp32) / np.linalg.norm(low))}
+
+
+def check(report: dict) -> None:
+    if "max_feature_error" in report:
+        assert report["max_feature_error"] <= MAX_LOGIT_ERROR and report["cosine_features"] >= MIN_COSINE
+        return
+    assert report["max_logit_error"] <= MAX_LOGIT_ERROR, report
+    assert report["cosine_last_hidden"] >= MIN_COSINE, report
+    assert report["clear_lead_disagreements"] == 0, report
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(checkpoints):
+    model, _, _ = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None)
+    model.use_bf16()
+    return model
+
+
+@needs_units
+@pytest.mark.parametrize("text_tokens, images", [(300, 1), (200, 2), (90, 0)])
+def test_tiny_bf16_agrees_with_fp32(tiny_bf16, text_tokens, images):
+    """Prompts of several chunks (the last one padded), with and without images."""
+    check(compare(tiny_bf16, prompt_embeds(tiny_bf16, text_tokens, images)))
+
+
+@needs_units
+def test_tiny_bf16_vision_agrees_with_fp32(tiny_bf16):
+    check(vision_agreement(tiny_bf16))
+
+
+@needs_units
+def test_a_short_prompt_and_decode_stay_on_fp32(tiny_bf16):
+    """Fewer rows than MIN_ROWS (a follow-up question) and every decode step run the exact fp32 code."""
+    embeds = prompt_embeds(tiny_bf16, bf16_path.MIN_ROWS - 1, 0)
+    logits = {}
+    for name, runner in (("fp32", None), ("bf16", tiny_bf16.bf16)):
+        kept, tiny_bf16.bf16 = tiny_bf16.bf16, runner
+        logits[name], cache = prefill(tiny_bf16, embeds, room=2)
+        logits[name + "-step"] = decode_one_token(tiny_bf16, 5, cache, embeds.shape[1])[0]
+        tiny_bf16.bf16 = kept if runner is None else runner
+    assert np.array_equal(logits["fp32"].numpy(), logits["bf16"].numpy())
+    assert np.array_equal(logits["fp32-step"].numpy(), logits["bf16-step"].numpy())
+
+
+@needs_units
+def test_programs_are_exported_once_and_reused(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAVA_UI_HOME", str(tmp_path))
+    model, _, _ = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None)
+    model.use_bf16()
+    folders = sorted(p.name for p in (tmp_path / "programs").iterdir())
+    assert model.bf16.export_seconds > 0
+    assert len(folders) == model.config.vision.num_hidden_layers + 2 * len(model.runner.parts)
+    again, _, _ = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None)
+    again.use_bf16()
+    assert again.bf16.export_seconds == 0 and sorted(p.name for p in (tmp_path / "programs").iterdir()) == folders
+    assert all(json.loads((tmp_path / "programs" / f / "key.json").read_text())["paddle"] == paddle.__version__
+               for f in folders)
+
+
+@needs_units
+def test_engine_reports_its_precision(tiny_dir):
+    engine = Engine(str(tiny_dir), dtype="bfloat16").load()
+    assert engine.status()["precision"] == f"bf16 on oneDNN ({bf16_units()})"
+    exact = Engine(str(tiny_dir), dtype="float32").load()
+    assert exact.model.bf16 is None and exact.status()["precision"].startswith("fp32")
+
+
+def rss_gb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
+
+
+@pytest.mark.slow
+@needs_units
+def test_real_size_bf16_agrees_with_fp32_and_memory_stays_bounded(real_checkpoint, tmp_path):
+    """At the real dimensions, per case; prompts of other lengths and cache capacities must not make oneDNN keep
+    more weight copies (its cache is per input shape: every program runs at one shape)."""
+    model, _, _ = build_model(real_checkpoint, "float32", lambda *a, **k: None)
+    model.use_bf16()
+    reports = {"vision": vision_agreement(model)}
+    settled = rss_gb()
+    for name, text, images in (("1-image", 30, 1), ("2-images", 40, 2), ("text-700", 700, 0)):
+        reports[name] = compare(model, prompt_embeds(model, text, images))
+    reports["rss_growth_gb"] = rss_gb() - settled
+    reports["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    (Path(__file__).parent.parent / "bench" / "results" / "bf16-agreement.json").write_text(
+        json.dumps({"cpu": _cpu(), "units": bf16_units(), **reports}, indent=1) + "\n")
+    print(json.dumps(reports, indent=1))
+    for name in ("vision", "1-image", "2-images", "text-700"):
+        check(reports[name])
+    assert reports["rss_growth_gb"] < 0.5  # KV caches of these prompts and activations, no new weight copies
+
+
+def _cpu() -> str:
+    return next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")), "unknown")
+
+
+@pytest.fixture(scope="module")
+def real_checkpoint():
+    """LLAVA_UI_REAL_CHECKPOINT, else the benchmark's real-size checkpoint (written once if missing)."""
+    given = os.environ.get("LLAVA_UI_REAL_CHECKPOINT")
+    if given:
+        return Path(given)
+    shared = Path.home() / ".cache" / "llava_ui" / "bench-real" / "lmms"  # bench/run.py's, outside the test home
+    if (shared / "model.safetensors").exists():
+        return shared
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from run import DEFAULT_CHECKPOINTS, ensure_checkpoints
+
+    return ensure_checkpoints(DEFAULT_CHECKPOINTS)["paddle"]
