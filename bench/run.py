@@ -112,10 +112,13 @@ def cpu_model() -> str:
 
 def versions() -> dict:
     out = {"python": platform.python_version()}
-    for name in ("paddle", "paddlenlp", "torch", "transformers", "numpy"):
-        try:
-            out[name] = __import__(name).__version__
-        except Exception:  # a missing package is reported, not fatal
+    from importlib import metadata
+
+    for name, dist in (("paddle", "paddlepaddle"), ("paddlenlp", "paddlenlp"), ("torch", "torch"),
+                       ("transformers", "transformers"), ("numpy", "numpy")):
+        try:  # the installed version, without importing the package (paddlenlp's full import is not installed)
+            out[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:  # a missing package is reported, not fatal
             out[name] = None
     return out
 

@@ -123,7 +123,7 @@ class TimingStreamer:
 
 def run_transformers(case: Case, model_dir: Path, device: str | None, dtype: str | None = None) -> dict:
     import torch
-    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration, Qwen2Tokenizer
 
     from llava_ui.model.processing import preprocess
 
@@ -132,7 +132,7 @@ def run_transformers(case: Case, model_dir: Path, device: str | None, dtype: str
     torch.set_grad_enabled(False)
     started = time.perf_counter()
     model = LlavaForConditionalGeneration.from_pretrained(str(model_dir), torch_dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = Qwen2Tokenizer.from_pretrained(str(model_dir))  # (AutoTokenizer in transformers 5 wants a tokenizer.json)
     loaded = time.perf_counter() - started
     after_load = rss_bytes()
     image_token = model.config.image_token_index

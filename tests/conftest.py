@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,18 @@ def checkpoints(tmp_path_factory):
 def tiny_dir(checkpoints):
     """A small paddlenlp-layout checkpoint with the byte-level vocabulary: fast to load, for engine/UI tests."""
     return checkpoints("paddlenlp", vocab="bytes")
+
+
+@pytest.fixture(scope="session")
+def real_checkpoint():
+    """LLAVA_UI_REAL_CHECKPOINT, else the benchmark's real-size checkpoint (written once if missing)."""
+    given = os.environ.get("LLAVA_UI_REAL_CHECKPOINT")
+    if given:
+        return Path(given)
+    shared = Path.home() / ".cache" / "llava_ui" / "bench-real" / "lmms"  # bench/run.py's, outside the test home
+    if (shared / "model.safetensors").exists():
+        return shared
+    sys.path.insert(0, str(ROOT / "bench"))
+    from run import DEFAULT_CHECKPOINTS, ensure_checkpoints
+
+    return ensure_checkpoints(DEFAULT_CHECKPOINTS)["paddle"]

@@ -11,7 +11,6 @@ twice the measured logit error.
 import json
 import os
 import resource
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -202,18 +201,3 @@ def test_real_size_bf16_agrees_with_fp32_and_memory_stays_bounded(real_checkpoin
 def _cpu() -> str:
     return next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                  if line.startswith("model name")), "unknown")
-
-
-@pytest.fixture(scope="module")
-def real_checkpoint():
-    """LLAVA_UI_REAL_CHECKPOINT, else the benchmark's real-size checkpoint (written once if missing)."""
-    given = os.environ.get("LLAVA_UI_REAL_CHECKPOINT")
-    if given:
-        return Path(given)
-    shared = Path.home() / ".cache" / "llava_ui" / "bench-real" / "lmms"  # bench/run.py's, outside the test home
-    if (shared / "model.safetensors").exists():
-        return shared
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from run import DEFAULT_CHECKPOINTS, ensure_checkpoints
-
-    return ensure_checkpoints(DEFAULT_CHECKPOINTS)["paddle"]

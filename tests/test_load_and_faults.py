@@ -175,11 +175,13 @@ def engine(tiny_dir):
 
 
 class StepSpy:
-    """Wraps model.forward_hidden: counts prefill (many positions) and decode (one position) steps, and runs
-    `on_prefill` / `on_decode(n)` inside the step, as a user's click would arrive while the model computes."""
+    """Wraps model.forward_hidden and model.decode_batch (the engine's decode steps): counts prefill (many
+    positions) and decode (one position) steps, and runs `on_prefill` / `on_decode(n)` inside the step, as a
+    user's click would arrive while the model computes."""
 
     def __init__(self, model, on_prefill=None, on_decode=None):
         self.real, self.on_prefill, self.on_decode = model.forward_hidden, on_prefill, on_decode
+        self.real_batch = model.decode_batch
         self.prefills = self.decodes = 0
         self.after_stop = 0
         self.stop: threading.Event | None = None
@@ -193,10 +195,20 @@ class StepSpy:
             if self.on_prefill:
                 self.on_prefill()
         else:
-            self.decodes += 1
-            if self.on_decode:
-                self.on_decode(self.decodes)
+            self._decoded()
         return out
+
+    def decode_batch(self, tokens, caches, positions):
+        if self.stop is not None and self.stop.is_set():
+            self.after_stop += 1
+        out = self.real_batch(tokens, caches, positions)
+        self._decoded()
+        return out
+
+    def _decoded(self):
+        self.decodes += 1
+        if self.on_decode:
+            self.on_decode(self.decodes)
 
 
 def press_stop(chat, session, pressed: dict):
@@ -215,6 +227,7 @@ def test_stop_pressed_while_the_model_computes_ends_within_one_step(engine, monk
     spy = StepSpy(engine.model, on_prefill=(lambda: press_stop(chat, session, pressed)) if when == "prefill" else None,
                   on_decode=(lambda n: n == 3 and press_stop(chat, session, pressed)) if when == "decode" else None)
     monkeypatch.setattr(engine.model, "forward_hidden", spy)
+    monkeypatch.setattr(engine.model, "decode_batch", spy.decode_batch)
     real_encode = engine.model.encode_views
 
     def encode_then_stop(pixels, should_stop=None):

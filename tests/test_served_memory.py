@@ -3,7 +3,6 @@ and through the web chat's handlers, stays within 0.5 GB of the command line doi
 requests in a row grow nothing but the bounded caches. The same code as `bench/served.py`, which reports the
 figures; this asserts them.
 """
-import os
 import sys
 from pathlib import Path
 
@@ -15,20 +14,14 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import served  # noqa: E402
-from run import DEFAULT_CHECKPOINTS, ensure_checkpoints  # noqa: E402
 
 NEW_TOKENS = 8
 SLACK_BYTES = 0.5 * 2**30
 
 
 @pytest.fixture(scope="module")
-def model():
-    """LLAVA_UI_REAL_CHECKPOINT, else the benchmark's real-size checkpoint (written once if missing)."""
-    given = os.environ.get("LLAVA_UI_REAL_CHECKPOINT")
-    if given:
-        return Path(given)
-    shared = Path.home() / ".cache" / "llava_ui" / "bench-real" / "lmms"  # bench/run.py's, outside the test home
-    return shared if (shared / "model.safetensors").exists() else ensure_checkpoints(DEFAULT_CHECKPOINTS)["paddle"]
+def model(real_checkpoint):
+    return real_checkpoint  # conftest: LLAVA_UI_REAL_CHECKPOINT, else the benchmark's real-size checkpoint
 
 
 @pytest.fixture(scope="module")

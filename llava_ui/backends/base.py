@@ -41,6 +41,8 @@ class Stats:
     images_from_cache: int | None = None
     total_s: float | None = None
     precision: str | None = None  # e.g. "bf16 on oneDNN (AMX)"
+    decode_batch_mean: float | None = None  # how many chats shared this answer's decode steps, on average
+    decode_batch_max: int | None = None
 
 
 @dataclass

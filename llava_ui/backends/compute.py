@@ -2,39 +2,139 @@
 
 Paddle keeps grad mode per thread: `paddle.set_grad_enabled(False)` in the thread that loaded the model leaves
 autograd on in every other thread, so a server's worker threads would record history on each op and keep its
-inputs alive. Handing the steps to one thread, configured once, makes the served path the command line's path;
-steps of concurrent requests run one at a time in the order they were asked for.
+inputs alive. Handing the steps to one thread, configured once, makes the served path the command line's path.
+
+Steps run in the order they were asked for, except decode steps: the decode steps of all chats that are decoding
+run as one batched step (`model.decode_batch`: every weight read once for all of them), so N chats decode at
+nearly the speed of one each. Continuous batching: a chat joins the batch with its first decode step and leaves
+it when it stops asking; a prefill chunk or a vision view asked for meanwhile runs between two batched steps.
 """
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections import deque
+from concurrent.futures import Future
 
 from llava_ui.model.cpu import grad_off
 
 THREAD_NAME = "llava-compute"
+GATHER_S = 0.005  # how long a decode step waits for the other decoding chats' steps to arrive
+
+
+class _Decode:
+    def __init__(self, model, token: int, cache, position: int):
+        self.model, self.token, self.cache, self.position = model, token, cache, position
+        self.future = Future()
+        self.shared = 1  # how many chats the step ran with
 
 
 class ComputeThread:
-    """`run(fn, *args)` runs fn in the compute thread and returns its result (or raises its error) to the caller.
-    A call made from the compute thread itself runs directly."""
+    """`run(fn, *args)` runs fn in the compute thread and returns its result (or raises its error) to the caller;
+    a call made from the compute thread itself runs directly. `decode(model, token, cache, position)` is one
+    decode step, batched with the other chats' steps (at most `batch_limit` a step)."""
 
-    def __init__(self):
-        self._executor: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
+    def __init__(self, batch_limit: int = 8):
+        self.batch_limit = max(1, batch_limit)
+        self._queue: deque = deque()
+        self._ready = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._decoders = 0  # chats in their decode phase: each comes back with a step until it ends
+        self.last_batch = 0  # how many chats shared the last decode step (the inspector shows it)
 
-    def _start(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix=THREAD_NAME, initializer=self._setup)
-            return self._executor
+    def _start(self) -> None:
+        with self._ready:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=THREAD_NAME, daemon=True)
+                self._thread.start()
 
-    def _setup(self) -> None:
-        self._thread = threading.current_thread()
-        grad_off()
+    def _submit(self, item) -> Future:
+        if self._thread is None:
+            self._start()
+        with self._ready:
+            self._queue.append(item)
+            self._ready.notify_all()
+        return item.future if isinstance(item, _Decode) else item[0]
 
     def run(self, fn, *args, **kwargs):
         if threading.current_thread() is self._thread:
             return fn(*args, **kwargs)
-        return (self._executor or self._start()).submit(fn, *args, **kwargs).result()
+        return self._submit((Future(), fn, args, kwargs)).result()
+
+    def decode(self, model, token: int, cache, position: int, shared: list | None = None):
+        """(logits, cache) of one decode step, run with the other decoding chats' steps; `shared` gets how many
+        chats the step ran with."""
+        if threading.current_thread() is self._thread:
+            logits, caches = model.decode_batch([token], [cache], [position])
+            result, count = (logits[0], caches[0]), 1
+        else:
+            step = _Decode(model, token, cache, position)
+            result, count = self._submit(step).result(), step.shared
+        if shared is not None:
+            shared.append(count)
+        return result
+
+    def decoding(self):
+        """Context manager around a chat's decode phase: the batch waits for the steps of chats inside one."""
+        thread = self
+
+        class _Decoding:
+            def __enter__(self):
+                with thread._ready:
+                    thread._decoders += 1
+
+            def __exit__(self, *exc):
+                with thread._ready:
+                    thread._decoders -= 1
+                    thread._ready.notify_all()
+
+        return _Decoding()
+
+    def _loop(self) -> None:
+        grad_off()
+        while True:
+            with self._ready:
+                while not self._queue:
+                    self._ready.wait()
+                item = self._queue.popleft()
+                batch = self._gather(item) if isinstance(item, _Decode) else None
+            if batch is None:
+                future, fn, args, kwargs = item
+                _settle(future, fn, *args, **kwargs)
+            else:
+                self._step(batch)
+
+    def _gather(self, first: _Decode) -> list:
+        """`first` and the queued decode steps of the same model, waiting up to GATHER_S for the steps of the other
+        decoding chats (each sends its next step once it has sampled its last token). Holds the lock."""
+        batch, deadline = [first], time.monotonic() + GATHER_S
+        while len(batch) < self.batch_limit:
+            for item in [i for i in self._queue if isinstance(i, _Decode) and i.model is first.model]:
+                if len(batch) < self.batch_limit:
+                    self._queue.remove(item)
+                    batch.append(item)
+            left = deadline - time.monotonic()
+            if len(batch) >= min(self._decoders, self.batch_limit) or left <= 0:
+                break
+            self._ready.wait(left)
+        return batch
+
+    def _step(self, batch: list) -> None:
+        self.last_batch = len(batch)
+        try:
+            logits, caches = batch[0].model.decode_batch([d.token for d in batch], [d.cache for d in batch],
+                                                         [d.position for d in batch])
+        except BaseException as err:  # every chat of the step gets the error
+            for d in batch:
+                d.future.set_exception(err)
+            return
+        for row, (d, cache) in enumerate(zip(batch, caches)):
+            d.shared = len(batch)
+            d.future.set_result((logits[row], cache))
+
+
+def _settle(future: Future, fn, *args, **kwargs) -> None:
+    try:
+        future.set_result(fn(*args, **kwargs))
+    except BaseException as err:
+        future.set_exception(err)

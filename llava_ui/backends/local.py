@@ -324,15 +324,18 @@ class Engine:
         del embeds
         decoder = IncrementalDecoder(self.tokenizer.decode)
         stops = StopStrings(settings.stop)
-        state, token_ids, times = {"finish": "stopped"}, [], []
+        state, token_ids, times, shared = {"finish": "stopped"}, [], [], []
         reason = "length"
         if result["logits"] is None:  # stopped between two prefill chunks
             tokens = _no_tokens()
         else:
             tokens = decode_tokens(self.model, result["logits"], result["cache"], cached_positions + length, run,
                                    self.tokenizer.stop_ids, seen=[t for t in plan.prompt_ids if t >= 0],
-                                   should_stop=stop_event.is_set, run=self.run, state=state)
+                                   should_stop=stop_event.is_set, run=self.run, state=state,
+                                   decode_step=lambda *step: self.compute.decode(*step, shared))
         result.clear()
+        decoding = self.compute.decoding()  # while it decodes, the batched step waits for this chat's steps
+        decoding.__enter__()
         try:
             for token in tokens:
                 token_ids.append(token)
@@ -350,13 +353,14 @@ class Engine:
                 if delta:
                     yield Delta(delta)
         finally:
+            decoding.__exit__(None, None, None)
             tokens.close()
             turn.answer = stops.text
             if state.get("cache") is not None:
                 fed = state["fed"]
                 self.prefixes.store(items + token_ids[:fed], sizes + [1] * fed, state["cache"])
         yield _result(plan, stops.text, token_ids, reason, seed, started, times, cached_positions, encoded,
-                      self.load_state.precision)
+                      self.load_state.precision, shared)
 
     def _progress_event(self, stage: str, done: int, total: int, views_left: int, start: int,
                         positions: int) -> Progress:
@@ -369,17 +373,20 @@ class Engine:
         prefix cache, no text. Ends at a stop id (not yielded) or max_new_tokens."""
         rows, _ = self.image_rows(plan)
         embeds = self.run(self.model.embed_prompt, plan.prompt_ids, rows)
-        return generate_ids(self.model, embeds, settings, set(stop_ids), seen=list(seen), run=self.run)
+        return generate_ids(self.model, embeds, settings, set(stop_ids), seen=list(seen), run=self.run,
+                            decode_step=self.compute.decode)  # batched with any other request decoding
 
     def generate(self, conversation: Conversation, settings: GenerationSettings | None = None, **kwargs) -> Result:
         return generate(self, conversation, settings, **kwargs)
 
 
 def _result(plan: Plan, text: str, token_ids: list[int], reason: str, seed: int, started: float, times,
-            cached_positions: int, encoded: int, precision: str) -> Result:
+            cached_positions: int, encoded: int, precision: str, shared: list | None = None) -> Result:
     stats = timed_stats(started, times or [], generated_tokens=len(token_ids), prompt_tokens=plan.prompt_tokens,
                         visual_tokens=plan.visual_tokens, cached_prefix_tokens=cached_positions,
-                        images_encoded=encoded, images_from_cache=len(plan.images) - encoded, precision=precision)
+                        images_encoded=encoded, images_from_cache=len(plan.images) - encoded, precision=precision,
+                        decode_batch_mean=sum(shared) / len(shared) if shared else None,
+                        decode_batch_max=max(shared) if shared else None)
     return Result(text=text, finish_reason=reason, seed=seed, token_ids=token_ids, prompt=plan.prompt,
                   image_mode=plan.image_mode, dropped_turns=plan.dropped_turns,
                   visual_tokens_per_image=[p.tokens for p in plan.images], stats=stats)

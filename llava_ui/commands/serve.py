@@ -35,7 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_frames_argument(p)
     option(p, "--queue-size", env_name="QUEUE_SIZE", type=int, default=32, help="requests waiting at most")
     option(p, "--concurrency", env_name="CONCURRENCY", type=int, default=4,
-           help="chats generating at once (their model steps interleave)")
+           help="chats generating at once: the decode steps of those decoding run as one batched step (the batch "
+                "size limit); the others wait in the queue")
     option(p, "--max-upload-mb", env_name="MAX_UPLOAD_MB", type=float, default=50, help="largest upload")
     option(p, "--max-files", env_name="MAX_FILES", type=int, default=8, help="files per message")
     switch(p, "--share", "SHARE", False, "a public Gradio share link")
@@ -66,6 +67,8 @@ def serving_backend(args):
 
 def _backend_and_demo(args):
     backend = serving_backend(args)
+    if hasattr(backend, "compute"):  # the local engine: --concurrency is its batch size limit
+        backend.compute.batch_limit = max(1, args.concurrency)
     if args.eager:
         backend.load_in_background()
     demo = build_demo(backend, args)

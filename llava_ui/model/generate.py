@@ -128,8 +128,8 @@ def sampling_distribution(logits: np.ndarray, settings: GenerationSettings) -> t
 
 def generate_ids(model, embeds, settings: GenerationSettings, stop_ids: set[int], *, cache=None, start: int = 0,
                  seen: list[int] | None = None, should_stop: Callable[[], bool] = lambda: False,
-                 run=_call, state: dict | None = None) -> Iterator[int]:
-    """Prefill, then yield generated token ids (see decode_tokens); `state` as there."""
+                 run=_call, state: dict | None = None, decode_step=None) -> Iterator[int]:
+    """Prefill, then yield generated token ids (see decode_tokens); `state` and `decode_step` as there."""
     state = {} if state is None else state
     state.update(finish="stopped", fed=0)
     if should_stop():
@@ -140,7 +140,8 @@ def generate_ids(model, embeds, settings: GenerationSettings, stop_ids: set[int]
         pass
     if result["logits"] is not None:  # else stopped between two chunks of a long prompt
         yield from decode_tokens(model, result["logits"], result["cache"], start + embeds.shape[1], settings,
-                                 stop_ids, seen=seen, should_stop=should_stop, run=run, state=state)
+                                 stop_ids, seen=seen, should_stop=should_stop, run=run, state=state,
+                                 decode_step=decode_step)
 
 
 def decode_room(settings: GenerationSettings) -> int:
@@ -151,21 +152,28 @@ def decode_room(settings: GenerationSettings) -> int:
 
 def decode_tokens(model, logits, cache, position: int, settings: GenerationSettings, stop_ids: set[int], *,
                   seen: list[int] | None = None, should_stop: Callable[[], bool] = lambda: False, run=_call,
-                  state: dict | None = None) -> Iterator[int]:
+                  state: dict | None = None, decode_step=None) -> Iterator[int]:
     """From the prompt's last logits, yield generated token ids; ends at a stop id (not yielded), at
     max_new_tokens, or when should_stop() is true.
 
     `should_stop` is checked before every model step, so a stop request costs at most one decode step. Each step
     runs through `run` (the engine's compute thread; by default here) and nothing is computed between yields.
     `state` receives the KV cache, how many yielded tokens it holds ("fed") and why generation ended ("finish":
-    stop | length | stopped).
+    stop | length | stopped). `decode_step(model, token, cache, position)` → (logits, cache) is the decode step (the
+    engine's batches the steps of concurrent chats; by default decode_one_token through `run`).
     """
+    if decode_step is None:
+        def decode_step(model, token, cache, position):
+            return run(decode_one_token, model, token, cache, position)
+
     state = {} if state is None else state
     seen = list(seen or [])
     rng = np.random.default_rng(settings.seed)
     state.update(finish="stopped", fed=0, cache=cache)
     for step in range(settings.max_new_tokens):
-        token = run(sample_next, logits, settings, seen, rng)
+        # sampled in the caller's thread: the compute thread meanwhile runs the other chats' steps (a batched
+        # decode step waits for every decoding chat's next token)
+        token = sample_next(logits, settings, seen, rng)
         if token in stop_ids:
             state["finish"] = "stop"
             return
@@ -176,7 +184,7 @@ def decode_tokens(model, logits, cache, position: int, settings: GenerationSetti
             return
         if should_stop():
             return
-        logits, cache = run(decode_one_token, model, token, cache, position)
+        logits, cache = decode_step(model, token, cache, position)
         position += 1
         state["cache"], state["fed"] = cache, step + 1
 

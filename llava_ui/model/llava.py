@@ -112,6 +112,15 @@ class LlavaQwen(nn.Layer):
             return self.bf16.forward(embeds, cache, start, should_stop)
         return self.runner.forward(embeds, cache, start, should_stop)
 
+    def decode_batch(self, tokens: list[int], caches: list, positions: list[int]):
+        """One decode step of len(tokens) sequences, each with its own cache and position (qwen2.decode_batch):
+        returns (logits [B, vocab] float32, caches)."""
+        if self.runner.parts is None:
+            self.runner.pack()
+        embeds = self.embed_tokens(paddle.to_tensor(tokens, dtype="int64"))
+        hidden, caches = self.runner.decode_batch(embeds, caches, positions)
+        return self.logits(hidden), caches
+
     def prefill_chunk(self, embeds) -> int:
         """How many prompt positions generate.prefill hands to forward_hidden at a time."""
         return self.runner.chunk(embeds)  # the bf16 programs take the same chunks (bf16.CHUNK)

@@ -217,6 +217,30 @@ class Qwen2Runner:
         hidden = outs[0] if len(outs) == 1 else paddle.concat(outs, axis=0)
         return hidden.unsqueeze(0), cache  # the last layer's output, through the final norm
 
+    def decode_batch(self, embeds, caches: list, positions: list[int]):
+        """One decode step of several sequences at once: embeds [B, hidden], row b at positions[b] over caches[b]
+        (each its own length). Every weight matmul takes the B rows together (a step reads each weight once,
+        whatever B); RoPE, the cache write and attention run per row. Returns (hidden [B, hidden], caches)."""
+        caches = [self.reserve(cache, position + 1, embeds.dtype) for cache, position in zip(caches, positions)]
+        steps = [_Step(self, cache, position, 1, embeds.dtype, False) for cache, position in zip(caches, positions)]
+        layers = self.qwen2.layers
+
+        def attention(part, x, i):
+            qkv = F.linear(x, part.qkv, part.bias)
+            heads = [step.attend(part, qkv[b:b + 1], i) for b, step in enumerate(steps)]
+            return paddle.matmul(heads[0] if len(heads) == 1 else paddle.concat(heads), part.o_rows)
+
+        x, residual = rms_norm(embeds, layers[0].input_layernorm.weight, self.eps)
+        for i, (layer, (parts, feed)) in enumerate(zip(layers, self.parts)):
+            following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.qwen2.norm
+            outs = run_parts(lambda part: attention(part, x, i), parts)
+            x, residual = rms_norm(_total(outs), layer.post_attention_layernorm.weight, self.eps, residual)
+            outs = run_parts(lambda part: _mlp(part, x), feed)
+            x, residual = rms_norm(_total(outs), following.weight, self.eps, residual)
+        for cache, position in zip(caches, positions):
+            cache.length = position + 1
+        return x, caches
+
     def reserve(self, cache: KVCache | None, positions: int, dtype=None) -> KVCache:
         """`cache` (None: a new one), writable and with room for `positions` positions: a caller that knows how
         many it will decode asks for them up front (generate.prefill), as the cache is zero-filled memory."""

@@ -81,6 +81,9 @@ def summary(record: Result, context_length: int | None, image_rows: list[str]) -
     ]
     if s.precision:
         lines.append(f"| Precision | {s.precision} |")
+    if s.decode_batch_max:
+        lines.append(f"| Batching | each decode step shared with {s.decode_batch_mean - 1:.1f} other chats on "
+                     f"average (at most {s.decode_batch_max - 1}) |")
     if record.image_mode == "trained" and any(t > 730 for t in record.visual_tokens_per_image):
         lines.append("| Anyres unpadding | LLaVA-NeXT's, as trained (the kept rows and columns rounded down) |")
     if record.dropped_turns:

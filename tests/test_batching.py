@@ -1,0 +1,116 @@
+"""Concurrent chats share decode steps: one batched step per token for every chat that is decoding (each with its
+own KV cache and length), with the answers each chat gets alone."""
+import threading
+
+import numpy as np
+import paddle
+import pytest
+
+from llava_ui.backends.local import Engine
+from llava_ui.chat.conversation import Conversation
+from llava_ui.checkpoints.load import build_model
+from llava_ui.config import GenerationSettings
+from llava_ui.model.generate import decode_one_token, prefill
+
+TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    engine = Engine(str(tiny_dir), dtype="float32").load()
+    engine.tokenizer.stop_ids = set()  # every answer runs its full length: the chats overlap for sure
+    return engine
+
+
+def ask(engine, i: int, settings=None, stop_event=None):
+    conversation = Conversation()
+    conversation.add_user(f"question {i}: " + "tell me more " * (3 * i + 1))  # prompts of different lengths
+    return engine.generate(conversation, settings or GenerationSettings(max_new_tokens=TOKENS, temperature=0),
+                           stop_event=stop_event)
+
+
+def at_once(fn, count: int) -> list:
+    results = [None] * count
+
+    def one(i):
+        results[i] = fn(i)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return results
+
+
+def batched_against_solo(model, lengths, vocab: int) -> float:
+    """Prompts of these lengths prefilled; one decode step each alone and all in one batched step: the largest
+    |Δlogit| / max |logit| over the sequences."""
+    rng = np.random.default_rng(0)
+    caches, tokens = [], []
+    for length in lengths:
+        embeds = model.embed_tokens(paddle.to_tensor(rng.integers(0, vocab, length).tolist())).unsqueeze(0)
+        caches.append(prefill(model, embeds, room=4)[1])
+        tokens.append(int(rng.integers(0, vocab)))
+    solo = [decode_one_token(model, t, c.prefix(p), p)[0].numpy() for t, c, p in zip(tokens, caches, lengths)]
+    batched, _ = model.decode_batch(tokens, [c.prefix(p) for c, p in zip(caches, lengths)], list(lengths))
+    return max(float(np.abs(batched[row].numpy() - expected).max() / np.abs(expected).max())
+               for row, expected in enumerate(solo))
+
+
+def test_a_batched_step_gives_each_sequence_its_solo_logits(checkpoints):
+    """decode_batch over caches of different lengths equals decode_one_token per sequence (fp32)."""
+    model, _, _ = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None)
+    assert batched_against_solo(model, (5, 40, 300), 200) <= 1e-5
+
+
+def test_concurrent_greedy_chats_get_their_solo_answers_and_share_steps(engine):
+    solo = [ask(engine, i).token_ids for i in range(4)]
+    results = at_once(lambda i: ask(engine, i), 4)
+    assert [r.token_ids for r in results] == solo
+    assert max(r.stats.decode_batch_max for r in results) >= 2  # the steps were shared
+    assert all(len(r.token_ids) == TOKENS for r in results)
+
+
+def test_a_stopped_chat_leaves_the_batch_and_the_others_go_on(engine):
+    solo = [ask(engine, i).token_ids for i in range(3)]
+    stop = threading.Event()
+    seen = []
+
+    def chat(i):
+        if i != 1:
+            return ask(engine, i)
+        conversation = Conversation()
+        conversation.add_user("question 1: " + "tell me more " * 4)
+        for event in engine.stream(conversation, GenerationSettings(max_new_tokens=TOKENS, temperature=0),
+                                   stop_event=stop):
+            seen.append(event)
+            if sum(1 for e in seen if hasattr(e, "text") and not hasattr(e, "finish_reason")) == 3:
+                stop.set()
+        return seen[-1]
+
+    results = at_once(chat, 3)
+    assert results[1].finish_reason == "stopped" and len(results[1].token_ids) < TOKENS
+    assert results[0].token_ids == solo[0] and results[2].token_ids == solo[2]
+
+
+def test_the_batch_size_limit_holds(engine):
+    engine.compute.batch_limit = 2
+    try:
+        results = at_once(lambda i: ask(engine, i), 4)
+    finally:
+        engine.compute.batch_limit = 8
+    assert max(r.stats.decode_batch_max for r in results) <= 2
+
+
+def test_sampled_chats_keep_their_own_seeds(engine):
+    settings = [GenerationSettings(max_new_tokens=TOKENS, temperature=1.0, seed=s) for s in (1, 2, 3)]
+    solo = [ask(engine, 0, s).token_ids for s in settings]
+    results = at_once(lambda i: ask(engine, 0, settings[i]), 3)
+    assert [r.token_ids for r in results] == solo
+
+
+@pytest.mark.slow
+def test_real_size_batched_logits_match_solo_within_1e_4(real_checkpoint):
+    model, _, _ = build_model(real_checkpoint, "float32", lambda *a, **k: None)
+    assert batched_against_solo(model, (40, 300, 760, 1100), 5000) <= 1e-4
