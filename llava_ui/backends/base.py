@@ -18,7 +18,7 @@ class Progress:
     """Between model steps before the first token: vision counts images (or frames) encoded, prefill counts
     prompt positions; `eta_s` is the time to the first token at this machine's measured rates."""
 
-    stage: str  # "vision" | "prefill"
+    stage: str  # "queued" (done: place in line, total: how many wait) | "vision" | "prefill"
     done: int
     total: int
     eta_s: float | None = None

@@ -17,6 +17,7 @@ import paddle
 
 from llava_ui import DEFAULT_MODEL
 from llava_ui.backends.base import Delta, Event, Progress, Result, generate, timed_stats
+from llava_ui.backends.admission import POLL_S, Admission
 from llava_ui.backends.caches import FeatureCache, PrefixCache
 from llava_ui.backends.compute import ComputeThread
 from llava_ui.backends.rates import MAX_DEFAULT_FRAMES, Rates, Workload, calibrate
@@ -108,6 +109,7 @@ class Engine:
         self.rates: Rates | None = None  # this machine's measured speed per stage, once loaded
         self._load_lock = threading.Lock()
         self.compute = ComputeThread()  # every model step runs there (grad off, the CPU set up once)
+        self.admission = Admission()  # answers at once and waiting, for every front end (serve sets the sizes)
         self.run = self.compute.run
 
     def status(self) -> dict:
@@ -121,7 +123,8 @@ class Engine:
                 "context_length": self.context_length if s.state == "ready" else None,
                 "caches": {"feature_bytes": self.features.bytes, "feature_entries": len(self.features),
                            "prefix_bytes": self.prefixes.bytes, "prefix_entries": len(self.prefixes)},
-                "rates": self.rates.summary() if self.rates is not None else None}
+                "rates": self.rates.summary() if self.rates is not None else None,
+                "admission": self.admission.status(), "last_decode_batch": self.compute.last_batch}
 
     def _progress(self, message: str, done: int | None = None, total: int | None = None) -> None:
         """A loading step (with a count when it has one), for the status and `on_progress(message, done, total)`."""
@@ -282,12 +285,27 @@ class Engine:
 
     def stream(self, conversation: Conversation, settings: GenerationSettings | None = None,
                image_mode: str | None = None, stop_event: threading.Event | None = None) -> Iterator[Event]:
-        """Answer the conversation's last message. Yields Progress between the steps before the first token,
-        Delta as the answer grows, then one Result (text, generated ids, finish reason, stats); the answer
-        (even a stopped one) is kept in the turn."""
+        """Answer the conversation's last message. Yields Progress("queued") while it waits for a slot (the
+        admission queue: ServerBusy when it is full), Progress between the steps before the first token, Delta
+        as the answer grows, then one Result (text, generated ids, finish reason, stats); the answer (even a
+        stopped one) is kept in the turn."""
+        stop_event = stop_event or threading.Event()
+        self.load()
+        ticket = self.admission.join()
+        try:
+            while not self.admission.wait(ticket, POLL_S):
+                if stop_event.is_set():
+                    break  # the answer below ends at once, stopped
+                place, waiting = self.admission.position(ticket)
+                yield Progress("queued", place, waiting)
+            yield from self._answer(conversation, settings, image_mode, stop_event)
+        finally:
+            self.admission.cancel(ticket)
+
+    def _answer(self, conversation: Conversation, settings: GenerationSettings | None, image_mode: str | None,
+                stop_event: threading.Event) -> Iterator[Event]:
         started = time.perf_counter()
         settings = (settings or GenerationSettings()).validate()
-        stop_event = stop_event or threading.Event()
         plan = self.plan(conversation, image_mode, settings.max_new_tokens)
         seed = settings.seed if settings.seed is not None else random.randrange(2**31)
         run = GenerationSettings(**{**asdict(settings), "max_new_tokens": plan.max_new_tokens, "seed": seed})

@@ -277,7 +277,7 @@ def _progress(text: str) -> Progress | None:
         fields = json.loads(text)
     except ValueError:
         return None  # a comment of another shape is ignored, as any SSE client ignores comments
-    if not isinstance(fields, dict) or fields.get("stage") not in ("vision", "prefill"):
+    if not isinstance(fields, dict) or fields.get("stage") not in ("queued", "vision", "prefill"):
         return None
     return Progress(fields["stage"], fields.get("done") or 0, fields.get("total") or 0, fields.get("eta_s"))
 

@@ -33,7 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     option(p, "--port", env_name="PORT", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
            help="port to listen on")
     add_frames_argument(p)
-    option(p, "--queue-size", env_name="QUEUE_SIZE", type=int, default=32, help="requests waiting at most")
+    option(p, "--queue-size", env_name="QUEUE_SIZE", type=int, default=32,
+           help="requests waiting at most, all front ends together (beyond: the API answers 429, the chat says "
+                "the server is busy)")
     option(p, "--concurrency", env_name="CONCURRENCY", type=int, default=4,
            help="chats generating at once: the decode steps of those decoding run as one batched step (the batch "
                 "size limit); the others wait in the queue")
@@ -67,8 +69,9 @@ def serving_backend(args):
 
 def _backend_and_demo(args):
     backend = serving_backend(args)
-    if hasattr(backend, "compute"):  # the local engine: --concurrency is its batch size limit
+    if hasattr(backend, "admission"):  # the local engine: one admission queue and batch limit for every front end
         backend.compute.batch_limit = max(1, args.concurrency)
+        backend.admission.configure(args.concurrency, args.queue_size)
     if args.eager:
         backend.load_in_background()
     demo = build_demo(backend, args)

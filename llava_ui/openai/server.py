@@ -54,8 +54,12 @@ class OpenAIRoute(APIRoute):
 
 
 def user_error(err: UserError) -> APIError:
-    """Something the request can fix (400), or a remote engine that failed (its http_status, 502)."""
+    """Something the request can fix (400), a full admission queue (429, with Retry-After), or a remote engine
+    that failed (its http_status, 502)."""
     status = getattr(err, "http_status", 400)
+    if status == 429:
+        return APIError(429, str(err), "server_error", "server_busy",
+                        headers={"Retry-After": str(getattr(err, "retry_after_s", 5))})
     return APIError(status, str(err), "server_error" if status >= 500 else "invalid_request_error")
 
 

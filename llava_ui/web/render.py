@@ -88,6 +88,8 @@ def progress_text(event: Progress, unit: str = "image") -> str:
     """A progress event as the chat shows it in place of the answer: "encoding frame 5 of 16 · about 1 min left",
     "reading the prompt 40 % · 12 s left"."""
     done, total = event.done, event.total
+    if event.stage == "queued":
+        return f"*the server is busy: waiting for a free slot ({_ordinal(done)} in line)*"
     if event.stage == "vision":
         what = f"encoding {unit} {min(done + 1, total)} of {total}" if total > 1 else f"encoding the {unit}"
     else:
@@ -95,6 +97,10 @@ def progress_text(event: Progress, unit: str = "image") -> str:
     eta = event.eta_s
     left = f" · {human_seconds(eta)} left" if eta is not None and eta >= 1 else ""
     return f"*{what}{left}*"
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def chat_messages(session) -> list[dict]:
