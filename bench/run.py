@@ -28,9 +28,10 @@ sys.path.insert(0, str(HERE))
 
 from cases import CASES  # noqa: E402
 
-from llava_ui.model.onednn import bf16_units  # noqa: E402
+from llava_ui.config import app_home  # noqa: E402
+from llava_ui.model.cpu import bf16_units  # noqa: E402
 
-DEFAULT_CHECKPOINTS = Path(os.environ.get("LLAVA_UI_HOME", Path.home() / ".cache" / "llava_ui")) / "bench-real"
+DEFAULT_CHECKPOINTS = app_home() / "bench-real"
 LAYOUTS = {"paddle": "lmms", "transformers": "hf"}
 
 

@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from llava_ui.errors import UserError
 
 IMAGE_MODES = ("trained", "eval", "flat")
+
+
+def app_home() -> Path:
+    """The app's own cache (the tiny random model, exported bf16 programs, the benchmark's checkpoints):
+    $LLAVA_UI_HOME, default ~/.cache/llava_ui."""
+    return Path(os.environ.get("LLAVA_UI_HOME") or Path.home() / ".cache" / "llava_ui")
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 DEFAULT_PINPOINTS = [[384, 768], [768, 384], [768, 768], [1152, 384], [384, 1152]]
 QWEN2_FIELDS = (

@@ -23,7 +23,7 @@ from llava_ui.errors import UserError
 from llava_ui.model import bf16 as bf16_path
 from llava_ui.model.cpu import release_free_memory
 from llava_ui.model.generate import decode_one_token, prefill
-from llava_ui.model.onednn import bf16_units
+from llava_ui.model.cpu import bf16_units
 
 needs_units = pytest.mark.skipif(bf16_units() is None, reason="this CPU has no AMX / AVX-512 BF16 units")
 MAX_LOGIT_ERROR, MIN_COSINE, STEPS = 0.05, 0.999, 32

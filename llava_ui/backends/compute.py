@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import Future
 
 from llava_ui.model.cpu import grad_off
@@ -74,21 +75,17 @@ class ComputeThread:
             shared.append(count)
         return result
 
+    @contextmanager
     def decoding(self):
-        """Context manager around a chat's decode phase: the batch waits for the steps of chats inside one."""
-        thread = self
-
-        class _Decoding:
-            def __enter__(self):
-                with thread._ready:
-                    thread._decoders += 1
-
-            def __exit__(self, *exc):
-                with thread._ready:
-                    thread._decoders -= 1
-                    thread._ready.notify_all()
-
-        return _Decoding()
+        """Around a chat's decode phase: a batched step waits (GATHER_S at most) for the steps of chats inside."""
+        with self._ready:
+            self._decoders += 1
+        try:
+            yield
+        finally:
+            with self._ready:
+                self._decoders -= 1
+                self._ready.notify_all()
 
     def _loop(self) -> None:
         grad_off()

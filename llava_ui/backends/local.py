@@ -28,7 +28,7 @@ from llava_ui.checkpoints.hub import model_source
 from llava_ui.checkpoints.load import build_model, load_tokenizer, resolve_model_dir
 from llava_ui.config import GenerationSettings
 from llava_ui.errors import Stopped, UserError
-from llava_ui.model.onednn import bf16_units
+from llava_ui.model.cpu import bf16_units
 from llava_ui.model.generate import IncrementalDecoder, decode_room, decode_tokens, generate_ids, prefill_chunks
 from llava_ui.model.processing import check_image_mode, default_image_mode, pixel_views, prepare_images
 
@@ -70,7 +70,7 @@ def pick_device(requested: str | None = None) -> str:
 
 def pick_dtype(device: str, requested: str | None = None) -> str:
     """The compute precision: the request, else bf16 on a GPU that has it (else fp16), bf16 on a CPU with bf16
-    matrix units (oneDNN programs, llava_ui.model.onednn), fp32 on other CPUs."""
+    matrix units (oneDNN programs, llava_ui.model.bf16), fp32 on other CPUs."""
     if device.startswith("gpu"):
         if requested:
             return requested
@@ -352,31 +352,29 @@ class Engine:
                                    should_stop=stop_event.is_set, run=self.run, state=state,
                                    decode_step=lambda *step: self.compute.decode(*step, shared))
         result.clear()
-        decoding = self.compute.decoding()  # while it decodes, the batched step waits for this chat's steps
-        decoding.__enter__()
-        try:
-            for token in tokens:
-                token_ids.append(token)
-                times.append(time.perf_counter())
-                delta, hit = stops.feed(decoder.push(token))
-                if delta:
-                    yield Delta(delta)
-                if hit:
-                    reason = "stop"
-                    break
-            else:
-                reason = "stopped" if stop_event.is_set() else state.get("finish", "length")
-            if reason != "stop":
-                delta, _ = stops.feed(decoder.finish(), final=True)
-                if delta:
-                    yield Delta(delta)
-        finally:
-            decoding.__exit__(None, None, None)
-            tokens.close()
-            turn.answer = stops.text
-            if state.get("cache") is not None:
-                fed = state["fed"]
-                self.prefixes.store(items + token_ids[:fed], sizes + [1] * fed, state["cache"])
+        with self.compute.decoding():  # while it decodes, the batched step waits for this chat's steps
+            try:
+                for token in tokens:
+                    token_ids.append(token)
+                    times.append(time.perf_counter())
+                    delta, hit = stops.feed(decoder.push(token))
+                    if delta:
+                        yield Delta(delta)
+                    if hit:
+                        reason = "stop"
+                        break
+                else:
+                    reason = "stopped" if stop_event.is_set() else state.get("finish", "length")
+                if reason != "stop":
+                    delta, _ = stops.feed(decoder.finish(), final=True)
+                    if delta:
+                        yield Delta(delta)
+            finally:
+                tokens.close()
+                turn.answer = stops.text
+                if state.get("cache") is not None:
+                    fed = state["fed"]
+                    self.prefixes.store(items + token_ids[:fed], sizes + [1] * fed, state["cache"])
         yield _result(plan, stops.text, token_ids, reason, seed, started, times, cached_positions, encoded,
                       self.load_state.precision, shared)
 

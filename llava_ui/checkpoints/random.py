@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from llava_ui.checkpoints.weights import write_safetensors
-from llava_ui.config import DEFAULT_PINPOINTS
+from llava_ui.config import DEFAULT_PINPOINTS, app_home
 
 SPECIALS = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}  # offsets after the regular vocabulary
 SIZES = {
@@ -197,7 +196,7 @@ def write_random_checkpoint(out, layout: str = "paddlenlp", size: str | dict = "
 
 def tiny_random_dir(progress=print) -> Path:
     """The `--model tiny-random` checkpoint: made once in the user's cache, the same bytes on every machine."""
-    home = Path(os.environ.get("LLAVA_UI_HOME", Path.home() / ".cache" / "llava_ui"))
+    home = app_home()
     target = home / "tiny-random-v1"
     if (target / "config.json").exists():
         return target

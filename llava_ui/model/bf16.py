@@ -23,7 +23,7 @@ import paddle.nn.functional as F
 from llava_ui.errors import check_stop
 from llava_ui.model.cpu import release_free_memory, run_parts
 from llava_ui.model.onednn import Program, _spec
-from llava_ui.model.qwen2 import PREFILL_CHUNK, _Step, rms_norm
+from llava_ui.model.qwen2 import PREFILL_CHUNK, _Step, _total, rms_norm
 
 CHUNK = PREFILL_CHUNK  # rows of a prefill program
 MIN_ROWS = 32  # a prompt part shorter than this (a short follow-up) stays fp32 rather than pad to CHUNK rows
@@ -42,10 +42,6 @@ def _layer_norm(x, weight, bias, eps):
 def _rms_norm(x, weight, eps):
     # a sum times 1/n rather than mean: oneDNN's reduce_mean check prints a line per op to stdout
     return x * paddle.rsqrt((x * x).sum(axis=-1, keepdim=True) * (1.0 / x.shape[-1]) + eps) * weight
-
-
-def _total(parts: list):
-    return parts[0] if len(parts) == 1 else paddle.add_n(parts)
 
 
 def dims_of(model) -> dict:
@@ -184,7 +180,8 @@ class Bf16Runner:
         for i, ((qkv, rest), (attention, _)) in enumerate(zip(self.layers, runner.parts)):
             check_stop(should_stop)
             projected = qkv(h)
-            heads = run_parts(lambda p: step.attend(attention[p], projected[p][:length], i), list(range(len(attention))))
+            heads = run_parts(lambda p: step.attend(attention[p], projected[p][:length], i),
+                              list(range(len(attention))))
             h, residual = rest(*[_pad(out, rows) for out in heads], residual)
         cache.length = start + length
         cache.mask = None  # rebuilt from the length by the next decode step

@@ -14,6 +14,7 @@ release the GIL, so the shares really run at once. Elsewhere MKL keeps every cor
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -41,11 +42,27 @@ def cpu_threads() -> int:
         return os.cpu_count() or 1
 
 
-def is_amd() -> bool:
+@functools.cache
+def _cpuinfo() -> str:
     try:
-        return "AuthenticAMD" in Path("/proc/cpuinfo").read_text(errors="ignore")
-    except OSError:
-        return False
+        return Path("/proc/cpuinfo").read_text(errors="ignore")
+    except OSError:  # not Linux
+        return ""
+
+
+def is_amd() -> bool:
+    return "AuthenticAMD" in _cpuinfo()
+
+
+def bf16_units(cpuinfo: str | None = None) -> str | None:
+    """"AMX" or "AVX-512 BF16" when this CPU (or the given /proc/cpuinfo text) has bf16 matrix units, else None."""
+    text = _cpuinfo() if cpuinfo is None else cpuinfo
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    if "amx_bf16" in flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX-512 BF16"
+    return None
 
 
 def configure_cpu() -> int:

@@ -1,4 +1,4 @@
-"""Static programs run by Paddle Inference with oneDNN in bf16 (AMX or AVX-512 BF16 units), and the CPU check.
+"""Static programs run by Paddle Inference with oneDNN in bf16 (AMX or AVX-512 BF16 units: cpu.bf16_units).
 
 Paddle's dynamic graph has no bf16 matmul on the CPU; Paddle Inference's oneDNN path has. A program here holds no
 weights: every weight is an input, passed as the dynamic model's own fp32 tensor (no copy), and oneDNN's fc
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import paddle
 
+from llava_ui.config import app_home
 from llava_ui.model.cpu import cpu_threads
 from llava_ui.model.qwen2 import PREFILL_CHUNK
 
@@ -30,25 +31,9 @@ logger = logging.getLogger(__name__)
 POLICY = f"one-view-{PREFILL_CHUNK}-rows-v3"  # the shapes policy: part of the export cache key
 
 
-def bf16_units(cpuinfo: str | None = None) -> str | None:
-    """"AMX" or "AVX-512 BF16" when this CPU has bf16 matrix units, else None (Linux /proc/cpuinfo flags)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(errors="ignore")
-        except OSError:
-            return None
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    if "amx_bf16" in flags:
-        return "AMX"
-    if "avx512_bf16" in flags:
-        return "AVX-512 BF16"
-    return None
-
-
 def programs_home() -> Path:
-    """Exported programs live beside the checkpoint cache: $LLAVA_UI_HOME/programs (default ~/.cache/llava_ui)."""
-    home = Path(os.environ.get("LLAVA_UI_HOME") or Path.home() / ".cache" / "llava_ui")
-    return home / "programs"
+    """Exported programs live beside the checkpoint cache."""
+    return app_home() / "programs"
 
 
 class _Traced(paddle.nn.Layer):
