@@ -232,3 +232,72 @@ def test_repetition_penalty_of_the_checkpoint_generation_config_is_applied_to_ge
         ids = list(generate_ids(engine.model, embeds, settings, engine.tokenizer.stop_ids))  # no prompt ids seen
         answers[penalty] = engine.tokenizer.decode(ids).strip()
     assert row["pred_response"] == answers[1.3] != answers[1.0]
+
+
+def run_fp32(tiny_dir, bench_dir, out, *flags, tokens=12):
+    with pytest.MonkeyPatch.context() as patch:  # answers long enough to overlap
+        patch.setattr(evaluation_cli, "EVAL_MAX_NEW_TOKENS", tokens)
+        return cli.main(["eval", "--model", str(tiny_dir), "--data", str(bench_dir), "--split", SPLIT, "--out",
+                         str(out), "--dtype", "float32", *flags])
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(tiny_dir, bench_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval-sequential")
+    assert run_fp32(tiny_dir, bench_dir, out) == 0
+    return out
+
+
+def test_parallel_answers_and_output_are_those_of_one_at_a_time(one_at_a_time, tiny_dir, bench_dir, tmp_path,
+                                                                 capsys):
+    capsys.readouterr()
+    assert run_fp32(tiny_dir, bench_dir, tmp_path, "--parallel", "3") == 0
+    out = capsys.readouterr().out
+    # byte for byte: the same answers (greedy, fp32: a batched step computes each chat's logits as alone), in
+    # data order whatever finished first
+    assert (tmp_path / "result.jsonl").read_text() == (one_at_a_time / "result.jsonl").read_text()
+    for name in ("eval_dataset.json", "eval_cat.json"):
+        assert (tmp_path / name).read_text() == (one_at_a_time / name).read_text()
+    key = lambda row: (row["question"], row["prompt"])  # noqa: E731  (the trace is in finishing order)
+    trace, expected = (sorted(read_jsonl(d / "eval_trace.jsonl"), key=key) for d in (tmp_path, one_at_a_time))
+    assert [(t["prompt"], t["generated_tokens"]) for t in trace] == [(t["prompt"], t["generated_tokens"])
+                                                                      for t in expected]
+    # the closing line says how many shared a step and the speed-up the engine measured
+    line = next(line for line in out.splitlines() if "turns answered in" in line)
+    shared = float(line.split("a decode step shared by ")[1].split()[0])
+    assert "3 at once" in line and 1.0 < shared <= 3.0 and "x the speed of one at a time" in line
+
+
+def test_parallel_run_resumes_a_sequential_one(one_at_a_time, tiny_dir, bench_dir, tmp_path):
+    assert run_fp32(tiny_dir, bench_dir, tmp_path, "--limit", "1") == 0
+    assert run_fp32(tiny_dir, bench_dir, tmp_path, "--parallel", "4") == 0
+    assert (tmp_path / "result.jsonl").read_text() == (one_at_a_time / "result.jsonl").read_text()
+    assert len(read_jsonl(tmp_path / "eval_trace.jsonl")) == 4  # the first sample was not asked again
+
+
+def test_parallel_runs_samples_at_once_and_an_error_stops_it_keeping_whole_samples_in_order(bench_dir, tmp_path):
+    import threading
+    import time
+
+    from llava_ui.eval.benchmark import run_evaluation
+
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def answer(messages, image_paths):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.2)
+            if "Which panel" in messages[-1]["content"]:  # sample 1
+                raise RuntimeError("the remote engine went away")
+            return f"answer to {messages[-1]['content'][:8]}"
+        finally:
+            with lock:
+                running[0] -= 1
+
+    with pytest.raises(RuntimeError, match="went away"):
+        run_evaluation(str(bench_dir), SPLIT, str(tmp_path), answer, parallel=3, progress=False)
+    assert most[0] == 3
+    # sample 0 finished before the error and is kept; sample 2 (maybe finished too) comes after it and is not
+    assert [r["sample_id"] for r in read_jsonl(tmp_path / "result.jsonl")] == [0]

@@ -42,6 +42,8 @@ class ComputeThread:
         self._thread: threading.Thread | None = None
         self._decoders = 0  # chats in their decode phase: each comes back with a step until it ends
         self.last_batch = 0  # how many chats shared the last decode step (the inspector shows it)
+        self.steps: dict[int, list] = {}  # batch size → [decode steps, seconds] (eval's speed-up line)
+        self.other_s = 0.0  # seconds of every other step (prefill chunks, vision views)
 
     def _start(self) -> None:
         with self._ready:
@@ -95,11 +97,16 @@ class ComputeThread:
                     self._ready.wait()
                 item = self._queue.popleft()
                 batch = self._gather(item) if isinstance(item, _Decode) else None
+            started = time.perf_counter()
             if batch is None:
                 future, fn, args, kwargs = item
                 _settle(future, fn, *args, **kwargs)
+                self.other_s += time.perf_counter() - started
             else:
                 self._step(batch)
+                record = self.steps.setdefault(len(batch), [0, 0.0])
+                record[0] += 1
+                record[1] += time.perf_counter() - started
 
     def _gather(self, first: _Decode) -> list:
         """`first` and the queued decode steps of the same model, waiting up to GATHER_S for the steps of the other
@@ -128,6 +135,22 @@ class ComputeThread:
         for row, (d, cache) in enumerate(zip(batch, caches)):
             d.shared = len(batch)
             d.future.set_result((logits[row], cache))
+
+
+def batching_summary(steps: dict[int, list], other_s: float) -> dict | None:
+    """From ComputeThread.steps / other_s: how many chats shared a decode step on average, a step alone and at the
+    usual batch size, and the estimated speed-up over one chat at a time (every batched step replaced by its rows'
+    solo steps; prefill and vision are not batched, so they count the same). None without a solo step to compare."""
+    if 1 not in steps or not steps[1][0]:
+        return None
+    solo = steps[1][1] / steps[1][0]
+    count = sum(n for n, _ in steps.values())
+    rows = sum(size * n for size, (n, _) in steps.items())
+    busy = other_s + sum(s for _, s in steps.values())
+    usual = max(steps, key=lambda size: steps[size][0] * size)  # the batch size most tokens were decoded at
+    return {"mean_batch": rows / count, "solo_step_s": solo, "usual_batch": usual,
+            "usual_step_s": steps[usual][1] / steps[usual][0],
+            "speedup": (other_s + rows * solo) / busy if busy else 1.0}
 
 
 def _settle(future: Future, fn, *args, **kwargs) -> None:

@@ -29,7 +29,7 @@ from llava_ui.checkpoints.load import build_model, load_tokenizer, resolve_model
 from llava_ui.config import GenerationSettings
 from llava_ui.errors import Stopped, UserError
 from llava_ui.model.cpu import bf16_units
-from llava_ui.model.generate import IncrementalDecoder, decode_room, decode_tokens, generate_ids, prefill_chunks
+from llava_ui.model.generate import IncrementalDecoder, decode_room, decode_tokens, prefill_chunks
 from llava_ui.model.processing import check_image_mode, default_image_mode, pixel_views, prepare_images
 
 
@@ -389,8 +389,14 @@ class Engine:
         prefix cache, no text. Ends at a stop id (not yielded) or max_new_tokens."""
         rows, _ = self.image_rows(plan)
         embeds = self.run(self.model.embed_prompt, plan.prompt_ids, rows)
-        return generate_ids(self.model, embeds, settings, set(stop_ids), seen=list(seen), run=self.run,
-                            decode_step=self.compute.decode)  # batched with any other request decoding
+        result = {}
+        for _ in prefill_chunks(self.model, embeds, None, 0, room=decode_room(settings), run=self.run, result=result):
+            pass
+        length = embeds.shape[1]
+        del embeds
+        with self.compute.decoding():  # batched with every other request decoding (eval --parallel)
+            yield from decode_tokens(self.model, result["logits"], result["cache"], length, settings,
+                                     set(stop_ids), seen=list(seen), run=self.run, decode_step=self.compute.decode)
 
     def generate(self, conversation: Conversation, settings: GenerationSettings | None = None, **kwargs) -> Result:
         return generate(self, conversation, settings, **kwargs)

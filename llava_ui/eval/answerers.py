@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -75,13 +76,23 @@ def _load_images(paths, count: int) -> list:
 
 
 class ReferenceAnswerer:
-    """answer(messages, image_paths) for run_evaluation: the local engine prompted exactly as model_vqa.py does."""
+    """answer(messages, image_paths) for run_evaluation: the local engine prompted exactly as model_vqa.py does.
+
+    Thread-safe: run_evaluation's --parallel workers each answer one sample at a time, and the sample's earlier
+    answers (the next turn's prompt holds their generated ids) are kept per thread."""
 
     def __init__(self, engine, image_mode: str, trace_path: str | None = None, repetition_penalty: float = 1.0):
         self.engine, self.image_mode, self.trace_path = engine, image_mode, trace_path
         self.repetition_penalty = repetition_penalty
-        self.answers: list[tuple[str, list[int], str]] = []  # this sample's answers: (answer, raw ids, ids as text)
+        self._sample = threading.local()
         self.turns = []  # (seconds, generated tokens, finish reason) per answered turn
+
+    @property
+    def answers(self) -> list[tuple[str, list[int], str]]:
+        """This thread's sample's answers so far: (answer, raw ids, ids as text)."""
+        if not hasattr(self._sample, "answers"):
+            self._sample.answers = []
+        return self._sample.answers
 
     def render(self, messages) -> tuple[list[int], str]:
         """The whole prompt of the last question; earlier answers as generated (re-tokenized if not generated here)."""
@@ -200,9 +211,12 @@ def skipping_unanswerable(answer, problems: list):
     return guarded
 
 
+_trace_lock = threading.Lock()  # parallel answerers append whole lines
+
+
 def _trace(path: str | None, row: dict) -> None:
     if path:
-        with open(path, "a", encoding="utf-8") as file:
+        with _trace_lock, open(path, "a", encoding="utf-8") as file:
             file.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
