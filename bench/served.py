@@ -15,7 +15,13 @@ Cases:
 - served: one image + a question, greedy, through the API, the chat and the command line (alternating,
   `--speed-reps` each): time to first token and decode tokens/s as the engine measured them, and the API's
   first token as its client saw it.
-Writes bench/results/served.json and served.md.
+- concurrent: several chats at once through /v1 (`--concurrency 8`; one picture each, its features and prompt
+  prefix cached by a first request, so the chats decode side by side from their first step): one alone, then 4
+  and 8 at once (decode tokens/s each and in total, the engine's mean step time per batch size); then a chat
+  with a new picture alone, and the same arriving while 4 others decode (its time to first token). Peak RSS per
+  phase. Issue 18's targets: 4 at once ≥ 3× the solo total and each ≥ 0.75× solo, 8 at once ≥ 5×, the late
+  arrival's first token ≤ 1.2× alone.
+Writes bench/results/served.json and served.md (`--name` changes the basename).
 """
 from __future__ import annotations
 
@@ -212,6 +218,101 @@ def gb(value: float | None) -> str:
     return "–" if value is None else f"{value / 2**30:.2f}"
 
 
+CONCURRENT_TARGETS = {"total_4": 3.0, "each_4": 0.75, "total_8": 5.0, "late_ttft": 1.2}
+
+
+def timed_request(url: str, images: list[Path], question: str, max_tokens: int) -> dict:
+    """One streaming /v1 request as a client sees it (no RSS reset: several run at once): the engine's stats and
+    the client's clock at its first and last token."""
+    import httpx
+
+    content = [{"type": "text", "text": question}] + [
+        {"type": "image_url", "image_url": {"url": data_url(p)}} for p in images]
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0,
+            "stream": True}
+    started, first, details = time.perf_counter(), None, None
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=3600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if first is None and any((c.get("delta") or {}).get("content") for c in chunk.get("choices", [])):
+                first = time.perf_counter()
+            details = chunk.get("llava_ui") or details
+    return {"stats": details["stats"], "started": started, "first": first, "ended": time.perf_counter()}
+
+
+def at_once(calls: list) -> list:
+    """Run the calls in threads released together; results in order."""
+    import threading
+
+    results, barrier = [None] * len(calls), threading.Barrier(len(calls))
+
+    def one(i):
+        barrier.wait()
+        results[i] = calls[i]()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(calls))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return results
+
+
+def decode_rates(results: list) -> dict:
+    rates = [r["stats"]["decode_tokens_per_s"] for r in results]
+    tokens = sum(r["stats"]["generated_tokens"] - 1 for r in results)
+    window = max(r["ended"] for r in results) - min(r["first"] for r in results)
+    return {"each": rates, "total": sum(rates), "wall_total": tokens / window if window > 0 else None,
+            "batch_max": max(r["stats"].get("decode_batch_max") or 1 for r in results)}
+
+
+def concurrent_case(model: Path, work: Path, new_image, args) -> dict:
+    extra = ["--concurrency", "8", "--queue-size", "16"] + (["--dtype", args.dtype] if args.dtype else [])
+    out = {"max_new_tokens": args.concurrent_tokens}
+    shared = new_image(100)
+    with server(model, work / "server-concurrent.log", extra) as (url, pid):
+        status = lambda: __import__("httpx").get(url + "/v1/models", timeout=10).json()["data"][0]["llava_ui"]
+        out["precision"], out["weight_layout"] = status()["precision"], status().get("weight_layout")
+        out["resident"] = proc_status(pid)["VmRSS"]
+        timed_request(url, [shared], "Describe this picture.", 2)  # its features and prompt prefix are cached
+        ask = lambda i, tokens=args.concurrent_tokens: (
+            lambda: timed_request(url, [shared], f"Describe this picture. ({i})", tokens))
+        for count in (1, 4, 8):
+            reset_peak(pid)
+            results = at_once([ask(i + 10 * count) for i in range(count)])
+            out[f"at_once_{count}"] = {**decode_rates(results), "peak_rss": proc_status(pid)["VmHWM"]}
+            print(f"concurrent {count}: " + json.dumps({k: v for k, v in out[f"at_once_{count}"].items()
+                                                        if k != "each"}), flush=True)
+        out["decode_steps"] = status()["decode_steps"]
+        reset_peak(pid)
+        alone = timed_request(url, [new_image(200)], "What is in this picture?", 4)
+        out["late_alone_ttft_s"] = alone["stats"]["ttft_s"]
+        # four chats decoding long answers; the fifth, with a new picture, arrives once they all decode
+        import threading
+
+        decoding = [None] * 4
+        threads = [threading.Thread(target=lambda i=i: decoding.__setitem__(i, ask(i + 50, 4 * args.concurrent_tokens)()))
+                   for i in range(4)]
+        [t.start() for t in threads]
+        time.sleep(args.late_after)
+        late = timed_request(url, [new_image(201)], "What is in this picture?", 4)
+        [t.join() for t in threads]
+        out["late_with_4_ttft_s"] = late["stats"]["ttft_s"]
+        out["late_arrived_while_decoding"] = all(d["first"] is not None and d["first"] < late["started"] and
+                                                 d["ended"] > late["first"] for d in decoding)
+        out["late_peak_rss"] = proc_status(pid)["VmHWM"]
+        print(f"late arrival: alone {out['late_alone_ttft_s']:.2f} s, with 4 decoding {out['late_with_4_ttft_s']:.2f} s"
+              f" (they decoded throughout: {out['late_arrived_while_decoding']})", flush=True)
+    solo = out["at_once_1"]["total"]
+    out["ratios"] = {"total_4": out["at_once_4"]["total"] / solo, "each_4": min(out["at_once_4"]["each"]) / solo,
+                     "total_8": out["at_once_8"]["total"] / solo,
+                     "late_ttft": out["late_with_4_ttft_s"] / out["late_alone_ttft_s"]}
+    out["met"] = {k: (v <= CONCURRENT_TARGETS[k] if k == "late_ttft" else v >= CONCURRENT_TARGETS[k])
+                  for k, v in out["ratios"].items()}
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
@@ -219,10 +320,19 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=10, help="requests in a row (default 10)")
     parser.add_argument("--speed-reps", type=int, default=3, help="repetitions per path of the speed case")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--skip", default="", help="cases to skip: memory,in-a-row,served")
+    parser.add_argument("--skip", default="", help="cases to skip: memory,in-a-row,served,concurrent")
+    parser.add_argument("--only", default="", help="run only these cases (comma-separated)")
+    parser.add_argument("--concurrent-tokens", type=int, default=48, help="answer length in the concurrent case")
+    parser.add_argument("--late-after", type=float, default=8.0,
+                        help="seconds after the four chats start that the late one arrives (concurrent case)")
+    parser.add_argument("--dtype", default=None, help="the server's --dtype in the concurrent case (default: "
+                                                      "the app's default)")
+    parser.add_argument("--name", default="served", help="basename of the result files")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
+    if args.only:
+        skip = {"memory", "in-a-row", "served", "concurrent"} - set(args.only.split(","))
     model = ensure_checkpoints(args.checkpoints)["paddle"]
     work = Path(os.environ.get("TMPDIR", "/tmp")) / "llava_ui_bench_served"
     work.mkdir(parents=True, exist_ok=True)
@@ -286,11 +396,12 @@ def main(argv=None) -> int:
                     f"{side} {s[-1]['stats']['ttft_s']:.2f} s / {s[-1]['stats']['decode_tokens_per_s']:.2f} tok/s"
                     for side, s in speed.items()), flush=True)
     report["served"] = speed
+    report["concurrent"] = None if "concurrent" in skip else concurrent_case(model, work, new_image, args)
     summary = summarise(report)
     report["summary"] = summary
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "served.json").write_text(json.dumps(report, indent=1))
-    (args.out / "served.md").write_text(markdown(report))
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+    (args.out / f"{args.name}.md").write_text(markdown(report))
     print(markdown(report))
     return 0
 
@@ -362,6 +473,27 @@ def markdown(report: dict) -> str:
         client = median([r["client_ttft_s"] for r in speed["api"]])
         lines += ["", f"API first token as its client saw it (upload, decode and HTTP included): {client:.2f} s.",
                   "Target: within 5 %.", ""]
+    c = report.get("concurrent")
+    if c:
+        lines += [f"## Concurrent chats through /v1 ({c['precision']}, weights {c['weight_layout']}, "
+                  f"{c['max_new_tokens']} greedy tokens each)", "",
+                  "| chats at once | decode tokens/s each | total (sum) | total (wall clock) | vs one alone | "
+                  "most sharing a step | peak RSS (GB) |", "|---|---|---|---|---|---|---|"]
+        solo = c["at_once_1"]["total"]
+        for count in (1, 4, 8):
+            r = c[f"at_once_{count}"]
+            wall = f"{r['wall_total']:.2f}" if r["wall_total"] else "–"
+            lines.append(f"| {count} | {', '.join(f'{x:.2f}' for x in r['each'])} | {r['total']:.2f} | {wall} | "
+                         f"{r['total'] / solo:.2f}x | {r['batch_max']} | {gb(r['peak_rss'])} |")
+        steps = ", ".join(f"{size} rows {v['mean_ms']:.0f} ms ({v['steps']})" for size, v in c["decode_steps"].items())
+        lines += ["", f"Server resident before: {gb(c['resident'])} GB. Mean decode step per batch size (steps): "
+                      f"{steps}.", "",
+                  f"Late arrival (a new picture): first token {c['late_alone_ttft_s']:.2f} s alone, "
+                  f"{c['late_with_4_ttft_s']:.2f} s while 4 chats decode ({c['ratios']['late_ttft']:.2f}x; the four "
+                  f"decoded throughout: {c['late_arrived_while_decoding']}); peak RSS {gb(c['late_peak_rss'])} GB.", "",
+                  "Targets: " + ", ".join(f"{k} {v:.2f} ({'met' if c['met'][k] else 'missed'}; target "
+                                          f"{'≤' if k == 'late_ttft' else '≥'} {CONCURRENT_TARGETS[k]})"
+                                          for k, v in c["ratios"].items()), ""]
     return "\n".join(lines)
 
 

@@ -58,10 +58,38 @@ def batched_against_solo(model, lengths, vocab: int) -> float:
                for row, expected in enumerate(solo))
 
 
-def test_a_batched_step_gives_each_sequence_its_solo_logits(checkpoints):
-    """decode_batch over caches of different lengths equals decode_one_token per sequence (fp32)."""
-    model, _, _ = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None)
+@pytest.mark.parametrize("transposed", [False, True], ids=["in-out", "out-in"])
+def test_a_batched_step_gives_each_sequence_its_solo_logits(checkpoints, transposed):
+    """decode_batch over caches of different lengths equals decode_one_token per sequence (fp32), in both weight
+    layouts; 2, 3 and 5 rows take the three ways qwen2.project computes a few rows."""
+    model, _, _ = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None, transposed)
+    assert model.runner.parts[0][1][0].transposed is transposed
+    assert batched_against_solo(model, (5, 40), 200) <= 1e-5
     assert batched_against_solo(model, (5, 40, 300), 200) <= 1e-5
+    assert batched_against_solo(model, (5, 40, 300, 7, 90), 200) <= 1e-5
+
+
+def test_the_batching_layout_computes_the_as_stored_layouts_logits(checkpoints):
+    """The weights laid out [out, in] for batched steps give the prefill and a decode step the logits of the
+    layout as stored (the prompt long enough for two prefill chunks)."""
+    def run(transposed):
+        model, _, _ = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None,
+                                  transposed)
+        tokens = np.random.default_rng(1).integers(0, 200, 300).tolist()
+        logits, cache = prefill(model, model.embed_tokens(paddle.to_tensor(tokens)).unsqueeze(0), room=2)
+        return logits.numpy(), decode_one_token(model, 7, cache, 300)[0].numpy()
+
+    for stored, batching in zip(run(False), run(True)):
+        assert np.abs(stored - batching).max() <= 1e-5 * np.abs(stored).max()
+
+
+def test_the_engine_lays_the_weights_out_for_what_it_runs(tiny_dir, engine):
+    """Batched decode steps get the [out, in] layout; an engine that runs one request at a time (the command
+    line, eval --parallel 1) keeps the weights as stored, the faster layout for one stream."""
+    assert engine.status()["weight_layout"] == "out-in"
+    one = Engine(str(tiny_dir), dtype="float32", feature_cache_mb=1)
+    one.compute.batch_limit = 1
+    assert one.load().status()["weight_layout"] == "in-out"
 
 
 def test_concurrent_greedy_chats_get_their_solo_answers_and_share_steps(engine):
@@ -111,6 +139,7 @@ def test_sampled_chats_keep_their_own_seeds(engine):
 
 
 @pytest.mark.slow
-def test_real_size_batched_logits_match_solo_within_1e_4(real_checkpoint):
-    model, _, _ = build_model(real_checkpoint, "float32", lambda *a, **k: None)
+@pytest.mark.parametrize("transposed", [False, True], ids=["in-out", "out-in"])
+def test_real_size_batched_logits_match_solo_within_1e_4(real_checkpoint, transposed):
+    model, _, _ = build_model(real_checkpoint, "float32", lambda *a, **k: None, transposed)
     assert batched_against_solo(model, (40, 300, 760, 1100), 5000) <= 1e-4

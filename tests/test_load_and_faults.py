@@ -167,6 +167,110 @@ def test_two_tabs_exporting_in_the_same_second_each_get_their_own_file(engine, m
     assert [json.loads(Path(p).read_text())["turns"][0]["text"] for p in paths] == ["first tab", "second tab"]
 
 
+API_CLIENTS, CHAT_CLIENTS, LOAD_SLOTS, LOAD_QUEUE = 32, 8, 2, 8
+QUESTIONS = ["Name a colour.", "Count to three.", "Say something about cats.", "What is rain?"]
+
+
+@pytest.fixture(scope="module")
+def crowded_app(tiny_dir):
+    """The real app with a small admission queue (--concurrency 2, --queue-size 8), for more clients than that."""
+    args = app_module.parse_args(["--model", str(tiny_dir), "--concurrency", str(LOAD_SLOTS),
+                                  "--queue-size", str(LOAD_QUEUE)])
+    fastapi_app, _, backend = app_module.create_app(args)
+    with serve(fastapi_app, lifespan="on") as root:
+        yield root, backend
+
+
+def api_answer(root: str, k: int, model: str) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": QUESTIONS[k % len(QUESTIONS)]}],
+            "max_tokens": MAX_NEW, "temperature": 0}
+    return httpx.post(root + "/v1/chat/completions", json=body, timeout=300)
+
+
+def chat_answer(root: str, k: int) -> str | None:
+    """One browser-like session (gradio_client): send + respond as the page calls them; the answer the
+    inspector's export holds, or None when the message was not answered."""
+    from gradio_client import Client
+
+    client = Client(root, verbose=False)
+    try:
+        client.predict({"text": QUESTIONS[k % len(QUESTIONS)], "files": []}, 2, api_name="/send")
+        client.predict(*GREEDY_UI, api_name="/respond")
+        exported = client.predict(api_name="/export")
+        path = exported["value"] if isinstance(exported, dict) else exported
+        turns = json.loads(Path(path).read_text())["turns"] if path else []
+        return turns[0]["answer"] if turns else None
+    finally:
+        client.close()
+
+
+def test_32_api_requests_and_8_chats_at_once_only_get_answers_or_busy_and_memory_stays_bounded(crowded_app,
+                                                                                               warnings):
+    """Forty clients at once, two slots and eight places in line, every front end sharing them: each admitted
+    request gets the answer it gets alone (greedy), each refused one a 429 with Retry-After (API) or "the server
+    is busy" (chat); never more answers computed at once than slots, nor more waiting than the queue holds."""
+    root, engine = crowded_app
+    engine.load()
+    model = engine.status()["model"]
+    alone_api = [api_answer(root, k, model).json()["choices"][0]["message"]["content"] for k in range(len(QUESTIONS))]
+    alone_chat = [chat_answer(root, k) for k in range(len(QUESTIONS))]
+    assert all(alone_chat)
+    seen = {"active": 0, "waiting": 0}
+    done = threading.Event()
+
+    def watch():  # the admission queue's occupancy while the crowd is served
+        while not done.is_set():
+            status = engine.admission.status()
+            seen["active"], seen["waiting"] = max(seen["active"], status["active"]), max(seen["waiting"],
+                                                                                         status["waiting"])
+            time.sleep(0.002)
+
+    rss_before = psutil.Process().memory_info().rss
+    barrier = threading.Barrier(API_CLIENTS + CHAT_CLIENTS)
+    api, chat, failures = [None] * API_CLIENTS, [None] * CHAT_CLIENTS, []
+
+    def run(kind, k):
+        try:
+            barrier.wait(timeout=60)
+            if kind == "api":
+                api[k] = api_answer(root, k, model)
+            else:
+                chat[k] = chat_answer(root, k)
+        except Exception as err:
+            failures.append(f"{kind} {k}: {type(err).__name__}: {err}")
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    threads = [threading.Thread(target=run, args=("api", k)) for k in range(API_CLIENTS)]
+    threads += [threading.Thread(target=run, args=("chat", k)) for k in range(CHAT_CLIENTS)]
+    [t.start() for t in threads]
+    [t.join(300) for t in threads]
+    done.set()
+    watcher.join()
+    assert not failures, failures
+    codes = [r.status_code for r in api]
+    assert set(codes) <= {200, 429}, [(r.status_code, r.text) for r in api if r.status_code not in (200, 429)]
+    for k, response in enumerate(api):
+        if response.status_code == 200:
+            assert response.json()["choices"][0]["message"]["content"] == alone_api[k % len(QUESTIONS)]
+        else:
+            assert int(response.headers["Retry-After"]) >= 5
+            assert response.json()["error"]["code"] == "server_busy"
+    answered = [k for k, answer in enumerate(chat) if answer is not None]
+    for k in answered:
+        assert chat[k] == alone_chat[k % len(QUESTIONS)]
+    busy = [m for m in warnings if "the server is busy" in m]
+    assert len(busy) == CHAT_CLIENTS - len(answered), warnings
+    assert 429 in codes and codes.count(200) >= LOAD_SLOTS  # the crowd was larger than the line, some got in
+    assert seen["active"] <= LOAD_SLOTS and seen["waiting"] <= LOAD_QUEUE
+    assert seen["active"] == LOAD_SLOTS  # the slots were used
+    growth = psutil.Process().memory_info().rss - rss_before
+    assert growth < 300 * 2**20, f"resident memory grew {growth / 2**20:.0f} MB under the crowd"
+    print(f"\n{API_CLIENTS} API + {CHAT_CLIENTS} chat clients at once: {codes.count(200)} API answers, "
+          f"{codes.count(429)} refused (429); {len(answered)} chat answers, {len(busy)} told the server is busy; "
+          f"at most {seen['active']} computing and {seen['waiting']} waiting; RSS {growth / 2**20:+.0f} MB")
+
+
 # --- stop -----------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,7 @@ class LoadState:
     layout: str = ""
     random_weights: bool = False
     precision: str = ""  # precision_label()
+    weights: str = ""  # the language model's weight layout: "in-out" (one stream) or "out-in" (batched steps)
 
 
 def pick_device(requested: str | None = None) -> str:
@@ -117,6 +118,7 @@ class Engine:
         return {"state": s.state, "message": s.message, "error": s.error, "model": self.model_id,
                 "source": model_source(self.model_id, self.hub),
                 "device": s.device, "dtype": s.dtype, "precision": s.precision, "layout": s.layout,
+                "weight_layout": s.weights,
                 "random_weights": s.random_weights,
                 "image_mode": self.image_mode if s.state == "ready" else None,
                 "unpad_rounding": self.config.unpad_rounding if s.state == "ready" else None,
@@ -124,7 +126,9 @@ class Engine:
                 "caches": {"feature_bytes": self.features.bytes, "feature_entries": len(self.features),
                            "prefix_bytes": self.prefixes.bytes, "prefix_entries": len(self.prefixes)},
                 "rates": self.rates.summary() if self.rates is not None else None,
-                "admission": self.admission.status(), "last_decode_batch": self.compute.last_batch}
+                "admission": self.admission.status(), "last_decode_batch": self.compute.last_batch,
+                "decode_steps": {size: {"steps": n, "mean_ms": round(1000 * seconds / n, 1)}
+                                 for size, (n, seconds) in sorted(list(self.compute.steps.items())) if n}}
 
     def _progress(self, message: str, done: int | None = None, total: int | None = None) -> None:
         """A loading step (with a count when it has one), for the status and `on_progress(message, done, total)`."""
@@ -163,9 +167,12 @@ class Engine:
         model_dir = resolve_model_dir(self.model_id, self._progress, self.hub)
         self.model_dir = model_dir
         on_cpu = not device.startswith("gpu")
-        # on the CPU the weights stay fp32 (today's exact path); bf16 runs them through oneDNN programs
-        model, config, layout = build_model(model_dir, "float32" if on_cpu else dtype, self._progress)
-        if on_cpu and dtype == "bfloat16":
+        # on the CPU the weights stay fp32 (today's exact path); bf16 runs them through oneDNN programs, which take
+        # them as stored ([in, out]); an engine that batches decode steps lays them out for that (qwen2.project)
+        bf16_programs = on_cpu and dtype == "bfloat16"
+        transposed = self.compute.batch_limit > 1 and not bf16_programs
+        model, config, layout = build_model(model_dir, "float32" if on_cpu else dtype, self._progress, transposed)
+        if bf16_programs:
             model.use_bf16(self._progress)
             self._progress(f"bf16 programs ready in {model.bf16.prepare_seconds:.0f} s "
                            f"(exported in {model.bf16.export_seconds:.0f} s)")
@@ -178,6 +185,7 @@ class Engine:
         self.load_state.device, self.load_state.dtype, self.load_state.layout = device, dtype, layout
         self.load_state.precision = precision_label(device, dtype)
         self.load_state.random_weights = bool(config.raw.get("random_weights"))
+        self.load_state.weights = "out-in" if transposed else "in-out"
         self._progress("measuring this machine's speed ...")
         self.rates = Rates(Workload.of(config), calibrate("float32" if on_cpu else dtype))
 

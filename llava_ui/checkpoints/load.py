@@ -136,8 +136,9 @@ def vision_layers_in(state: dict) -> int:
     return max(found) + 1 if found else 0
 
 
-def build_model(model_dir: Path, dtype: str = "float32", progress=None):
-    """Read config + weights, build LlavaQwen in `dtype`, load every weight; fail loudly on any mismatch."""
+def build_model(model_dir: Path, dtype: str = "float32", progress=None, transposed: bool = False):
+    """Read config + weights, build LlavaQwen in `dtype`, load every weight; fail loudly on any mismatch.
+    `transposed`: the language model's weights laid out for batched decode steps (qwen2.project)."""
     no_init_weights = paddlenlp_module("paddlenlp.transformers.model_utils").no_init_weights
 
     progress = progress or _stderr
@@ -169,7 +170,7 @@ def build_model(model_dir: Path, dtype: str = "float32", progress=None):
     finally:
         paddle.set_default_dtype(previous)
     load_state(model, state, progress)
-    model.runner.pack()  # the language model's weights regrouped per CPU worker (each still held once)
+    model.runner.pack(transposed)  # the language model's weights regrouped per CPU worker (each still held once)
     model.eval()
     for param in model.parameters():  # no thread can record autograd history on them, whatever its grad mode
         param.stop_gradient = True

@@ -28,6 +28,9 @@ def add_eval_command(sub) -> None:
 
 def cmd_eval(args) -> int:
     backend = make_backend(args)
+    compute = getattr(backend, "compute", None)  # the local engine's compute thread (None for a remote one)
+    if compute is not None:  # before loading: the weights' layout follows it (one stream, or batched steps)
+        compute.batch_limit = args.parallel
     backend.load()
     os.makedirs(args.out, exist_ok=True)
     penalty = checkpoint_repetition_penalty(args.model) if args.backend == "local" else 1.0
@@ -35,9 +38,7 @@ def cmd_eval(args) -> int:
         print(f"decoding greedily with the repetition_penalty {penalty} of {args.model}/generation_config.json, "
               "as the reference's transformers generate() did", file=sys.stderr)
     answerer = engine_answerer(backend, args.image_mode, os.path.join(args.out, TRACE_FILE), penalty)
-    compute = getattr(backend, "compute", None)  # the local engine's compute thread (None for a remote one)
     if compute is not None:
-        compute.batch_limit = max(compute.batch_limit, args.parallel)
         compute.steps.clear()
         compute.other_s = 0.0
     problems = []
