@@ -6,7 +6,7 @@
 One process loads the random-weight real-size checkpoint in fp32 (the decode path of both precisions) and times
 `Qwen2Runner.decode_batch` over B caches of 1,000-1,070 positions: the whole step through the layers, the same
 with attention replaced by zeros (the dense part: weight matmuls, norms, the hand-offs between the cores), the
-difference (attention: RoPE, the cache writes, scores and values per chat), and the LM head over B rows. The two
+difference (attention: the cache writes, scores and values per chat; RoPE counts as dense), and the LM head over B rows. The two
 weight layouts alternate in the same process (the parts are transposed in place between rounds): "in-out" as
 stored (the command line), "out-in" (an engine that batches: qwen2.project). Medians over the rounds.
 Writes bench/results/batch-steps.json and .md.
@@ -60,8 +60,8 @@ def main(argv=None) -> int:
             times.append(time.perf_counter() - began)
         return 1000 * statistics.median(times)
 
-    def no_attention(self, part, qkv, layer):
-        return paddle.zeros([qkv.shape[0], part.q_heads * self.dim], qkv.dtype)
+    def no_attention(self, part, qkv, layer):  # one row's attention (after RoPE) replaced by zeros
+        return paddle.zeros([1, part.q_heads * self.dim], qkv.dtype)
 
     def flip():  # every part's weights to the other layout, in place
         for attention, feed in runner.parts:
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
                     setattr(part, name, qwen2._turned(getattr(part, name)))
                 part.transposed = False
 
-    attend = qwen2._Step.attend
+    attend = qwen2._Step._decode
     results: dict = {}
     for _ in range(args.rounds):
         for layout in ("in-out", "out-in"):
@@ -82,11 +82,11 @@ def main(argv=None) -> int:
                 embeds = paddle.randn([b, hidden])
                 step = lambda: runner.decode_batch(embeds, caches[:b], positions[:b])  # noqa: E731
                 layers = median_ms(step)
-                qwen2._Step.attend = no_attention
+                qwen2._Step._decode = no_attention
                 try:
                     dense = median_ms(step)
                 finally:
-                    qwen2._Step.attend = attend
+                    qwen2._Step._decode = attend
                 head = median_ms(lambda: model.logits(embeds))
                 for key, value in (("layers", layers), ("dense", dense), ("head", head)):
                     results.setdefault(layout, {}).setdefault(b, {}).setdefault(key, []).append(value)

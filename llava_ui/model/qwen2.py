@@ -37,6 +37,7 @@ class KVCache:
         self.keys, self.values, self.kv_heads = keys, values, kv_heads
         self.length, self.shared = length, shared
         self.mask = None  # [1, 1, capacity] additive: 0 for filled positions, -inf after (decode attention)
+        self._views = {}  # (layer, first kv head, end) → part_views(), made once per set of buffers
 
     @classmethod
     def empty(cls, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype) -> "KVCache":
@@ -78,8 +79,22 @@ class KVCache:
         for buffers in (self.keys, self.values):
             for i, buffer in enumerate(buffers):
                 buffers[i] = copy(buffer)
-        self.mask = None
+        self.mask, self._views = None, {}
         return self
+
+    def part_views(self, layer: int, kv: range) -> tuple:
+        """A part's rows of the layer's K and V buffers (kv heads `kv`), as (keys, key heads, values, value heads):
+        [heads * capacity, dim] views of their own (a write through a view lands in the buffer, and no two workers
+        ever write through the same tensor object) and [heads, capacity, dim] views of those. Made once per set
+        of buffers: a decode step would otherwise make these four views again for every part of every layer."""
+        key = layer, kv.start, kv.stop
+        if key not in self._views:
+            capacity, heads = self.capacity, len(kv)
+            rows = slice(kv.start * capacity, kv.stop * capacity)
+            keys, values = self.keys[layer][rows], self.values[layer][rows]
+            self._views[key] = (keys, keys.reshape([heads, capacity, -1]), values,
+                                values.reshape([heads, capacity, -1]))
+        return self._views[key]
 
     def rows(self, start: int, length: int, heads: int) -> paddle.Tensor:
         """Row of every (kv head < `heads`, position in start..start+length) in a head-major [heads * capacity,
@@ -369,36 +384,27 @@ class _Step:
 
     def _store(self, part: AttentionPart, qkv, layer: int):
         """Write the new keys and values into the cache; returns (per head [q + 2 kv heads, L, dim], the part's
-        key rows, its value rows)."""
+        key heads [kv heads, capacity, dim], its value heads)."""
         q_heads, kv_heads, dim = part.q_heads, part.kv_heads, self.dim
         per_head = paddle.transpose(qkv, [1, 0, 2]).contiguous()
         rows = self.shapes[q_heads, kv_heads][2]
-        keys, values = self._own(part, layer)
+        keys, key_heads, values, value_heads = self.cache.part_views(layer, part.kv)
         paddle.scatter_(keys, rows, per_head[q_heads:q_heads + kv_heads].reshape([-1, dim]), overwrite=True)
         paddle.scatter_(values, rows, per_head[q_heads + kv_heads:].reshape([-1, dim]), overwrite=True)
-        return per_head, keys, values
-
-    def _own(self, part: AttentionPart, layer: int):
-        """The part's rows of the layer's K and V buffers, as views of their own: a write through a view lands in
-        the buffer, and no two workers ever write through the same tensor object."""
-        capacity = self.cache.capacity
-        rows = slice(part.kv.start * capacity, part.kv.stop * capacity)
-        return self.cache.keys[layer][rows], self.cache.values[layer][rows]
-
-    def _heads(self, own, part: AttentionPart):
-        """[part's kv heads, capacity, dim] of a part's view."""
-        return own.reshape([part.kv_heads, self.cache.capacity, self.dim])
+        return per_head, key_heads, value_heads
 
     def _decode(self, part: AttentionPart, qkv, layer: int):
-        """One new position: attend over the whole buffer at once; the mask hides positions not yet filled."""
+        """One new position (qkv [q + 2 kv heads, dim]): attend over the whole buffer at once; the mask hides
+        positions not yet filled."""
         q_heads, kv_heads, dim = part.q_heads, part.kv_heads, self.dim
-        keys, values = self._own(part, layer)
+        keys, key_heads, values, value_heads = self.cache.part_views(layer, part.kv)
         rows = self.shapes[part.q_heads, kv_heads][2]
-        paddle.scatter_(keys, rows, qkv[q_heads:q_heads + kv_heads], overwrite=True)
-        paddle.scatter_(values, rows, qkv[q_heads + kv_heads:], overwrite=True)
-        q = qkv[:q_heads].reshape([kv_heads, q_heads // kv_heads, dim])
-        scores = paddle.matmul(q, self._heads(keys, part), transpose_y=True) + self.mask
-        return paddle.matmul(softmax(scores), self._heads(values, part)).reshape([1, q_heads * dim])
+        q, k, v = paddle.split(qkv, [q_heads, kv_heads, kv_heads])
+        paddle.scatter_(keys, rows, k, overwrite=True)
+        paddle.scatter_(values, rows, v, overwrite=True)
+        scores = paddle.matmul(q.reshape([kv_heads, q_heads // kv_heads, dim]), key_heads, transpose_y=True)
+        scores = scores.add_(self.mask)
+        return paddle.matmul(softmax(scores, in_place=True), value_heads).reshape([1, q_heads * dim])
 
     def _prefill(self, part: AttentionPart, qkv, layer: int):
         """Many new positions: per head and block of query rows, attend over the contiguous prefix it may see
@@ -408,7 +414,6 @@ class _Step:
         if self.fused:
             return self._fused(part, qkv, keys, values)
         q = per_head[:q_heads]
-        keys, values = self._heads(keys, part), self._heads(values, part)
         group = q_heads // kv_heads
         blocks = []
         for (lo, hi), mask in zip(_blocks(self.length), self.masks):
@@ -431,8 +436,8 @@ class _Step:
         else:
             visible = start + length
 
-            def gather(buffer):  # [1, visible, kv_heads, dim]
-                return self._heads(buffer, part)[:, :visible].transpose([1, 0, 2]).unsqueeze(0)
+            def gather(heads):  # [1, visible, kv_heads, dim]
+                return heads[:, :visible].transpose([1, 0, 2]).unsqueeze(0)
 
             k, v = gather(keys), gather(values)
             causal = np.arange(visible)[None, :] <= np.arange(start, visible)[:, None]
