@@ -226,8 +226,8 @@ def timed_request(url: str, images: list[Path], question: str, max_tokens: int) 
     the client's clock at its first and last token."""
     import httpx
 
-    content = [{"type": "text", "text": question}] + [
-        {"type": "image_url", "image_url": {"url": data_url(p)}} for p in images]
+    content = [{"type": "image_url", "image_url": {"url": data_url(p)}} for p in images] + [
+        {"type": "text", "text": question}]  # pictures first: chats on the same picture share the prompt's prefix
     body = {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0,
             "stream": True}
     started, first, details = time.perf_counter(), None, None
@@ -259,6 +259,12 @@ def at_once(calls: list) -> list:
     return results
 
 
+def kv_bytes(stats: dict, layers: int = 24, kv_heads: int = 16, head_dim: int = 64) -> int:
+    """A chat's KV cache at the real dimensions (fp32): its positions rounded up as qwen2 reserves them."""
+    positions = stats["prompt_tokens"] + stats["generated_tokens"]
+    return 2 * layers * kv_heads * head_dim * 4 * (-(-positions // 64) * 64)
+
+
 def decode_rates(results: list) -> dict:
     rates = [r["stats"]["decode_tokens_per_s"] for r in results]
     tokens = sum(r["stats"]["generated_tokens"] - 1 for r in results)
@@ -281,7 +287,9 @@ def concurrent_case(model: Path, work: Path, new_image, args) -> dict:
         for count in (1, 4, 8):
             reset_peak(pid)
             results = at_once([ask(i + 10 * count) for i in range(count)])
-            out[f"at_once_{count}"] = {**decode_rates(results), "peak_rss": proc_status(pid)["VmHWM"]}
+            out[f"at_once_{count}"] = {**decode_rates(results), "peak_rss": proc_status(pid)["VmHWM"],
+                                       "caches": status()["caches"],
+                                       "kv_bytes": sum(kv_bytes(r["stats"]) for r in results)}
             print(f"concurrent {count}: " + json.dumps({k: v for k, v in out[f"at_once_{count}"].items()
                                                         if k != "each"}), flush=True)
         out["decode_steps"] = status()["decode_steps"]
@@ -479,15 +487,19 @@ def markdown(report: dict) -> str:
                   f"{c['max_new_tokens']} greedy tokens each)", "",
                   "| chats at once | decode tokens/s each | total (sum) | total (wall clock) | vs one alone | "
                   "most sharing a step | peak RSS (GB) |", "|---|---|---|---|---|---|---|"]
-        solo = c["at_once_1"]["total"]
+        solo, memory = c["at_once_1"]["total"], []
         for count in (1, 4, 8):
             r = c[f"at_once_{count}"]
+            memory.append(f"{count} at once: peak {gb(r['peak_rss'])} GB = resident {gb(c['resident'])} + the chats' "
+                          f"KV caches {gb(r['kv_bytes'])} + prefix cache {gb(r['caches']['prefix_bytes'])} + feature "
+                          f"cache {gb(r['caches']['feature_bytes'])} + "
+                          f"{gb(r['peak_rss'] - c['resident'] - r['kv_bytes'] - r['caches']['prefix_bytes'] - r['caches']['feature_bytes'])} other")
             wall = f"{r['wall_total']:.2f}" if r["wall_total"] else "–"
             lines.append(f"| {count} | {', '.join(f'{x:.2f}' for x in r['each'])} | {r['total']:.2f} | {wall} | "
                          f"{r['total'] / solo:.2f}x | {r['batch_max']} | {gb(r['peak_rss'])} |")
         steps = ", ".join(f"{size} rows {v['mean_ms']:.0f} ms ({v['steps']})" for size, v in c["decode_steps"].items())
         lines += ["", f"Server resident before: {gb(c['resident'])} GB. Mean decode step per batch size (steps): "
-                      f"{steps}.", "",
+                      f"{steps}.", "", "Peak RSS (GB), where it goes: " + "; ".join(memory) + ".", "",
                   f"Late arrival (a new picture): first token {c['late_alone_ttft_s']:.2f} s alone, "
                   f"{c['late_with_4_ttft_s']:.2f} s while 4 chats decode ({c['ratios']['late_ttft']:.2f}x; the four "
                   f"decoded throughout: {c['late_arrived_while_decoding']}); peak RSS {gb(c['late_peak_rss'])} GB.", "",

@@ -10,6 +10,7 @@ twice the measured logit error.
 """
 import json
 import os
+import shutil
 import resource
 from pathlib import Path
 
@@ -173,6 +174,31 @@ def test_programs_are_exported_once_and_reused(checkpoints, tmp_path, monkeypatc
     assert again.bf16.export_seconds == 0 and sorted(p.name for p in (tmp_path / "programs").iterdir()) == folders
     assert all(json.loads((tmp_path / "programs" / f / "key.json").read_text())["paddle"] == paddle.__version__
                for f in folders)
+
+
+@needs_units
+def test_an_export_replaces_the_same_programs_of_earlier_code_and_keeps_other_dimensions(checkpoints, tmp_path,
+                                                                                        monkeypatch):
+    """After an upgrade (other code or Paddle), the new export removes the old one of the same program and
+    dimensions, so the cache does not grow by a full set of programs per version; another checkpoint's
+    dimensions are kept."""
+    monkeypatch.setenv("LLAVA_UI_HOME", str(tmp_path))
+    model, _, _ = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None)
+    model.use_bf16()
+    programs = tmp_path / "programs"
+    current = {p.name for p in programs.iterdir()}
+    name = next(n for n in current if n.startswith("layer0x"))
+    stored = json.loads((programs / name / "key.json").read_text())
+    stem = name.rsplit("-", 1)[0]
+    for suffix, dims in (("0123456789abcdef", stored["dims"]), ("fedcba9876543210", {"other": "dimensions"})):
+        (programs / f"{stem}-{suffix}").mkdir()
+        (programs / f"{stem}-{suffix}" / "key.json").write_text(json.dumps({**stored, "dims": dims}))
+    for folder in current:
+        shutil.rmtree(programs / folder)  # as if this code had never exported: the next load exports again
+    again, _, _ = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None)
+    again.use_bf16()
+    left = {p.name for p in programs.iterdir()}
+    assert left == current | {f"{stem}-fedcba9876543210"}
 
 
 @needs_units

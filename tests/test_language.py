@@ -163,6 +163,26 @@ def test_a_cache_grows_in_place_and_a_prefix_view_made_before_keeps_its_buffers(
     assert np.abs(step.numpy() - again.numpy()).max() <= 1e-6
 
 
+def test_a_short_chat_reusing_the_start_of_a_long_cached_prompt_gets_a_cache_of_its_own_size(tiny):
+    """A shared prefix is copied at the size the new prompt asks for, not at the long cached prompt's capacity:
+    a decode step attends over the whole buffer, so a 200-token chat on a 3,000-position copy decoded at half
+    speed (and held 12x the memory) after an image request in the same server."""
+    model, embeds = tiny
+    _, cache = hidden_and_cache(model, embeds)
+    cache = cache.writable(300)  # a long cached prompt's capacity
+    short = cache.prefix(5).writable(20)  # its first 5 positions shared, room for 20
+    assert short.capacity == language._round_up(20) < cache.capacity and not short.shared
+    for old, new in zip(cache.keys + cache.values, short.keys + short.values):
+        heads = cache.kv_heads
+        old = old.numpy().reshape([heads, cache.capacity, -1])
+        new = new.numpy().reshape([heads, short.capacity, -1])
+        assert np.array_equal(old[:, :5], new[:, :5]) and not new[:, 5:].any()
+    with paddle.no_grad():  # decoding after the short copy equals decoding after the long cache's own prefix
+        step, _ = model.forward_hidden(embeds[:, 5:6], short, 5)
+        again, _ = model.forward_hidden(embeds[:, 5:6], cache.prefix(5).writable(cache.capacity), 5)
+    assert np.abs(step.numpy() - again.numpy()).max() <= 1e-6
+
+
 def test_memory_freed_by_a_chunk_goes_back_before_the_next(tiny, monkeypatch):
     import llava_ui.model.generate as generate
 

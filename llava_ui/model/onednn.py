@@ -59,6 +59,7 @@ class Program:
         self.export_seconds = 0.0
         if not (folder / "program.json").exists():
             self.export_seconds = _export(fn, specs, key, folder)
+            _drop_stale(name, folder, json.loads(key)["dims"])
         config = paddle.inference.Config(str(folder / "program.json"), "")
         config.enable_new_ir(True)
         config.enable_mkldnn()
@@ -73,6 +74,20 @@ class Program:
     def __call__(self, *activations) -> list:
         inputs = list(activations) + self.weights
         return self.predictor.run([inputs[i] for i in self.order])
+
+
+def _drop_stale(name: str, current: Path, dims: dict) -> None:
+    """Remove this program's exports for the same dimensions made by other code or Paddle versions (an upgrade
+    would otherwise leave every earlier version's programs on disk); other checkpoints' dimensions stay."""
+    for folder in current.parent.glob(f"{name}-*"):
+        if folder == current or not folder.name[len(name) + 1:].isalnum():
+            continue
+        try:
+            stale = json.loads((folder / "key.json").read_text())["dims"] == dims
+        except (OSError, ValueError, KeyError):
+            continue
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _export(fn, specs: list, key: str, folder: Path) -> float:

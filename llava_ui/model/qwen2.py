@@ -60,18 +60,23 @@ class KVCache:
     def writable(self, needed: int) -> "KVCache":
         """This cache, or a copy that is not shared, with room for `needed` positions (+ HEADROOM when it grows).
 
-        An unshared cache grows in place one buffer at a time, so growing never holds two whole caches."""
+        A shared cache (a cached prompt prefix) is copied at the size asked for, its filled positions only: a short
+        chat that reuses the first tokens of a long cached prompt gets a short cache (attention reads the whole
+        buffer every decode step). An unshared cache grows in place one buffer at a time, so growing never holds
+        two whole caches."""
         if needed <= self.capacity and not self.shared:
             return self
-        old = self.capacity  # (the property changes as the buffers are replaced)
-        capacity = old if needed <= old else _round_up(needed + HEADROOM)
+        old, keep = self.capacity, self.length  # (the property changes as the buffers are replaced)
+        capacity = _round_up(needed) if self.shared else _round_up(needed + HEADROOM)
 
-        def copy(buffer):
-            if capacity == old:
-                return buffer.clone()
-            rows = buffer.reshape([self.kv_heads, old, -1])
-            extra = paddle.zeros([self.kv_heads, capacity - old, rows.shape[-1]], rows.dtype)
-            return paddle.concat([rows, extra], axis=1).reshape([self.kv_heads * capacity, -1])
+        def copy(buffer):  # each head's filled rows (contiguous), then zeros up to the new capacity
+            pad = paddle.zeros([capacity - keep, buffer.shape[1]], buffer.dtype) if capacity > keep else None
+            pieces = []
+            for head in range(self.kv_heads):
+                pieces.append(buffer[head * old:head * old + keep])
+                if pad is not None:
+                    pieces.append(pad)
+            return paddle.concat(pieces)
 
         if self.shared:
             return KVCache([copy(k) for k in self.keys], [copy(v) for v in self.values], self.kv_heads, self.length)
