@@ -444,8 +444,9 @@ def summarise(report: dict) -> dict:
 
 def markdown(report: dict) -> str:
     lines = [f"# Served path at the real dimensions ({report['date']})", "",
-             f"CPU: {report['cpu']}, {report['cores']} cores; random-weight real-size checkpoint; fp32; "
-             f"{report['max_new_tokens']} new tokens (greedy).", ""]
+             f"CPU: {report['cpu']}, {report['cores']} cores; random-weight real-size checkpoint; the app's default "
+             f"precision unless a section says otherwise; {report['max_new_tokens']} new tokens (greedy) in the "
+             "memory and speed cases.", ""]
     if report["memory"]:
         lines += ["## Peak RSS: server vs command line, same work (GB)", "",
                   "| frames | server resident before | API peak | CLI `--image`×N peak | chat peak | CLI `--video` peak "

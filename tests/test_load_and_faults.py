@@ -196,10 +196,10 @@ def chat_answer(root: str, k: int) -> str | None:
     try:
         client.predict({"text": QUESTIONS[k % len(QUESTIONS)], "files": []}, 2, api_name="/send")
         client.predict(*GREEDY_UI, api_name="/respond")
-        exported = client.predict(api_name="/export")
-        path = exported["value"] if isinstance(exported, dict) else exported
+        exported = client.predict(api_name="/export")  # an update without a file when nothing was answered
+        path = exported.get("value") if isinstance(exported, dict) else exported
         turns = json.loads(Path(path).read_text())["turns"] if path else []
-        return turns[0]["answer"] if turns else None
+        return turns[0]["answer"] if turns and turns[0]["answer"] is not None else None
     finally:
         client.close()
 
