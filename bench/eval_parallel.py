@@ -50,10 +50,11 @@ def write_benchmark(folder: Path, count: int) -> Path:
 
 def run_one(model: Path, data: Path, out: Path, parallel: int, tokens: int, dtype: str | None) -> None:
     """In this process: the eval command with answers capped at `tokens` new tokens."""
+    from llava_ui.commands import eval as eval_command
     from llava_ui.commands import main as cli
     from llava_ui.eval import answerers
 
-    answerers.EVAL_MAX_NEW_TOKENS = tokens
+    answerers.EVAL_MAX_NEW_TOKENS = eval_command.EVAL_MAX_NEW_TOKENS = tokens  # the cap and the closing line's
     flags = ["--dtype", dtype] if dtype else []
     sys.exit(cli.main(["eval", "--model", str(model), "--data", str(data), "--split", SPLIT, "--out", str(out),
                        "--parallel", str(parallel), *flags]))
