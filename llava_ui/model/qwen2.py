@@ -204,8 +204,9 @@ def project(x, weight, transposed: bool, bias=None):
 
     The layouts suit different work (MKL on one thread per worker, weights read from memory): one row is a
     matrix-vector product, a few percent faster over [in, out]; a few rows (a batched decode step) are a small
-    matrix product, for which MKL's sgemm repacks an [in, out] weight on every call (2-8 rows cost 2.4-2.9x one
-    row), while an [out, in] weight times the rows' transpose streams it (1.1x at 2 rows, 1.7x at 4-8)."""
+    matrix product, for which MKL's sgemm over an [in, out] weight costs 2.4-2.9x one row at 2-8 rows (by all
+    appearances it repacks the weight on every call), while an [out, in] weight times the rows' transpose costs
+    1.1x at 2 rows and 1.7x at 4-8 (bench/batch_steps.py)."""
     if not transposed:
         return F.linear(x, weight, bias)
     if SKINNY_ROWS[0] <= x.shape[0] <= SKINNY_ROWS[1]:
