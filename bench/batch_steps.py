@@ -63,16 +63,10 @@ def main(argv=None) -> int:
     def no_attention(self, part, qkv, layer):  # one row's attention (after RoPE) replaced by zeros
         return paddle.zeros([1, part.q_heads * self.dim], qkv.dtype)
 
-    def flip():  # every part's weights to the other layout, in place
+    def flip():  # every part's weights to the other layout
         for attention, feed in runner.parts:
             for part in attention + feed:
-                if not part.transposed:
-                    part.transpose()
-                    continue
-                names = ("qkv", "o_rows") if isinstance(part, qwen2.AttentionPart) else ("gate_up", "down_rows")
-                for name in names:
-                    setattr(part, name, qwen2._turned(getattr(part, name)))
-                part.transposed = False
+                part.transpose()
 
     attend = qwen2._Step._decode
     results: dict = {}

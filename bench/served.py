@@ -35,6 +35,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -234,8 +235,6 @@ def timed_request(url: str, images: list[Path], question: str, max_tokens: int, 
 
 def at_once(calls: list) -> list:
     """Run the calls in threads released together; results in order."""
-    import threading
-
     results, barrier = [None] * len(calls), threading.Barrier(len(calls))
 
     def one(i):
@@ -263,12 +262,17 @@ def decode_rates(results: list) -> dict:
 
 
 def concurrent_case(model: Path, work: Path, new_image, args) -> dict:
+    import httpx
+
     extra = ["--concurrency", "8", "--queue-size", "16"] + (["--dtype", args.dtype] if args.dtype else [])
     out = {"max_new_tokens": args.concurrent_tokens}
     shared = new_image(100)
     with server(model, work / "server-concurrent.log", extra) as (url, pid):
-        status = lambda: __import__("httpx").get(url + "/v1/models", timeout=10).json()["data"][0]["llava_ui"]
-        out["precision"], out["weight_layout"] = status()["precision"], status().get("weight_layout")
+        def status():  # the model card's llava_ui fields (the engine's status)
+            return httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["llava_ui"]
+
+        card = status()
+        out["precision"], out["weight_layout"] = card["precision"], card["weight_layout"]
         out["resident"] = proc_status(pid)["VmRSS"]
         timed_request(url, [shared], "Describe this picture.", 2)  # its features and prompt prefix are cached
         ask = lambda i, tokens=args.concurrent_tokens: (
@@ -289,8 +293,6 @@ def concurrent_case(model: Path, work: Path, new_image, args) -> dict:
         # four chats decoding long answers; the fifth, with a new picture, arrives once they all decode. The new
         # pictures above took the prefix cache's room (one 3k-position prompt is 0.6 GB of its 1 GB): the shared
         # picture's prompt is cached again first, so the four start decoding at once instead of prefilling
-        import threading
-
         timed_request(url, [shared], "Describe this picture.", 2)
         decoding, started = [None] * 4, threading.Semaphore(0)
 

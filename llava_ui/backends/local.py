@@ -58,7 +58,7 @@ class LoadState:
     layout: str = ""
     random_weights: bool = False
     precision: str = ""  # precision_label()
-    weights: str = ""  # the language model's weight layout: "in-out" (one stream) or "out-in" (batched steps)
+    weight_layout: str = ""  # the language model's: "in-out" (one stream) or "out-in" (batched steps)
 
 
 def pick_device(requested: str | None = None) -> str:
@@ -118,7 +118,7 @@ class Engine:
         return {"state": s.state, "message": s.message, "error": s.error, "model": self.model_id,
                 "source": model_source(self.model_id, self.hub),
                 "device": s.device, "dtype": s.dtype, "precision": s.precision, "layout": s.layout,
-                "weight_layout": s.weights,
+                "weight_layout": s.weight_layout,
                 "random_weights": s.random_weights,
                 "image_mode": self.image_mode if s.state == "ready" else None,
                 "unpad_rounding": self.config.unpad_rounding if s.state == "ready" else None,
@@ -185,7 +185,7 @@ class Engine:
         self.load_state.device, self.load_state.dtype, self.load_state.layout = device, dtype, layout
         self.load_state.precision = precision_label(device, dtype)
         self.load_state.random_weights = bool(config.raw.get("random_weights"))
-        self.load_state.weights = "out-in" if transposed else "in-out"
+        self.load_state.weight_layout = "out-in" if transposed else "in-out"
         self._progress("measuring this machine's speed ...")
         self.rates = Rates(Workload.of(config), calibrate("float32" if on_cpu else dtype))
 

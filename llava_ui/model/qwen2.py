@@ -160,11 +160,25 @@ def rotation(head_dim: int, dtype) -> paddle.Tensor:
     return paddle.to_tensor(r, dtype=dtype)
 
 
-class AttentionPart:
+class _Part:
+    """A worker's share of a layer: its weights (attributes named in WEIGHTS) stored [in, out], or [out, in] once
+    transposed (project() multiplies either)."""
+
+    WEIGHTS: tuple = ()
+    transposed = False
+
+    def transpose(self) -> None:
+        """Every weight to the other layout (each a new contiguous copy)."""
+        for name in self.WEIGHTS:
+            setattr(self, name, paddle.transpose(getattr(self, name), [1, 0]).contiguous())
+        self.transposed = not self.transposed
+
+
+class AttentionPart(_Part):
     """One worker's share of a layer's attention: kv heads `kv` (and their query heads), with q|k|v weights for
     just those heads side by side ([hidden, (q + 2 kv) heads * dim], one matmul) and the o_proj rows they feed."""
 
-    transposed = False  # weights stored [in, out]; transpose() turns them [out, in] (see project())
+    WEIGHTS = ("qkv", "o_rows")
 
     def __init__(self, kv: range, group: int, dim: int, attn):
         self.kv, self.q_heads, self.kv_heads = kv, len(kv) * group, len(kv)
@@ -177,26 +191,16 @@ class AttentionPart:
             [biases[0][q_cols], biases[1][kv_cols], biases[2][kv_cols]])
         self.o_rows = attn.o_proj.weight[q_cols]  # a view: rows of a matrix are contiguous
 
-    def transpose(self) -> None:
-        self.qkv, self.o_rows, self.transposed = _turned(self.qkv), _turned(self.o_rows), True
 
-
-class MLPPart:
+class MLPPart(_Part):
     """One worker's share of the SwiGLU intermediate: gate|up columns side by side, and the down_proj rows."""
 
-    transposed = False
+    WEIGHTS = ("gate_up", "down_rows")
 
     def __init__(self, cols: range, mlp):
         share = slice(cols.start, cols.stop)
         self.gate_up = paddle.concat([mlp.gate_proj.weight[:, share], mlp.up_proj.weight[:, share]], axis=1)
         self.down_rows = mlp.down_proj.weight[share]
-
-    def transpose(self) -> None:
-        self.gate_up, self.down_rows, self.transposed = _turned(self.gate_up), _turned(self.down_rows), True
-
-
-def _turned(weight):
-    return paddle.transpose(weight, [1, 0]).contiguous()
 
 
 def project(x, weight, transposed: bool, bias=None):
