@@ -162,6 +162,58 @@ def test_a_short_prompt_and_decode_stay_on_fp32(tiny_bf16):
 
 
 @needs_units
+def test_released_fp32_vision_weights_encode_the_same_and_the_fp32_vision_path_refuses(checkpoints):
+    """The engine gives back the fp32 vision matrices once oneDNN holds their bf16 copies: the features stay
+    bit for bit what they were, the pages are gone (zeros), and nothing falls back to those weights silently."""
+    model, _, _ = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None)
+    model.use_bf16()
+    side = model.config.vision.image_size
+    pixels = np.random.default_rng(3).uniform(-1, 1, (2, 3, side, side)).astype("float32")
+    before = model.encode_views(pixels).numpy()
+    matrix = model.vision_tower.vision_model.encoder.layers[0].mlp.fc1.weight
+    assert np.abs(matrix.numpy()).max() > 0
+    released = model.bf16.release_fp32_vision()
+    assert released > 0 and not model.fp32_vision
+    assert np.array_equal(model.encode_views(pixels).numpy(), before)
+    assert (matrix.numpy() == 0).mean() > 0.5  # (18 KB: all but its partial first and last pages read zero)
+    bf16, model.bf16 = model.bf16, None
+    with pytest.raises(RuntimeError, match="only the bf16 programs can encode"):
+        model.encode_views(pixels)
+    model.bf16 = bf16
+
+
+@needs_units
+def test_release_keeps_the_fp32_vision_weights_where_a_program_reads_them(checkpoints):
+    """If a Paddle build's fc read its weights on every call, the first layer's check sees its output change:
+    that layer's matrices are restored, nothing else is released, and the fp32 path keeps working."""
+    model, _, _ = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None)
+    model.use_bf16()
+    first = model.bf16.vision[0]
+    matrices = [w for w in first.weights if w.ndim == 2]
+    originals = [w.numpy().copy() for w in matrices]
+
+    class ReadsItsWeights:  # a stand-in program whose output follows its weights' current values
+        weights = first.weights
+
+        def __call__(self, x):
+            return [x + float(matrices[0].sum())]
+
+    model.bf16.vision[0] = ReadsItsWeights()
+    try:
+        assert model.bf16.release_fp32_vision() == 0
+    finally:
+        model.bf16.vision[0] = first
+    assert model.fp32_vision and all(np.array_equal(w.numpy(), o) for w, o in zip(matrices, originals))
+    check(vision_agreement(model))
+
+
+def test_the_engine_releases_the_fp32_vision_weights_on_bf16_only(tiny_dir):
+    if bf16_units() is not None:
+        assert not Engine(str(tiny_dir), dtype="bfloat16").load().model.fp32_vision
+    assert Engine(str(tiny_dir), dtype="float32").load().model.fp32_vision
+
+
+@needs_units
 def test_programs_are_exported_once_and_reused(checkpoints, tmp_path, monkeypatch):
     monkeypatch.setenv("LLAVA_UI_HOME", str(tmp_path))
     model, _, _ = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None)
@@ -236,6 +288,25 @@ def test_real_size_bf16_agrees_with_fp32_and_memory_stays_bounded(real_checkpoin
     for name in ("vision", "1-image", "2-images", "text-700"):
         check(reports[name])
     assert reports["rss_growth_gb"] < 0.3  # a new bf16 copy of the language model's weights would be 0.74 GB
+
+
+@pytest.mark.slow
+@needs_units
+def test_real_size_release_gives_back_the_fp32_vision_weights(real_checkpoint):
+    """1.6 GB of fp32 vision and projector matrices that only the warm-up read: RSS falls by most of that (part
+    of a loaded checkpoint can be unmapped already) and the features stay bit for bit the same."""
+    model, _, _ = build_model(real_checkpoint, "float32", lambda *a, **k: None)
+    model.use_bf16()
+    side = model.config.vision.image_size
+    pixels = np.random.default_rng(4).uniform(-1, 1, (1, 3, side, side)).astype("float32")
+    before = model.encode_views(pixels).numpy()
+    release_free_memory()
+    held = rss_gb()
+    released = model.bf16.release_fp32_vision()
+    gone = held - rss_gb()
+    print(f"released {released / 2 ** 30:.2f} GiB of matrices; RSS {held:.2f} -> {held - gone:.2f} GiB")
+    assert released > 1.4 * 2 ** 30 and gone > 1.1
+    assert np.array_equal(model.encode_views(pixels).numpy(), before)
 
 
 def _cpu() -> str:

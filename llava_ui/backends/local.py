@@ -173,7 +173,7 @@ class Engine:
         transposed = self.compute.batch_limit > 1 and not bf16_programs
         model, config, layout = build_model(model_dir, "float32" if on_cpu else dtype, self._progress, transposed)
         if bf16_programs:
-            model.use_bf16(self._progress)
+            model.use_bf16(self._progress, release_fp32=True)
             self._progress(f"bf16 programs ready in {model.bf16.prepare_seconds:.0f} s "
                            f"(exported in {model.bf16.export_seconds:.0f} s)")
         self._progress("loading the tokenizer ...")

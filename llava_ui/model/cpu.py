@@ -107,8 +107,26 @@ def release_free_memory() -> None:
         _libc.malloc_trim(0)
 
 
+def drop_pages(tensor) -> int:
+    """Give the pages wholly inside a CPU tensor's buffer back to the OS (Linux madvise MADV_DONTNEED): the
+    buffer stays allocated at the same address and reads as zeros from then on. For weights only oneDNN's own
+    bf16 copies are read from (llava_ui.model.bf16). Returns the bytes released (0 where there is no madvise)."""
+    if not _glibc():
+        return 0
+    start = tensor.data_ptr()
+    end = start + tensor._numel() * tensor.element_size()
+    first, last = -(-start // PAGE) * PAGE, end // PAGE * PAGE
+    if last <= first:
+        return 0
+    if _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED) != 0:
+        return 0
+    return last - first
+
+
 _libc = None
 M_ARENA_MAX = -8  # glibc's mallopt parameter number
+MADV_DONTNEED = 4
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 _pool: ThreadPoolExecutor | None = None
 _workers = 1

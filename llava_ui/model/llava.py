@@ -34,12 +34,19 @@ class LlavaQwen(nn.Layer):
             rotary.max_seq_len_cached, rotary.cos_cached, rotary.sin_cached = 0, None, None
         self.vision_calls = 0  # how many times the vision tower ran; caches are tested against it
         self.bf16 = None  # bf16.Bf16Runner once use_bf16() ran: the CPU's bf16 programs over these weights
+        self.fp32_vision = True  # False once the bf16 programs alone hold the vision weights (use_bf16)
 
-    def use_bf16(self, progress=None) -> None:
-        """Compute in bf16 through oneDNN programs (CPU); the fp32 weights stay the programs' inputs."""
+    def use_bf16(self, progress=None, release_fp32: bool = False) -> None:
+        """Compute in bf16 through oneDNN programs (CPU); the fp32 weights stay the programs' inputs.
+        release_fp32: give back the fp32 vision matrices' memory (Bf16Runner.release_fp32_vision); the fp32
+        vision path (bf16 set back to None) then refuses to run."""
         from llava_ui.model.bf16 import Bf16Runner
 
         self.bf16 = Bf16Runner(self, progress)
+        if release_fp32:
+            released = self.bf16.release_fp32_vision()
+            if released and progress:
+                progress(f"gave back the fp32 vision weights ({released / 1e9:.2f} GB): oneDNN keeps them in bf16")
 
     @property
     def embed_tokens(self):
@@ -52,6 +59,9 @@ class LlavaQwen(nn.Layer):
         pixels = paddle.to_tensor(pixel_values, dtype=self.embed_tokens.weight.dtype)
         if self.bf16 is not None:
             return self.bf16.encode(pixels, should_stop)
+        if not self.fp32_vision:
+            raise RuntimeError("the fp32 vision weights were given back to the OS (use_bf16(release_fp32=True)): "
+                               "only the bf16 programs can encode")
         # one view at a time: the same matmuls (729 rows each), a working set that does not grow with the batch
         features = paddle.concat([self.mm_projector(self.vision_tower(view, should_stop)) for view in paddle.split(
             pixels, pixels.shape[0])]) if pixels.shape[0] > 1 else self.mm_projector(self.vision_tower(pixels,
