@@ -167,13 +167,18 @@ class Engine:
         model_dir = resolve_model_dir(self.model_id, self._progress, self.hub)
         self.model_dir = model_dir
         on_cpu = not device.startswith("gpu")
-        # on the CPU the weights stay fp32 (today's exact path); bf16 runs them through oneDNN programs, which take
-        # them as stored ([in, out]); an engine that batches decode steps lays them out for that (qwen2.project)
+        # on the CPU the weights stay fp32 (today's exact path); an engine that batches decode steps lays the
+        # language model's out for that (qwen2.project). bf16 runs them through oneDNN programs, which are
+        # converted from them as stored ([in, out]); the batching layout then follows (Bf16Runner.relayout)
         bf16_programs = on_cpu and dtype == "bfloat16"
-        transposed = self.compute.batch_limit > 1 and not bf16_programs
-        model, config, layout = build_model(model_dir, "float32" if on_cpu else dtype, self._progress, transposed)
+        transposed = self.compute.batch_limit > 1
+        model, config, layout = build_model(model_dir, "float32" if on_cpu else dtype, self._progress,
+                                            transposed and not bf16_programs)
         if bf16_programs:
             model.use_bf16(self._progress, release_fp32=True)
+            if transposed:
+                self._progress("laying the weights out for batched decode steps ...")
+                transposed = model.bf16.relayout()
             self._progress(f"bf16 programs ready in {model.bf16.prepare_seconds:.0f} s "
                            f"(exported in {model.bf16.export_seconds:.0f} s)")
         self._progress("loading the tokenizer ...")

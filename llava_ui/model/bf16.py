@@ -15,7 +15,7 @@ A stop request is honoured between two layers, as in the fp32 code.
 
 Memory: oneDNN keeps a bf16 copy of every program weight it multiplies by (fc), so the vision tower's and the
 projector's fp32 matrices are read once, by the warm-up, and never again; the engine gives their pages back
-(Bf16Runner.release_fp32_vision: 1.6 GB at the real size). The language model's fp32 matrices stay: decode and
+(use_bf16(release_fp32=True): 1.6 GB at the real size, each layer right after its conversion). The language model's fp32 matrices stay: decode and
 short prompts run on them.
 """
 from __future__ import annotations
@@ -140,7 +140,7 @@ class Bf16Runner:
     """`encode(pixels)` stands in for LlavaQwen.encode_views and `forward(embeds, cache, start)` for
     Qwen2Runner.forward, with the same contracts; `takes(length)` says which forwards it runs."""
 
-    def __init__(self, model, progress=None):
+    def __init__(self, model, progress=None, release_fp32: bool = False):
         progress = progress or (lambda message: None)
         runner = model.runner
         if runner.parts is None:
@@ -154,41 +154,78 @@ class Bf16Runner:
         programs = self.vision + [p for pair in self.layers for p in pair]
         self.export_seconds = sum(p.export_seconds for p in programs)
         progress("converting the weights to bf16 (each program's first run) ...")
-        self._warm_up()
+        self.released = 0  # bytes of fp32 vision matrices given back (release_fp32_vision)
+        self._warm_up(release_fp32)
         release_free_memory()
         self.prepare_seconds = time.perf_counter() - began
 
-    def _warm_up(self) -> None:
-        """Run every program once, so oneDNN converts the weights at load rather than in the first request."""
+    def _warm_up(self, release: bool) -> None:
+        """Run every program once, so oneDNN converts the weights at load rather than in the first request; with
+        `release`, each vision layer's fp32 matrices are given back right after its conversion (the load's peak
+        then holds one layer in both precisions, not the whole tower)."""
         cfg = self.model.config.vision
-        self.encode(paddle.zeros([1, cfg.num_channels, cfg.image_size, cfg.image_size]))
+        x = self.model.vision_tower.vision_model.embeddings(
+            paddle.zeros([1, cfg.num_channels, cfg.image_size, cfg.image_size]))
+        for i, program in enumerate(self.vision):
+            out = program(x)[0]
+            if release:
+                release = self._release(program, x, out if i == 0 else None)
+            x = out
+        if release:
+            self.model.fp32_vision = False
         hidden = self.runner.qwen2.embed_tokens.weight.shape[1]
         self.forward(paddle.zeros([1, CHUNK, hidden]), None, 0)
 
     def release_fp32_vision(self) -> int:
         """Give the pages of the vision tower's and the projector's fp32 matrices back to the OS once oneDNN holds
-        their bf16 copies (cpu.drop_pages: the buffers keep their addresses, which oneDNN's copies are filed under).
-        Checked on the first layer before the others: its output must not change (a Paddle whose fc re-read its
-        weights would fail; that layer's matrices are then restored and everything is kept). Afterwards only these
-        programs can encode (LlavaQwen.encode_views says so). Returns the bytes released."""
-        matrices = [[w for w in program.weights if w.ndim == 2] for program in self.vision]
-        first, cfg = self.vision[0], self.model.config.vision
+        their bf16 copies (what use_bf16(release_fp32=True) does during the warm-up); returns the bytes released."""
+        cfg = self.model.config.vision
         probe = paddle.to_tensor(np.random.default_rng(0).standard_normal(
             (1, cfg.num_patches, cfg.hidden_size)).astype("float32"))
-        before = first(probe)[0].numpy()
-        saved = [np.array(w.numpy(), copy=True) for w in matrices[0]]
-        released = sum(drop_pages(w) for w in matrices[0])
-        if released == 0:  # no madvise here: nothing to give back
-            return 0
-        if not np.array_equal(first(probe)[0].numpy(), before):
-            for w, values in zip(matrices[0], saved):
-                ctypes.memmove(w.data_ptr(), values.ctypes.data, values.nbytes)
-            logger.warning("kept the fp32 vision weights: this Paddle's oneDNN fc reads its weights on every call")
-            return 0
-        released += sum(drop_pages(w) for layer in matrices[1:] for w in layer)
-        self.model.fp32_vision = False
+        if all(self._release(program, probe, self.vision[0](probe)[0] if i == 0 else None)
+               for i, program in enumerate(self.vision)):
+            self.model.fp32_vision = False
         release_free_memory()
-        return released
+        return self.released
+
+    def _release(self, program: Program, x, expected) -> bool:
+        """Give back the pages of a vision program's fp32 matrices; `expected` (its output for x before): the
+        first layer's check (_give_back)."""
+        checks = None if expected is None else [(program, [x], [expected.numpy()])]
+        released = _give_back([w for w in program.weights if w.ndim == 2], checks)
+        self.released += released
+        return released > 0
+
+    def relayout(self) -> bool:
+        """Lay the language model's fp32 parts out [out, in] (qwen2.project: what batched decode steps want) and
+        give back the [in, out] buffers the prefill programs were converted from: the programs keep those tensors
+        (oneDNN files its bf16 copies under their addresses) and never read them again, so the engine still holds
+        each fp32 weight once. Layer by layer (one layer's extra copy at a time), checked on the first layer as the
+        vision release is; False (parts left as stored) if that check fails or nothing can be given back."""
+        rows, hidden = CHUNK, self.runner.qwen2.embed_tokens.weight.shape[1]
+        rng = np.random.default_rng(0)
+
+        def probe(width):
+            return paddle.to_tensor(rng.standard_normal((rows, width)).astype("float32"))
+
+        for i, ((qkv, rest), (attention, feed)) in enumerate(zip(self.layers, self.runner.parts)):
+            parts = attention + feed
+            stored = [[getattr(part, name) for name in part.WEIGHTS] for part in parts]
+            checks = None
+            if i == 0:
+                inputs = ([probe(hidden)], [probe(part.o_rows.shape[0]) for part in attention] + [probe(hidden)])
+                checks = [(program, xs, [out.numpy() for out in program(*xs)]) for program, xs in zip((qkv, rest),
+                                                                                                        inputs)]
+            for part in parts:
+                part.transpose()
+            if _give_back([t for tensors in stored for t in tensors], checks) == 0 and i == 0:
+                for part, tensors in zip(parts, stored):
+                    for name, tensor in zip(part.WEIGHTS, tensors):
+                        setattr(part, name, tensor)
+                    part.transposed = False
+                return False
+        release_free_memory()
+        return True
 
     def encode(self, pixels, should_stop=None) -> paddle.Tensor:
         """[N, 3, S, S] → [N, patches, hidden] projected features, one view at a time."""
@@ -221,6 +258,24 @@ class Bf16Runner:
         cache.length = start + length
         cache.mask = None  # rebuilt from the length by the next decode step
         return h[:length].unsqueeze(0), cache
+
+
+def _give_back(matrices: list, checks=None) -> int:
+    """cpu.drop_pages over fp32 matrices programs were converted from (their buffers keep their addresses, which
+    oneDNN files its bf16 copies under; a program's 1-D weights are read on every call and are not given back).
+    `checks` ([(program, inputs, its outputs before)]): the outputs must not change, else (a Paddle whose fc re-read
+    its weights) the matrices are restored and nothing is released. Returns the bytes given back."""
+    saved = [np.array(t.numpy(), copy=True) for t in matrices] if checks else None
+    released = sum(drop_pages(t) for t in matrices)
+    if released == 0 or not checks:  # (0: no madvise here, nothing to give back)
+        return released
+    if all(np.array_equal(out.numpy(), before) for program, inputs, outputs in checks
+           for out, before in zip(program(*inputs), outputs)):
+        return released
+    for t, values in zip(matrices, saved):
+        ctypes.memmove(t.data_ptr(), values.ctypes.data, values.nbytes)
+    logger.warning("kept the fp32 weights as they are: this Paddle's oneDNN fc reads its weights on every call")
+    return 0
 
 
 def _pad(rows, count: int):

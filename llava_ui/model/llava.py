@@ -38,15 +38,13 @@ class LlavaQwen(nn.Layer):
 
     def use_bf16(self, progress=None, release_fp32: bool = False) -> None:
         """Compute in bf16 through oneDNN programs (CPU); the fp32 weights stay the programs' inputs.
-        release_fp32: give back the fp32 vision matrices' memory (Bf16Runner.release_fp32_vision); the fp32
+        release_fp32: give back the fp32 vision matrices' memory once converted (Bf16Runner._release); the fp32
         vision path (bf16 set back to None) then refuses to run."""
         from llava_ui.model.bf16 import Bf16Runner
 
-        self.bf16 = Bf16Runner(self, progress)
-        if release_fp32:
-            released = self.bf16.release_fp32_vision()
-            if released and progress:
-                progress(f"gave back the fp32 vision weights ({released / 1e9:.2f} GB): oneDNN keeps them in bf16")
+        self.bf16 = Bf16Runner(self, progress, release_fp32)
+        if self.bf16.released and progress:
+            progress(f"gave back the fp32 vision weights ({self.bf16.released / 1e9:.2f} GB): oneDNN keeps them in bf16")
 
     @property
     def embed_tokens(self):
