@@ -141,7 +141,8 @@ def main(argv=None) -> int:
              f"CPU: {report['cpu']}; real dimensions, a cache of {args.positions} positions; the layers only "
              f"(no LM head); medians of {args.reps} steps, 2 alternating rounds.", "",
              f"- fp32 step: {report['fp32_step_ms']:.0f} ms; with bf16 programs: "
-             f"{report['bf16_programs_step_ms']:.0f} ms (rounds {steps})",
+             f"{report['bf16_programs_step_ms']:.0f} ms (rounds: "
+             + "; ".join(f"{k} " + " / ".join(f"{t:.1f}" for t in v) for k, v in steps.items()) + ")",
              "- per program call inside the step (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in in_step.items()),
              "- the same call alone, 10 times over one layer's weights (ms): "
              + ", ".join(f"{k} {v:.2f}" for k, v in alone.items()),

@@ -252,6 +252,32 @@ def test_a_batching_bf16_engine_reports_the_batching_layout(tiny_dir):
     assert one.load().status()["weight_layout"] == "in-out"
 
 
+@needs_units
+def test_the_programs_refuse_a_thread_other_than_the_one_that_prepared_them(checkpoints):
+    """oneDNN's bf16 weight copies are per thread: from another thread the programs would convert the weights again
+    (zeros, once given back), so they refuse; their own thread still gets the same features."""
+    import threading
+
+    model, _, _ = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None)
+    model.use_bf16(release_fp32=True)
+    side = model.config.vision.image_size
+    pixels = np.random.default_rng(6).uniform(-1, 1, (1, 3, side, side)).astype("float32")
+    before = model.encode_views(pixels).numpy()
+    errors = []
+
+    def elsewhere():
+        try:
+            model.encode_views(pixels)
+        except RuntimeError as err:
+            errors.append(str(err))
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join()
+    assert errors and "thread that prepared them" in errors[0]
+    assert np.array_equal(model.encode_views(pixels).numpy(), before)
+
+
 def test_the_engine_releases_the_fp32_vision_weights_on_bf16_only(tiny_dir):
     if bf16_units() is not None:
         assert not Engine(str(tiny_dir), dtype="bfloat16").load().model.fp32_vision

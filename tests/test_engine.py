@@ -53,7 +53,8 @@ def test_engine_greedy_equals_the_core_model_greedy(engine):
     plan = engine.plan(chat(), max_new_tokens=24)
     rows, _ = engine.image_rows(plan)
     embeds = engine.model.embed_prompt(plan.prompt_ids, rows)
-    core = list(generate_ids(engine.model, embeds, GREEDY, engine.tokenizer.stop_ids))
+    # in the compute thread, as every model call of the engine (bf16 programs are bound to the thread that made them)
+    core = engine.run(lambda: list(generate_ids(engine.model, embeds, GREEDY, engine.tokenizer.stop_ids)))
     assert final.token_ids == core
     assert conversation.turns[-1].answer == final.text
 

@@ -229,7 +229,8 @@ def test_repetition_penalty_of_the_checkpoint_generation_config_is_applied_to_ge
     answers = {}
     for penalty in (1.0, 1.3):
         settings = GenerationSettings(max_new_tokens=NEW_TOKENS, temperature=0, repetition_penalty=penalty)
-        ids = list(generate_ids(engine.model, embeds, settings, engine.tokenizer.stop_ids))  # no prompt ids seen
+        ids = engine.run(lambda: list(generate_ids(engine.model, embeds, settings,  # no prompt ids seen
+                                                   engine.tokenizer.stop_ids)))  # (the compute thread)
         answers[penalty] = engine.tokenizer.decode(ids).strip()
     assert row["pred_response"] == answers[1.3] != answers[1.0]
 

@@ -153,7 +153,7 @@ def test_two_images_are_padded_to_squares_with_the_processor_mean_and_take_730_e
     newline = engine.model.image_newline.numpy()
     for image, packed in zip((wide, tall), rows):
         square_pixels = preprocess(pad_to_square(image, (127, 127, 127)))[None]
-        features = engine.model.encode_views(square_pixels)[0].numpy()
+        features = engine.run(engine.model.encode_views, square_pixels)[0].numpy()  # (the compute thread)
         assert packed.shape[0] == 730
         assert np.allclose(packed[:729].numpy(), features, atol=1e-5)
         assert np.array_equal(packed[729].numpy(), newline)

@@ -13,6 +13,11 @@
   embedding, is a transposed matmul, which oneDNN converts on every call.
 A stop request is honoured between two layers, as in the fp32 code.
 
+Threads: oneDNN keeps those bf16 weight copies per thread. Every call must come from the thread that prepared the
+programs (the engine's compute thread, llava_ui.backends.compute): another thread would convert every weight
+again (and hold a second copy), or, once the fp32 matrices are given back, convert their zeroed pages; the runner
+refuses such a call (Bf16Runner.check_thread).
+
 Memory: oneDNN keeps a bf16 copy of every program weight it multiplies by (fc), so the vision tower's and the
 projector's fp32 matrices are read once, by the warm-up, and never again; the engine gives their pages back
 (use_bf16(release_fp32=True): 1.6 GB at the real size, each layer right after its conversion). The language model's fp32 matrices stay: decode and
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 import time
 
 import numpy as np
@@ -146,6 +152,7 @@ class Bf16Runner:
         if runner.parts is None:
             runner.pack()
         self.model, self.runner, dims = model, runner, dims_of(model)
+        self.thread = threading.get_ident()  # the one thread that may call the programs (check_thread)
         began = time.perf_counter()
         progress("preparing the bf16 programs ...")
         self.vision = [vision_layer_program(model, i, dims) for i in range(model.config.vision.num_hidden_layers)]
@@ -227,8 +234,14 @@ class Bf16Runner:
         release_free_memory()
         return True
 
+    def check_thread(self) -> None:
+        if threading.get_ident() != self.thread:
+            raise RuntimeError("the bf16 programs run on the thread that prepared them (oneDNN keeps its bf16 weight "
+                               "copies per thread): call the model through the engine's compute thread")
+
     def encode(self, pixels, should_stop=None) -> paddle.Tensor:
         """[N, 3, S, S] → [N, patches, hidden] projected features, one view at a time."""
+        self.check_thread()
         views = []
         for view in paddle.split(pixels, pixels.shape[0]):
             x = self.model.vision_tower.vision_model.embeddings(view)
@@ -244,6 +257,7 @@ class Bf16Runner:
     def forward(self, embeds, cache, start: int, should_stop=None):
         """embeds [1, L, hidden] at positions start.. (MIN_ROWS ≤ L ≤ CHUNK) → (normed hidden [1, L, hidden],
         cache)."""
+        self.check_thread()
         runner, length, rows = self.runner, embeds.shape[1], CHUNK
         cache = runner.reserve(cache, start + length, embeds.dtype)
         step = _Step(runner, cache, start, length, embeds.dtype, False)
