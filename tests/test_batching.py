@@ -83,18 +83,13 @@ def test_the_batching_layout_computes_the_as_stored_layouts_logits(checkpoints):
         assert np.abs(stored - batching).max() <= 1e-5 * np.abs(stored).max()
 
 
-@pytest.mark.parametrize("amd", [False, True], ids=["intel", "amd"])
-def test_the_engine_lays_the_weights_out_for_what_it_runs(tiny_dir, engine, amd, monkeypatch):
+def test_the_engine_lays_the_weights_out_for_what_it_runs(tiny_dir, engine):
     """Batched decode steps get the [out, in] layout; an engine that runs one request at a time (the command
-    line, eval --parallel 1) keeps the weights as stored on an Intel CPU, the faster layout for one stream
-    there, and lays them out [out, in] on an AMD CPU, where that is faster for one stream too."""
-    import llava_ui.backends.local as local
-
+    line, eval --parallel 1) keeps the weights as stored, the faster layout for one stream."""
     assert engine.status()["weight_layout"] == "out-in"
-    monkeypatch.setattr(local, "is_amd", lambda: amd)
     one = Engine(str(tiny_dir), dtype="float32", feature_cache_mb=1)
     one.compute.batch_limit = 1
-    assert one.load().status()["weight_layout"] == ("out-in" if amd else "in-out")
+    assert one.load().status()["weight_layout"] == "in-out"
 
 
 def test_concurrent_greedy_chats_get_their_solo_answers_and_share_steps(engine):

@@ -213,49 +213,6 @@ def test_release_keeps_the_fp32_vision_weights_where_a_program_reads_them(checkp
 
 
 @needs_units
-def test_relayout_gives_batched_steps_their_layout_and_the_programs_their_answers(checkpoints):
-    """An engine that batches lays the language model's fp32 parts out [out, in] after the programs were converted
-    from them [in, out]: the bf16 prefill stays bit for bit the same, the fp32 decode step gives the stored
-    layout's logits, a batched step each sequence's solo logits, and the [in, out] buffers are given back."""
-    from test_batching import batched_against_solo
-
-    model, _, _ = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None)
-    model.use_bf16()
-    embeds = prompt_embeds(model, 300, 1)
-
-    def run():  # one chunk through the programs alone; the whole prompt (its short last chunk runs fp32); a step
-        chunk = model.bf16.forward(embeds[:, :bf16_path.CHUNK], None, 0)[0]
-        logits, cache = prefill(model, embeds, room=2)
-        return chunk.numpy(), logits.numpy(), decode_one_token(model, 7, cache, embeds.shape[1])[0].numpy()
-
-    stored = run()
-    program_qkv = model.bf16.layers[1][0].weights[0]  # the [in, out] tensor layer 1's qkv program was made from
-    assert program_qkv is model.runner.parts[1][0][0].qkv and np.abs(program_qkv.numpy()).max() > 0
-    assert model.bf16.relayout()
-    part = model.runner.parts[1][0][0]
-    assert part.transposed and part.qkv is not program_qkv and part.qkv.shape == program_qkv.shape[::-1]
-    assert (program_qkv.numpy() == 0).mean() > 0.5  # given back
-    chunk, prefilled, stepped = run()
-    assert np.array_equal(chunk, stored[0])
-    for after, before in ((prefilled, stored[1]), (stepped, stored[2])):
-        assert np.abs(after - before).max() <= 1e-5 * np.abs(before).max()
-    assert batched_against_solo(model, (5, 40, 300), 200) <= 1e-5
-
-
-@needs_units
-def test_a_batching_bf16_engine_reports_the_batching_layout(tiny_dir, monkeypatch):
-    import llava_ui.backends.local as local
-
-    monkeypatch.setattr(local, "is_amd", lambda: False)  # (on an AMD CPU one stream takes [out, in] too)
-    engine = Engine(str(tiny_dir), dtype="bfloat16")
-    assert engine.compute.batch_limit > 1
-    assert engine.load().status()["weight_layout"] == "out-in"
-    one = Engine(str(tiny_dir), dtype="bfloat16")
-    one.compute.batch_limit = 1
-    assert one.load().status()["weight_layout"] == "in-out"
-
-
-@needs_units
 def test_the_programs_refuse_a_thread_other_than_the_one_that_prepared_them(checkpoints):
     """oneDNN's bf16 weight copies are per thread: from another thread the programs would convert the weights again
     (zeros, once given back), so they refuse; their own thread still gets the same features."""

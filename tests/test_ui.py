@@ -282,6 +282,7 @@ def test_export_replays_to_the_same_answers_through_the_cli(chat, tiny_dir):
     path = chat.export(session)["value"]
     export = json.loads(Path(path).read_text())
     assert len(export["turns"]) == 2 and export["turns"][1]["video"]["frames"]
+    assert export["dtype"] == "float32"  # the chat's precision: the replay computes in it too, whatever the default
     export["model"] = str(tiny_dir)  # the engine was built from this folder
     Path(path).write_text(json.dumps(export))
     assert main(["replay", path]) == 0  # 0: every answer came out the same

@@ -28,7 +28,7 @@ from llava_ui.checkpoints.hub import model_source
 from llava_ui.checkpoints.load import build_model, load_tokenizer, resolve_model_dir
 from llava_ui.config import GenerationSettings
 from llava_ui.errors import Stopped, UserError
-from llava_ui.model.cpu import bf16_units, is_amd
+from llava_ui.model.cpu import bf16_units
 from llava_ui.model.generate import IncrementalDecoder, decode_room, decode_tokens, prefill_chunks
 from llava_ui.model.processing import check_image_mode, default_image_mode, pixel_views, prepare_images
 
@@ -167,21 +167,13 @@ class Engine:
         model_dir = resolve_model_dir(self.model_id, self._progress, self.hub)
         self.model_dir = model_dir
         on_cpu = not device.startswith("gpu")
-        # on the CPU the weights stay fp32 (today's exact path); an engine that batches decode steps lays the
-        # language model's out for that (qwen2.project), and so does every engine on an AMD CPU, where MKL's
-        # AVX2 path also decodes one stream ~10 % faster over [out, in] (126 vs 139 ms a step, five alternating
-        # rounds of bench/batch_steps.py; on an Intel Xeon one row was ~6 % faster as stored). bf16 runs them
-        # through oneDNN programs, converted from them as stored ([in, out]); the layout then follows
-        # (Bf16Runner.relayout)
+        # on the CPU the weights stay fp32 (today's exact path); bf16 runs them through oneDNN programs, which take
+        # them as stored ([in, out]); an engine that batches decode steps lays them out for that (qwen2.project)
         bf16_programs = on_cpu and dtype == "bfloat16"
-        transposed = self.compute.batch_limit > 1 or (on_cpu and is_amd())
-        model, config, layout = build_model(model_dir, "float32" if on_cpu else dtype, self._progress,
-                                            transposed and not bf16_programs)
+        transposed = self.compute.batch_limit > 1 and not bf16_programs
+        model, config, layout = build_model(model_dir, "float32" if on_cpu else dtype, self._progress, transposed)
         if bf16_programs:
             model.use_bf16(self._progress, release_fp32=True)
-            if transposed:
-                self._progress("laying the weights out for batched decode steps ...")
-                transposed = model.bf16.relayout()
             self._progress(f"bf16 programs ready in {model.bf16.prepare_seconds:.0f} s "
                            f"(exported in {model.bf16.export_seconds:.0f} s)")
         self._progress("loading the tokenizer ...")

@@ -30,7 +30,7 @@ def _image(data: str) -> Image.Image:
 
 
 def export_conversation(conversation: Conversation, records: list[dict], settings: list[GenerationSettings],
-                        model: str, image_mode: str | None) -> dict:
+                        model: str, image_mode: str | None, dtype: str | None = None) -> dict:
     """records[i] / settings[i]: the engine's final record and the settings of turn i's answer."""
     turns = []
     for turn, record, setting in zip(conversation.turns, records, settings):
@@ -48,8 +48,11 @@ def export_conversation(conversation: Conversation, records: list[dict], setting
             entry["output"] = {k: output[k] for k in ("token_ids", "finish_reason", "image_mode",
                                                       "visual_tokens_per_image", "stats", "prompt")}
         turns.append(entry)
-    return {"format": FORMAT, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": model,
-            "image_mode": image_mode, "system": conversation.system, "turns": turns}
+    export = {"format": FORMAT, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": model,
+              "image_mode": image_mode, "system": conversation.system, "turns": turns}
+    if dtype:  # the precision the answers were computed in: a replay uses it too (bf16 and fp32 round differently)
+        export["dtype"] = dtype
+    return export
 
 
 def import_turn(entry: dict) -> tuple[str, list[Picture], Video | None]:

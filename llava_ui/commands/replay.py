@@ -47,6 +47,7 @@ def cmd_replay(args) -> int:
         raise UserError(f"cannot read {args.export}: {err}") from None
     args.model = args.model or export.get("model")
     args.image_mode = args.image_mode or export.get("image_mode")
+    args.dtype = args.dtype or export.get("dtype")  # the answers' precision (bf16 and fp32 round differently)
     backend = make_backend(args)
     backend.load()
     return 0 if all(replay(export, backend)) else 1

@@ -203,37 +203,6 @@ class Bf16Runner:
         self.released += released
         return released > 0
 
-    def relayout(self) -> bool:
-        """Lay the language model's fp32 parts out [out, in] (qwen2.project: what batched decode steps want) and
-        give back the [in, out] buffers the prefill programs were converted from: the programs keep those tensors
-        (oneDNN files its bf16 copies under their addresses) and never read them again, so the engine still holds
-        each fp32 weight once. Layer by layer (one layer's extra copy at a time), checked on the first layer as the
-        vision release is; False (parts left as stored) if that check fails or nothing can be given back."""
-        rows, hidden = CHUNK, self.runner.qwen2.embed_tokens.weight.shape[1]
-        rng = np.random.default_rng(0)
-
-        def probe(width):
-            return paddle.to_tensor(rng.standard_normal((rows, width)).astype("float32"))
-
-        for i, ((qkv, rest), (attention, feed)) in enumerate(zip(self.layers, self.runner.parts)):
-            parts = attention + feed
-            stored = [[getattr(part, name) for name in part.WEIGHTS] for part in parts]
-            checks = None
-            if i == 0:
-                inputs = ([probe(hidden)], [probe(part.o_rows.shape[0]) for part in attention] + [probe(hidden)])
-                checks = [(program, xs, [out.numpy() for out in program(*xs)]) for program, xs in zip((qkv, rest),
-                                                                                                        inputs)]
-            for part in parts:
-                part.transpose()
-            if _give_back([t for tensors in stored for t in tensors], checks) == 0 and i == 0:
-                for part, tensors in zip(parts, stored):
-                    for name, tensor in zip(part.WEIGHTS, tensors):
-                        setattr(part, name, tensor)
-                    part.transposed = False
-                return False
-        release_free_memory()
-        return True
-
     def check_thread(self) -> None:
         if threading.get_ident() != self.thread:
             raise RuntimeError("the bf16 programs run on the thread that prepared them (oneDNN keeps its bf16 weight "

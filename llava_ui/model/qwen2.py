@@ -207,8 +207,7 @@ def project(x, weight, transposed: bool, bias=None):
     """x [rows, in] times a part's weight, stored [in, out] or (transposed) [out, in]; + bias.
 
     The layouts suit different work (MKL on one thread per worker, weights read from memory): one row is a
-    matrix-vector product, a few percent faster over [in, out] on an Intel Xeon (~10 % slower on an AMD EPYC, where
-    every engine takes [out, in]: backends.local); a few rows (a batched decode step) are a small
+    matrix-vector product, a few percent faster over [in, out]; a few rows (a batched decode step) are a small
     matrix product, for which MKL's sgemm over an [in, out] weight costs 2.4-2.9x one row at 2-8 rows (by all
     appearances it repacks the weight on every call), while an [out, in] weight times the rows' transpose costs
     1.1x at 2 rows and 1.7x at 4-8 (bench/batch_steps.py)."""

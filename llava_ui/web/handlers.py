@@ -361,8 +361,9 @@ class ChatHandlers:
         if session is None or not any(t.settings for t in session.turns):
             warn("nothing to export yet: the conversation has no answers")
             return gr.skip()
-        return gr.update(value=write_export(session, str(self.backend.status().get("model")), self.files_dir),
-                         visible=True)
+        status = self.backend.status()
+        return gr.update(value=write_export(session, str(status.get("model")), self.files_dir,
+                                            status.get("dtype") or None), visible=True)
 
     def status(self, status: dict | None = None):
         """(status HTML, load button, timer): the timer stops once the model is ready."""

@@ -143,7 +143,7 @@ def _status(kind: str, text: str) -> str:
     return f'<div class="status {kind}"><span class="dot"></span><span>{text}</span></div>'
 
 
-def write_export(session: ChatSession, model: str, folder: str) -> str:
+def write_export(session: ChatSession, model: str, folder: str, dtype: str | None = None) -> str:
     """The conversation as `python -m llava_ui replay`-able JSON; returns the file's path."""
     answered = [(turn, shown) for turn, shown in zip(session.conversation.turns, session.turns)
                 if turn.answer is not None and shown.settings is not None]
@@ -151,7 +151,8 @@ def write_export(session: ChatSession, model: str, folder: str) -> str:
     conversation.turns = [turn for turn, _ in answered]
     records = [shown.record for _, shown in answered]
     image_mode = next((r.image_mode for r in reversed(records) if r), None)
-    export = export_conversation(conversation, records, [shown.settings for _, shown in answered], model, image_mode)
+    export = export_conversation(conversation, records, [shown.settings for _, shown in answered], model, image_mode,
+                                 dtype)
     # a folder of its own: every tab shares `folder`, and two exports in the same second must not share a file
     name = f"llava-conversation-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path = Path(tempfile.mkdtemp(prefix="export-", dir=folder)) / name
