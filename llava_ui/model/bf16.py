@@ -161,7 +161,7 @@ class Bf16Runner:
         programs = self.vision + [p for pair in self.layers for p in pair]
         self.export_seconds = sum(p.export_seconds for p in programs)
         progress("converting the weights to bf16 (each program's first run) ...")
-        self.released = 0  # bytes of fp32 vision matrices given back (release_fp32_vision)
+        self.released = 0  # bytes of fp32 vision matrices given back (_run_vision)
         self._warm_up(release_fp32)
         release_free_memory()
         self.prepare_seconds = time.perf_counter() - began
@@ -171,15 +171,8 @@ class Bf16Runner:
         `release`, each vision layer's fp32 matrices are given back right after its conversion (the load's peak
         then holds one layer in both precisions, not the whole tower)."""
         cfg = self.model.config.vision
-        x = self.model.vision_tower.vision_model.embeddings(
-            paddle.zeros([1, cfg.num_channels, cfg.image_size, cfg.image_size]))
-        for i, program in enumerate(self.vision):
-            out = program(x)[0]
-            if release:
-                release = self._release(program, x, out if i == 0 else None)
-            x = out
-        if release:
-            self.model.fp32_vision = False
+        self._run_vision(self.model.vision_tower.vision_model.embeddings(
+            paddle.zeros([1, cfg.num_channels, cfg.image_size, cfg.image_size])), release)
         hidden = self.runner.qwen2.embed_tokens.weight.shape[1]
         self.forward(paddle.zeros([1, CHUNK, hidden]), None, 0)
 
@@ -187,21 +180,34 @@ class Bf16Runner:
         """Give the pages of the vision tower's and the projector's fp32 matrices back to the OS once oneDNN holds
         their bf16 copies (what use_bf16(release_fp32=True) does during the warm-up); returns the bytes released."""
         cfg = self.model.config.vision
-        probe = paddle.to_tensor(np.random.default_rng(0).standard_normal(
-            (1, cfg.num_patches, cfg.hidden_size)).astype("float32"))
-        if all(self._release(program, probe, self.vision[0](probe)[0] if i == 0 else None)
-               for i, program in enumerate(self.vision)):
-            self.model.fp32_vision = False
+        self._run_vision(paddle.to_tensor(np.random.default_rng(0).standard_normal(
+            (1, cfg.num_patches, cfg.hidden_size)).astype("float32")), True)
         release_free_memory()
         return self.released
 
-    def _release(self, program: Program, x, expected) -> bool:
-        """Give back the pages of a vision program's fp32 matrices; `expected` (its output for x before): the
-        first layer's check (_give_back)."""
-        checks = None if expected is None else [(program, [x], [expected.numpy()])]
-        released = _give_back([w for w in program.weights if w.ndim == 2], checks)
-        self.released += released
-        return released > 0
+    def _run_vision(self, x, release: bool) -> None:
+        """The vision programs over x [1, patches, hidden]; with `release`, each program's fp32 matrices are given
+        back after its run (cpu.drop_pages: the buffers keep their addresses, which oneDNN files its bf16 copies
+        under; the 1-D weights are read on every call and stay). The first layer is checked: run again, its output
+        must not change, else (a Paddle whose fc re-read its weights) its matrices are restored and nothing more is
+        released."""
+        for i, program in enumerate(self.vision):
+            out = program(x)[0]
+            if release:
+                matrices = [w for w in program.weights if w.ndim == 2]
+                saved = [np.array(w.numpy(), copy=True) for w in matrices] if i == 0 else None
+                released = sum(drop_pages(w) for w in matrices)
+                if released and i == 0 and not np.array_equal(program(x)[0].numpy(), out.numpy()):
+                    for w, values in zip(matrices, saved):
+                        ctypes.memmove(w.data_ptr(), values.ctypes.data, values.nbytes)
+                    logger.warning("kept the fp32 vision weights: this Paddle's oneDNN fc reads its weights on "
+                                   "every call")
+                    released = 0
+                self.released += released
+                release = released > 0  # (0: no madvise here, or the check failed)
+            x = out
+        if release:
+            self.model.fp32_vision = False
 
     def check_thread(self) -> None:
         if threading.get_ident() != self.thread:
@@ -241,24 +247,6 @@ class Bf16Runner:
         cache.length = start + length
         cache.mask = None  # rebuilt from the length by the next decode step
         return h[:length].unsqueeze(0), cache
-
-
-def _give_back(matrices: list, checks=None) -> int:
-    """cpu.drop_pages over fp32 matrices programs were converted from (their buffers keep their addresses, which
-    oneDNN files its bf16 copies under; a program's 1-D weights are read on every call and are not given back).
-    `checks` ([(program, inputs, its outputs before)]): the outputs must not change, else (a Paddle whose fc re-read
-    its weights) the matrices are restored and nothing is released. Returns the bytes given back."""
-    saved = [np.array(t.numpy(), copy=True) for t in matrices] if checks else None
-    released = sum(drop_pages(t) for t in matrices)
-    if released == 0 or not checks:  # (0: no madvise here, nothing to give back)
-        return released
-    if all(np.array_equal(out.numpy(), before) for program, inputs, outputs in checks
-           for out, before in zip(program(*inputs), outputs)):
-        return released
-    for t, values in zip(matrices, saved):
-        ctypes.memmove(t.data_ptr(), values.ctypes.data, values.nbytes)
-    logger.warning("kept the fp32 weights as they are: this Paddle's oneDNN fc reads its weights on every call")
-    return 0
 
 
 def _pad(rows, count: int):

@@ -38,7 +38,7 @@ class LlavaQwen(nn.Layer):
 
     def use_bf16(self, progress=None, release_fp32: bool = False) -> None:
         """Compute in bf16 through oneDNN programs (CPU); the fp32 weights stay the programs' inputs.
-        release_fp32: give back the fp32 vision matrices' memory once converted (Bf16Runner._release); the fp32
+        release_fp32: give back the fp32 vision matrices' memory once converted (Bf16Runner._run_vision); the fp32
         vision path (bf16 set back to None) then refuses to run."""
         from llava_ui.model.bf16 import Bf16Runner
 
