@@ -192,3 +192,35 @@ def test_memory_freed_by_a_chunk_goes_back_before_the_next(tiny, monkeypatch):
     monkeypatch.setattr(generate, "release_free_memory", lambda: trims.append(1))
     prefill(model, embeds)
     assert len(trims) == -(-LENGTH // 10) + 1  # before every chunk, and once after the prefill
+
+
+def test_avx512_is_read_from_the_cpu_flags():
+    from llava_ui.model.cpu import has_avx512
+
+    assert has_avx512("flags\t: fpu sse avx2 avx512f avx512bw\n")
+    assert not has_avx512("flags\t: fpu sse avx2 fma\n")  # an AMD EPYC of the Zen 3 generation
+    assert not has_avx512("")  # no /proc/cpuinfo: the plain kernel, which runs anywhere
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_plain_rms_norm_is_rms_norm(monkeypatch, with_residual):
+    import paddle
+
+    from llava_ui.model import qwen2
+    from llava_ui.model.cpu import has_avx512
+
+    rng = np.random.default_rng(3)
+    x, residual = rng.standard_normal((2, 5, 64)).astype(np.float32), rng.standard_normal((2, 5, 64)).astype(np.float32)
+    weight = rng.standard_normal(64).astype(np.float32)
+    total = x + residual if with_residual else x
+    expected = weight * total / np.sqrt(np.mean(total.astype(np.float64) ** 2, axis=-1, keepdims=True) + 1e-6)
+    args = (paddle.to_tensor(x), paddle.to_tensor(weight), 1e-6, paddle.to_tensor(residual) if with_residual else None)
+    monkeypatch.setattr(qwen2, "FUSED_CPU_NORM", False)
+    normed, summed = qwen2.rms_norm(*args)
+    assert np.abs(normed.numpy() - expected).max() < 1e-5
+    assert np.array_equal(summed.numpy(), total)
+    if has_avx512():  # where the fused kernel runs, the two agree
+        monkeypatch.setattr(qwen2, "FUSED_CPU_NORM", True)
+        fused, fused_sum = qwen2.rms_norm(*args)
+        assert np.abs(fused.numpy() - normed.numpy()).max() < 1e-5
+        assert np.array_equal(fused_sum.numpy(), total)

@@ -154,3 +154,12 @@ def test_new_transformers_key_names_load(checkpoints):
     assert all(np.array_equal(ours[name].numpy(), theirs[name].numpy()) for name in ours)
     # q/k/v and gate/up live in the runner's per-worker parts once loaded
     assert np.array_equal(model.runner.parts[0][0][0].qkv.numpy(), legacy.runner.parts[0][0][0].qkv.numpy())
+
+
+def test_plain_rms_norm_matches_transformers(checkpoints, monkeypatch):
+    """The RMSNorm a CPU without AVX-512 runs (Paddle's fused kernel dies there with SIGILL): the same parity,
+    whichever CPU runs the test."""
+    from llava_ui.model import qwen2
+
+    monkeypatch.setattr(qwen2, "FUSED_CPU_NORM", False)
+    assert_matches_reference(checkpoints("lmms", True), checkpoints("hf", True), "lmms", "eval")

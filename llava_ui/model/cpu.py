@@ -54,10 +54,21 @@ def is_amd() -> bool:
     return "AuthenticAMD" in _cpuinfo()
 
 
+def _flags(cpuinfo: str | None = None) -> list[str]:
+    text = _cpuinfo() if cpuinfo is None else cpuinfo
+    return next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+
+
+def has_avx512(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU (or the given /proc/cpuinfo text) runs AVX-512 instructions. Some of Paddle's CPU kernels
+    use them without checking (its fused RMSNorm dies with SIGILL on an AMD EPYC of the Zen 3 generation), so
+    callers pick a plain kernel where this is False (and where it is unknown: no /proc/cpuinfo)."""
+    return "avx512f" in _flags(cpuinfo)
+
+
 def bf16_units(cpuinfo: str | None = None) -> str | None:
     """"AMX" or "AVX-512 BF16" when this CPU (or the given /proc/cpuinfo text) has bf16 matrix units, else None."""
-    text = _cpuinfo() if cpuinfo is None else cpuinfo
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    flags = _flags(cpuinfo)
     if "amx_bf16" in flags:
         return "AMX"
     if "avx512_bf16" in flags:

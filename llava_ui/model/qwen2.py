@@ -19,7 +19,7 @@ import paddle.nn.functional as F
 from paddle.incubate.nn.functional import fused_rms_norm
 
 from llava_ui.errors import check_stop
-from llava_ui.model.cpu import map_shares, release_free_memory, run_parts, shares
+from llava_ui.model.cpu import has_avx512, map_shares, release_free_memory, run_parts, shares
 
 BLOCK = 512  # query rows per prefill attention block: bounds the score matrix and skips most masked entries
 HEADROOM = 128  # positions a cache grows by when decoding outgrows it (and at most what a prefill reserves ahead)
@@ -138,9 +138,20 @@ class RotaryTables:
 
 
 def rms_norm(x, weight, eps: float, residual=None):
-    """RMSNorm of x (+ residual, when given); returns (normed, the sum it normed) in one kernel."""
-    normed, total = fused_rms_norm(x, weight, None, eps, 1, residual=residual)
-    return normed, x if residual is None else total
+    """RMSNorm of x (+ residual, when given); returns (normed, the sum it normed), in one kernel where Paddle's
+    fused one can run: on a GPU, and on a CPU with AVX-512 (its CPU kernel uses AVX-512 unchecked: SIGILL on
+    an AVX2-only CPU). Elsewhere the same function in plain kernels, in transformers' order (float32 mean of
+    squares, rsqrt, times the weight)."""
+    if FUSED_CPU_NORM or not x.place.is_cpu_place():
+        normed, total = fused_rms_norm(x, weight, None, eps, 1, residual=residual)
+        return normed, x if residual is None else total
+    total = x if residual is None else x + residual
+    wide = total if total.dtype == paddle.float32 else total.astype("float32")  # a no-op cast would copy
+    normed = wide * paddle.rsqrt(paddle.mean(paddle.square(wide), axis=-1, keepdim=True) + eps)
+    return weight * (normed if x.dtype == paddle.float32 else normed.astype(x.dtype)), total
+
+
+FUSED_CPU_NORM = has_avx512()
 
 
 def softmax(scores, in_place: bool = False):
