@@ -6,10 +6,11 @@
 One process loads the random-weight real-size checkpoint in fp32 (the decode path of both precisions) and times
 `Qwen2Runner.decode_batch` over B caches of 1,000-1,070 positions: the whole step through the layers, the same
 with attention replaced by zeros (the dense part: weight matmuls, norms, the hand-offs between the cores), the
-difference (attention: the cache writes, scores and values per chat; RoPE counts as dense), and the LM head over B rows. The two
-weight layouts alternate in the same process (the parts are transposed in place between rounds): "in-out" as
-stored (the command line), "out-in" (an engine that batches: qwen2.project). Medians over the rounds.
-Writes bench/results/batch-steps.json and .md.
+difference (attention: the cache writes, scores and values per chat; RoPE counts as dense), and the LM head over B rows. The
+weight layouts alternate in the same process (every part holds each layout's copy; the attributes are swapped between
+rounds): "in-out" as stored (the command line), "out-in" and "packed" (for MKL's packed sgemm: what a CPU engine
+that batches uses, qwen2.project, packed.py). Medians over the rounds.
+Writes bench/results/<name>.json and .md (--name, default batch-steps).
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", default="1,2,4,8")
     parser.add_argument("--reps", type=int, default=5, help="timed calls per measurement (median)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the two layouts")
+    parser.add_argument("--layouts", default="in-out,out-in,packed")
+    parser.add_argument("--name", default="batch-steps")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     import paddle
@@ -63,15 +66,28 @@ def main(argv=None) -> int:
     def no_attention(self, part, qkv, layer):  # one row's attention (after RoPE) replaced by zeros
         return paddle.zeros([1, part.q_heads * self.dim], qkv.dtype)
 
-    def flip():  # every part's weights to the other layout
-        for attention, feed in runner.parts:
-            for part in attention + feed:
-                part.transpose()
+    from llava_ui.model.packed import PackedMatrix
+
+    layouts = args.layouts.split(",")
+    parts = [part for attention, feed in runner.parts for part in attention + feed]
+    copies = {}  # (part, layout) -> its weights in that layout
+    for part in parts:
+        stored = {name: getattr(part, name) for name in part.WEIGHTS}
+        copies[id(part), "in-out"] = stored
+        copies[id(part), "out-in"] = {n: paddle.transpose(w, [1, 0]).contiguous() for n, w in stored.items()}
+        copies[id(part), "packed"] = {n: PackedMatrix(w) for n, w in stored.items()} if "packed" in layouts else {}
+
+    def use(layout):  # every part's weights in `layout`
+        for part in parts:
+            for name, weight in copies[id(part), layout].items():
+                setattr(part, name, weight)
+            part.transposed, part.packed = layout == "out-in", layout == "packed"
 
     attend = qwen2._Step._decode
     results: dict = {}
     for _ in range(args.rounds):
-        for layout in ("in-out", "out-in"):
+        for layout in layouts:
+            use(layout)
             for b in rows:
                 embeds = paddle.randn([b, hidden])
                 step = lambda: runner.decode_batch(embeds, caches[:b], positions[:b])  # noqa: E731
@@ -84,7 +100,6 @@ def main(argv=None) -> int:
                 head = median_ms(lambda: model.logits(embeds))
                 for key, value in (("layers", layers), ("dense", dense), ("head", head)):
                     results.setdefault(layout, {}).setdefault(b, {}).setdefault(key, []).append(value)
-            flip()
     table = {layout: {b: {k: statistics.median(v) for k, v in by.items()} for b, by in per.items()}
              for layout, per in results.items()}
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model(),
@@ -102,8 +117,8 @@ def main(argv=None) -> int:
             lines.append(f"| {layout} | {b} | {total:.0f} | {m['dense']:.0f} | {m['layers'] - m['dense']:.0f} | "
                          f"{m['head']:.0f} | {total / b:.0f} | {total / one:.2f}x |")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "batch-steps.json").write_text(json.dumps(report, indent=1))
-    (args.out / "batch-steps.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

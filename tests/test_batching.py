@@ -58,38 +58,72 @@ def batched_against_solo(model, lengths, vocab: int) -> float:
                for row, expected in enumerate(solo))
 
 
-@pytest.mark.parametrize("transposed", [False, True], ids=["in-out", "out-in"])
-def test_a_batched_step_gives_each_sequence_its_solo_logits(checkpoints, transposed):
-    """decode_batch over caches of different lengths equals decode_one_token per sequence (fp32), in both weight
-    layouts; 2, 3 and 5 rows take the three ways qwen2.project computes a few rows."""
-    model, _, _ = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None, transposed)
-    assert model.runner.parts[0][1][0].transposed is transposed
+LAYOUTS = ["in-out", "out-in", "packed"]
+
+
+def tiny_model(checkpoints, layout):
+    return build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None, layout)[0]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_batched_step_gives_each_sequence_its_solo_logits(checkpoints, layout):
+    """decode_batch over caches of different lengths equals decode_one_token per sequence (fp32), in every weight
+    layout; 2, 3 and 5 rows take the three ways qwen2.project computes a few rows."""
+    model = tiny_model(checkpoints, layout)
+    part = model.runner.parts[0][1][0]
+    assert (part.transposed, part.packed) == (layout == "out-in", layout == "packed")
     assert batched_against_solo(model, (5, 40), 200) <= 1e-5
     assert batched_against_solo(model, (5, 40, 300), 200) <= 1e-5
     assert batched_against_solo(model, (5, 40, 300, 7, 90), 200) <= 1e-5
 
 
-def test_the_batching_layout_computes_the_as_stored_layouts_logits(checkpoints):
-    """The weights laid out [out, in] for batched steps give the prefill and a decode step the logits of the
-    layout as stored (the prompt long enough for two prefill chunks)."""
-    def run(transposed):
-        model, _, _ = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None,
-                                  transposed)
+def test_packed_weights_give_each_row_of_a_step_its_hidden_state_alone_bit_for_bit(checkpoints):
+    """With the weights packed for MKL, a batched step's rows (2 to 5 of them) are exactly the same step taken
+    alone: the batch changes nothing in any row."""
+    model = tiny_model(checkpoints, "packed")
+    rng = np.random.default_rng(4)
+    lengths = (5, 40, 300, 7, 90)
+    caches = []
+    for length in lengths:
+        _, cache = prefill(model, model.embed_tokens(paddle.to_tensor(rng.integers(0, 200, length))).unsqueeze(0),
+                           room=2)
+        caches.append(cache)
+    tokens = rng.integers(0, 200, len(lengths)).tolist()
+    embeds = model.embed_tokens(paddle.to_tensor(tokens, dtype="int64"))
+    alone = [model.runner.decode_batch(embeds[i:i + 1], [caches[i].prefix(n)], [n])[0].numpy()[0]
+             for i, n in enumerate(lengths)]
+    for rows in (2, 3, 4, 5):
+        hidden, _ = model.runner.decode_batch(embeds[:rows], [c.prefix(n) for c, n in zip(caches, lengths)][:rows],
+                                              list(lengths[:rows]))
+        assert all(np.array_equal(hidden.numpy()[i], alone[i]) for i in range(rows)), rows
+
+
+@pytest.mark.parametrize("layout", ["out-in", "packed"])
+def test_the_batching_layouts_compute_the_as_stored_layouts_logits(checkpoints, layout):
+    """The weights laid out for batched steps give the prefill and a decode step the logits of the layout as
+    stored (the prompt long enough for two prefill chunks)."""
+    def run(layout):
+        model = tiny_model(checkpoints, layout)
         tokens = np.random.default_rng(1).integers(0, 200, 300).tolist()
         logits, cache = prefill(model, model.embed_tokens(paddle.to_tensor(tokens)).unsqueeze(0), room=2)
         return logits.numpy(), decode_one_token(model, 7, cache, 300)[0].numpy()
 
-    for stored, batching in zip(run(False), run(True)):
+    for stored, batching in zip(run("in-out"), run(layout)):
         assert np.abs(stored - batching).max() <= 1e-5 * np.abs(stored).max()
 
 
 def test_the_engine_lays_the_weights_out_for_what_it_runs(tiny_dir, engine):
-    """Batched decode steps get the [out, in] layout; an engine that runs one request at a time (the command
-    line, eval --parallel 1) keeps the weights as stored, the faster layout for one stream."""
-    assert engine.status()["weight_layout"] == "out-in"
+    """Batched decode steps get the weights packed for MKL (on the CPU); an engine that runs one request at a
+    time (the command line, eval --parallel 1) keeps them as stored, the faster layout for one stream."""
+    assert engine.status()["weight_layout"] == "packed"
     one = Engine(str(tiny_dir), dtype="float32", feature_cache_mb=1)
     one.compute.batch_limit = 1
     assert one.load().status()["weight_layout"] == "in-out"
+
+
+def test_a_bad_weight_layout_is_refused(checkpoints):
+    with pytest.raises(ValueError, match="weight layout 'sideways'"):
+        tiny_model(checkpoints, "sideways")
 
 
 def test_concurrent_greedy_chats_get_their_solo_answers_and_share_steps(engine):
@@ -139,7 +173,7 @@ def test_sampled_chats_keep_their_own_seeds(engine):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("transposed", [False, True], ids=["in-out", "out-in"])
-def test_real_size_batched_logits_match_solo_within_1e_4(real_checkpoint, transposed):
-    model, _, _ = build_model(real_checkpoint, "float32", lambda *a, **k: None, transposed)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_real_size_batched_logits_match_solo_within_1e_4(real_checkpoint, layout):
+    model, _, _ = build_model(real_checkpoint, "float32", lambda *a, **k: None, layout)
     assert batched_against_solo(model, (40, 300, 760, 1100), 5000) <= 1e-4

@@ -7,6 +7,7 @@ the next step. Between steps the stream reports progress with the time left at t
 """
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -28,6 +29,7 @@ from llava_ui.checkpoints.hub import model_source
 from llava_ui.checkpoints.load import build_model, load_tokenizer, resolve_model_dir
 from llava_ui.config import GenerationSettings
 from llava_ui.errors import Stopped, UserError
+from llava_ui.model import packed
 from llava_ui.model.cpu import bf16_units
 from llava_ui.model.generate import IncrementalDecoder, decode_room, decode_tokens, prefill_chunks
 from llava_ui.model.processing import check_image_mode, default_image_mode, pixel_views, prepare_images
@@ -58,7 +60,7 @@ class LoadState:
     layout: str = ""
     random_weights: bool = False
     precision: str = ""  # precision_label()
-    weight_layout: str = ""  # the language model's: "in-out" (one stream) or "out-in" (batched steps)
+    weight_layout: str = ""  # the language model's: "in-out" (one stream), "packed" or "out-in" (batched steps)
 
 
 def pick_device(requested: str | None = None) -> str:
@@ -67,6 +69,15 @@ def pick_device(requested: str | None = None) -> str:
     if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
         return "gpu"
     return "cpu"
+
+
+def batch_layout(on_cpu: bool) -> str:
+    """The language model's weight layout for an fp32 engine that batches decode steps: packed for MKL on a CPU
+    (2-8 rows at about one row's cost), else [out, in] (qwen2.project; LLAVA_UI_BATCH_LAYOUT overrides)."""
+    chosen = os.environ.get("LLAVA_UI_BATCH_LAYOUT", "")
+    if chosen in ("out-in", "in-out") or (chosen == "packed" and on_cpu and packed.available()):
+        return chosen
+    return "packed" if on_cpu and packed.available() else "out-in"
 
 
 def pick_dtype(device: str, requested: str | None = None) -> str:
@@ -170,8 +181,8 @@ class Engine:
         # on the CPU the weights stay fp32 (today's exact path); bf16 runs them through oneDNN programs, which take
         # them as stored ([in, out]); an engine that batches decode steps lays them out for that (qwen2.project)
         bf16_programs = on_cpu and dtype == "bfloat16"
-        transposed = self.compute.batch_limit > 1 and not bf16_programs
-        model, config, layout = build_model(model_dir, "float32" if on_cpu else dtype, self._progress, transposed)
+        weight_layout = batch_layout(on_cpu) if self.compute.batch_limit > 1 and not bf16_programs else "in-out"
+        model, config, layout = build_model(model_dir, "float32" if on_cpu else dtype, self._progress, weight_layout)
         if bf16_programs:
             model.use_bf16(self._progress, release_fp32=True)
             self._progress(f"bf16 programs ready in {model.bf16.prepare_seconds:.0f} s "
@@ -185,7 +196,7 @@ class Engine:
         self.load_state.device, self.load_state.dtype, self.load_state.layout = device, dtype, layout
         self.load_state.precision = precision_label(device, dtype)
         self.load_state.random_weights = bool(config.raw.get("random_weights"))
-        self.load_state.weight_layout = "out-in" if transposed else "in-out"
+        self.load_state.weight_layout = weight_layout
         self._progress("measuring this machine's speed ...")
         self.rates = Rates(Workload.of(config), calibrate("float32" if on_cpu else dtype))
 

@@ -136,9 +136,10 @@ def vision_layers_in(state: dict) -> int:
     return max(found) + 1 if found else 0
 
 
-def build_model(model_dir: Path, dtype: str = "float32", progress=None, transposed: bool = False):
+def build_model(model_dir: Path, dtype: str = "float32", progress=None, weight_layout: str = "in-out"):
     """Read config + weights, build LlavaQwen in `dtype`, load every weight; fail loudly on any mismatch.
-    `transposed`: the language model's weights laid out for batched decode steps (qwen2.project)."""
+    `weight_layout`: how the language model's weights are laid out (qwen2.Qwen2Runner.pack: "in-out" as
+    stored, "out-in" or "packed" for batched decode steps)."""
     no_init_weights = paddlenlp_module("paddlenlp.transformers.model_utils").no_init_weights
 
     progress = progress or _stderr
@@ -170,7 +171,7 @@ def build_model(model_dir: Path, dtype: str = "float32", progress=None, transpos
     finally:
         paddle.set_default_dtype(previous)
     load_state(model, state, progress)
-    model.runner.pack(transposed)  # the language model's weights regrouped per CPU worker (each still held once)
+    model.runner.pack(weight_layout)  # the language model's weights regrouped per CPU worker (each held once)
     model.eval()
     for param in model.parameters():  # no thread can record autograd history on them, whatever its grad mode
         param.stop_gradient = True

@@ -151,6 +151,8 @@ class Bf16Runner:
         runner = model.runner
         if runner.parts is None:
             runner.pack()
+        if any(part.transposed or part.packed for part in runner.parts[0][0] + runner.parts[0][1]):
+            raise ValueError("the bf16 programs take the language model's weights as stored (weight layout in-out)")
         self.model, self.runner, dims = model, runner, dims_of(model)
         self.thread = threading.get_ident()  # the one thread that may call the programs (check_thread)
         began = time.perf_counter()

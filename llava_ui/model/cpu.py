@@ -144,7 +144,7 @@ _workers = 1
 _lock = threading.Lock()
 
 
-def _mkl():
+def mkl_library():
     global _mkl_library
     if _mkl_library is None:
         path = Path(paddle.__file__).parent / "libs" / "libmklml_intel.so"
@@ -154,7 +154,7 @@ def _mkl():
 
 def _mkl_threads_here(count: int) -> int:
     """MKL threads for calls made from this thread (0: the global setting); returns the previous value."""
-    return _mkl().MKL_Set_Num_Threads_Local(count) if _mkl() else 0
+    return mkl_library().MKL_Set_Num_Threads_Local(count) if mkl_library() else 0
 
 
 def _setup_worker() -> None:

@@ -20,6 +20,8 @@ from paddle.incubate.nn.functional import fused_rms_norm
 
 from llava_ui.errors import check_stop
 from llava_ui.model.cpu import has_avx512, map_shares, release_free_memory, run_parts, shares
+from llava_ui.model import packed
+from llava_ui.model.packed import PackedMatrix
 
 BLOCK = 512  # query rows per prefill attention block: bounds the score matrix and skips most masked entries
 HEADROOM = 128  # positions a cache grows by when decoding outgrows it (and at most what a prefill reserves ahead)
@@ -172,17 +174,24 @@ def rotation(head_dim: int, dtype) -> paddle.Tensor:
 
 
 class _Part:
-    """A worker's share of a layer: its weights (attributes named in WEIGHTS) stored [in, out], or [out, in] once
-    transposed (project() multiplies either)."""
+    """A worker's share of a layer: its weights (attributes named in WEIGHTS) stored [in, out], [out, in] once
+    transposed, or packed for MKL (project() multiplies any)."""
 
     WEIGHTS: tuple = ()
     transposed = False
+    packed = False
 
     def transpose(self) -> None:
         """Every weight to the other layout (each a new contiguous copy)."""
         for name in self.WEIGHTS:
             setattr(self, name, paddle.transpose(getattr(self, name), [1, 0]).contiguous())
         self.transposed = not self.transposed
+
+    def pack_for_mkl(self) -> None:
+        """Every [in, out] weight to MKL's packed layout (packed.PackedMatrix; the matrix itself is let go)."""
+        for name in self.WEIGHTS:
+            setattr(self, name, PackedMatrix(getattr(self, name)))
+        self.packed = True
 
 
 class AttentionPart(_Part):
@@ -215,13 +224,16 @@ class MLPPart(_Part):
 
 
 def project(x, weight, transposed: bool, bias=None):
-    """x [rows, in] times a part's weight, stored [in, out] or (transposed) [out, in]; + bias.
+    """x [rows, in] times a part's weight, stored [in, out], (transposed) [out, in] or packed for MKL; + bias.
 
     The layouts suit different work (MKL on one thread per worker, weights read from memory): one row is a
     matrix-vector product, a few percent faster over [in, out]; a few rows (a batched decode step) are a small
     matrix product, for which MKL's sgemm over an [in, out] weight costs 2.4-2.9x one row at 2-8 rows (by all
     appearances it repacks the weight on every call), while an [out, in] weight times the rows' transpose costs
-    1.1x at 2 rows and 1.7x at 4-8 (bench/batch_steps.py)."""
+    1.1x at 2 rows and 1.7x at 4-8 (bench/batch_steps.py). Packed (packed.py), 1-8 rows cost about one row."""
+    if isinstance(weight, PackedMatrix):
+        out = weight.matmul(x)
+        return out if bias is None else out + bias
     if not transposed:
         return F.linear(x, weight, bias)
     if SKINNY_ROWS[0] <= x.shape[0] <= SKINNY_ROWS[1]:
@@ -232,6 +244,7 @@ def project(x, weight, transposed: bool, bias=None):
 
 
 SKINNY_ROWS = (3, 16)  # row counts computed as weight · xᵀ
+WEIGHT_LAYOUTS = ("in-out", "out-in", "packed")
 
 
 class Qwen2Runner:
@@ -254,10 +267,13 @@ class Qwen2Runner:
         self.fused_attention = None  # None: fused attention on a GPU, the blockwise CPU path on the CPU
         self.parts = None  # per layer: ([AttentionPart], [MLPPart]), made by pack()
 
-    def pack(self, transposed: bool = False) -> None:
+    def pack(self, layout: str = "in-out") -> None:
         """Regroup the q/k/v and gate/up weights into the workers' parts (the originals are released: the model
-        holds each weight once; paddlenlp's own forward is not usable afterwards). `transposed`: every part's
-        weights stored [out, in] (project())."""
+        holds each weight once; paddlenlp's own forward is not usable afterwards). `layout` (WEIGHT_LAYOUTS):
+        every part's weights as stored ("in-out"), as [out, in] ("out-in") or packed for MKL's sgemm ("packed",
+        CPU float32 only); project() says what each suits."""
+        if layout not in WEIGHT_LAYOUTS:
+            raise ValueError(f"weight layout {layout!r}: one of {', '.join(WEIGHT_LAYOUTS)}")
         group = self.heads // self.kv_heads
         self.parts = []
         for layer in self.qwen2.layers:
@@ -265,15 +281,18 @@ class Qwen2Runner:
             attention = [AttentionPart(kv, group, self.head_dim, attn) for kv in shares(self.kv_heads)]
             feed = [MLPPart(cols, mlp) for cols in shares(mlp.gate_proj.weight.shape[1])]
             owners = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]
-            if transposed:
+            if layout != "in-out":
                 for part in attention + feed:
-                    part.transpose()
+                    part.transpose() if layout == "out-in" else part.pack_for_mkl()
                 owners += [attn.o_proj, mlp.down_proj]  # the parts now hold their rows as copies
             for owner in owners:
                 owner._parameters["weight"] = None
                 if owner._parameters.get("bias") is not None:
                     owner._parameters["bias"] = None
             self.parts.append((attention, feed))
+        if layout == "packed":
+            attention, feed = self.parts[0]
+            packed.calibrate([getattr(part, name) for part in (attention[0], feed[0]) for name in part.WEIGHTS])
         release_free_memory()
 
     def forward(self, embeds, cache: KVCache | None, start: int, should_stop=None):
