@@ -11,6 +11,7 @@ from llava_ui.chat.conversation import Conversation
 from llava_ui.checkpoints.load import build_model
 from llava_ui.config import GenerationSettings
 from llava_ui.model.generate import decode_one_token, prefill
+from llava_ui.model.packed import PackedMatrix
 
 TOKENS = 24
 
@@ -112,13 +113,19 @@ def test_the_batching_layouts_compute_the_as_stored_layouts_logits(checkpoints, 
         assert np.abs(stored - batching).max() <= 1e-5 * np.abs(stored).max()
 
 
-def test_the_engine_lays_the_weights_out_for_what_it_runs(tiny_dir, engine):
-    """Batched decode steps get the weights packed for MKL (on the CPU); an engine that runs one request at a
-    time (the command line, eval --parallel 1) keeps them as stored, the faster layout for one stream."""
-    assert engine.status()["weight_layout"] == "packed"
+def test_the_engine_lays_the_weights_out_for_what_it_runs(tiny_dir, engine, monkeypatch):
+    """Batched decode steps get the [out, in] layout (packed for MKL when asked); an engine that runs one request
+    at a time (the command line, eval --parallel 1) keeps the weights as stored, the faster layout for one
+    stream."""
+    assert engine.status()["weight_layout"] == "out-in"
     one = Engine(str(tiny_dir), dtype="float32", feature_cache_mb=1)
     one.compute.batch_limit = 1
     assert one.load().status()["weight_layout"] == "in-out"
+    monkeypatch.setenv("LLAVA_UI_BATCH_LAYOUT", "packed")
+    asked = Engine(str(tiny_dir), dtype="float32", feature_cache_mb=1)
+    assert asked.load().status()["weight_layout"] == "packed"
+    first = asked.model.runner.parts[0][1][0]
+    assert isinstance(first.gate_up, PackedMatrix) and first.packed
 
 
 def test_a_bad_weight_layout_is_refused(checkpoints):

@@ -72,12 +72,12 @@ def pick_device(requested: str | None = None) -> str:
 
 
 def batch_layout(on_cpu: bool) -> str:
-    """The language model's weight layout for an fp32 engine that batches decode steps: packed for MKL on a CPU
-    (2-8 rows at about one row's cost), else [out, in] (qwen2.project; LLAVA_UI_BATCH_LAYOUT overrides)."""
-    chosen = os.environ.get("LLAVA_UI_BATCH_LAYOUT", "")
-    if chosen in ("out-in", "in-out") or (chosen == "packed" and on_cpu and packed.available()):
-        return chosen
-    return "packed" if on_cpu and packed.available() else "out-in"
+    """The language model's weight layout for an fp32 engine that batches decode steps: [out, in] (qwen2.project),
+    or with LLAVA_UI_BATCH_LAYOUT=packed on a CPU, packed for MKL's sgemm (packed.py: 2-4 rows of a step at about
+    one row's dense cost, but ~0.6 GB more resident and one row slower; README, "Concurrency")."""
+    if os.environ.get("LLAVA_UI_BATCH_LAYOUT", "") == "packed" and on_cpu and packed.available():
+        return "packed"
+    return "out-in"
 
 
 def pick_dtype(device: str, requested: str | None = None) -> str:

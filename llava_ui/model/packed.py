@@ -3,9 +3,11 @@ cost of one row.
 
 A decode step of a few rows is a small matrix product over weights read from memory. MKL's ordinary sgemm
 repacks the weight into its kernel's panel layout on every call, so 2-8 rows cost about twice one row; with the
-weight packed once (at load, in place of the matrix: the same size) every call streams the panels as they are.
-On an AMD EPYC (Zen 3, 2 workers, the 24 layers' dense weights, `bench/batch_steps.py`): 1 row as fast as the
-stored layout, 2-8 rows at 1.0-1.3x one row instead of 2.1-2.6x, a 256-row prefill chunk no slower.
+weight packed once (at load, in place of the matrix) every call streams the panels as they are. On an AMD EPYC
+(Zen 3, 2 workers; `bench/results/batch-steps-zen3.md`) a decode step's dense part took 106 / 131 / 137 / 165 ms at
+1 / 2 / 4 / 8 rows, against 116 / 209 / 243 / 229 ms with [out, in] weights. What it costs there: the server held
+0.62 GB more resident (MKL's panels are padded) and one stream decoded more slowly (`concurrent-zen3-*.md`), so an
+engine uses it only when asked (LLAVA_UI_BATCH_LAYOUT=packed, backends.local.batch_layout).
 
 Packed for the prefill chunk's row count (the pack call's M hint; the layout serves any row count). Rows of one
 product do not depend on each other except through the kernel MKL picks for the row count, which rounds
