@@ -1,15 +1,17 @@
 """Where a batched decode step's time goes, at the real dimensions, per batch size and weight layout.
 
-    .venv/bin/python bench/batch_steps.py                  # rows 1, 2, 4, 8; both layouts; caches of ~1,000 positions
+    .venv/bin/python bench/batch_steps.py                  # rows 1, 2, 4, 8; three layouts; caches of ~1,000 positions
     .venv/bin/python bench/batch_steps.py --rows 1,4 --reps 9
+    .venv/bin/python bench/batch_steps.py --positions 2800     # caches as long as the server's one-image prompts
 
 One process loads the random-weight real-size checkpoint in fp32 (the decode path of both precisions) and times
-`Qwen2Runner.decode_batch` over B caches of 1,000-1,070 positions: the whole step through the layers, the same
-with attention replaced by zeros (the dense part: weight matmuls, norms, the hand-offs between the cores), the
-difference (attention: the cache writes, scores and values per chat; RoPE counts as dense), and the LM head over B rows. The
-weight layouts alternate in the same process (every part holds each layout's copy; the attributes are swapped between
-rounds): "in-out" as stored (the command line), "out-in" and "packed" (for MKL's packed sgemm: what a CPU engine
-that batches uses, qwen2.project, packed.py). Medians over the rounds.
+`Qwen2Runner.decode_batch` over B caches of 1,000-1,070 positions (--positions moves the 1,000): the whole step
+through the layers, the same with attention replaced by zeros (the dense part: weight matmuls, norms, the hand-offs
+between the cores), the difference (attention: the cache writes, scores and values per chat; RoPE counts as dense),
+and the LM head over B rows. The weight layouts alternate in the same process (every part holds each layout's
+copy; the attributes are swapped between rounds): "in-out" as stored (the command line), "out-in" (what a CPU
+engine that batches uses) and "packed" (for MKL's packed sgemm, LLAVA_UI_BATCH_LAYOUT=packed; qwen2.project,
+packed.py). Medians over the rounds.
 Writes bench/results/<name>.json and .md (--name, default batch-steps).
 """
 from __future__ import annotations
@@ -38,6 +40,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=5, help="timed calls per measurement (median)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the two layouts")
     parser.add_argument("--layouts", default="in-out,out-in,packed")
+    parser.add_argument("--positions", type=int, default=1000, help="filled positions of the first cache (the "
+                        "others 10 more each)")
     parser.add_argument("--name", default="batch-steps")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
@@ -48,10 +52,12 @@ def main(argv=None) -> int:
 
     model = build_model(ensure_checkpoints(args.checkpoints)["paddle"], "float32", lambda *a, **k: None)[0]
     runner, rows = model.runner, [int(r) for r in args.rows.split(",")]
-    caches = [runner.reserve(None, 1300) for _ in range(max(rows))]
+    first = args.positions
+    caches = [runner.reserve(None, first + 300) for _ in range(max(rows))]
     for cache in caches:
-        cache.length = 1000
-    positions = [1000 + 10 * i for i in range(max(rows))]
+        cache.length = first
+    positions = [first + 10 * i for i in range(max(rows))]
+    spread = f"{first:,}-{positions[-1]:,}"
     hidden = model.config.text["hidden_size"]
 
     def median_ms(fn) -> float:
@@ -103,10 +109,10 @@ def main(argv=None) -> int:
     table = {layout: {b: {k: statistics.median(v) for k, v in by.items()} for b, by in per.items()}
              for layout, per in results.items()}
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model(),
-              "cores": len(os.sched_getaffinity(0)), "cache_positions": "1000-1070", "rounds": args.rounds,
+              "cores": len(os.sched_getaffinity(0)), "cache_positions": spread, "rounds": args.rounds,
               "ms": table}
     lines = [f"# A batched decode step at the real dimensions ({report['date']})", "",
-             f"CPU: {report['cpu']}, {report['cores']} cores; fp32; caches of 1,000-1,070 positions; medians of "
+             f"CPU: {report['cpu']}, {report['cores']} cores; fp32; caches of {spread} positions; medians of "
              f"{args.rounds} alternating rounds x {args.reps} calls (ms).", "",
              "| layout | rows | step (layers + head) | dense | attention | head | per row | vs 1 row of the same layout |",
              "|---|---|---|---|---|---|---|---|"]

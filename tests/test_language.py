@@ -224,3 +224,26 @@ def test_plain_rms_norm_is_rms_norm(monkeypatch, with_residual):
         fused, fused_sum = qwen2.rms_norm(*args)
         assert np.abs(fused.numpy() - normed.numpy()).max() < 1e-5
         assert np.array_equal(fused_sum.numpy(), total)
+
+
+class _TiedHead:  # what head_logits reads of paddlenlp's tied LM head: the embedding [vocab, hidden], transpose_y
+    def __init__(self, weight):
+        self.weight, self.transpose_y = weight, True
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16])
+def test_the_lm_head_in_blocks_gives_every_row_its_logits(monkeypatch, rows):
+    """A few rows (a batched decode step) go through the tied head in blocks of vocabulary rows: blocks of 64 over
+    a vocabulary of 1,000 (the last block partial, split over the workers) give each row its product, in float64
+    terms, and what that row alone gets."""
+    monkeypatch.setattr(language, "HEAD_BLOCK", 64)
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((1000, 48)).astype(np.float32)
+    hidden = rng.standard_normal((rows, 48)).astype(np.float32)
+    head = _TiedHead(paddle.to_tensor(weight))
+    logits = language.head_logits(head, paddle.to_tensor(hidden)).numpy()
+    assert logits.shape == (rows, 1000)
+    np.testing.assert_allclose(logits, hidden.astype(np.float64) @ weight.astype(np.float64).T, rtol=0, atol=1e-4)
+    for i in range(rows):
+        alone = language.head_logits(head, paddle.to_tensor(hidden[i:i + 1])).numpy()[0]
+        np.testing.assert_allclose(logits[i], alone, rtol=0, atol=1e-5)

@@ -31,8 +31,6 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CHECKPOINT = Path.home() / ".cache" / "llava_ui" / "bench-real" / "lmms"
-CHECKPOINT_LOG = Path("/tmp/ckpt.log")  # another process may be writing DEFAULT_CHECKPOINT; it ends with CKPT_DONE
 FRAMES = 8
 LOAD_TIMEOUT_S = 600
 PROGRESS_WORDS = ("encoding frame", "reading the prompt")
@@ -53,35 +51,8 @@ cv2 = pytest.importorskip("cv2")
 np = pytest.importorskip("numpy")
 
 
-# ---------------------------------------------------------------- the checkpoint, the server, the browser
-
-def _complete(folder: Path) -> bool:
-    return (folder / "config.json").exists() and (folder / "model.safetensors").exists()
-
-
-@pytest.fixture(scope="session")
-def real_checkpoint() -> Path:
-    """LLAVA_UI_REAL_CHECKPOINT, else the bench's real-size random checkpoint (written here when absent)."""
-    if os.environ.get("LLAVA_UI_REAL_CHECKPOINT"):
-        folder = Path(os.environ["LLAVA_UI_REAL_CHECKPOINT"]).expanduser()
-        assert _complete(folder), f"LLAVA_UI_REAL_CHECKPOINT={folder} has no config.json + model.safetensors"
-        return folder
-    folder = DEFAULT_CHECKPOINT
-    being_written = CHECKPOINT_LOG.exists() and "CKPT_DONE" not in CHECKPOINT_LOG.read_text(errors="replace")
-    if being_written:  # another process is writing it: wait for it rather than write over it
-        deadline = time.monotonic() + 1800
-        while time.monotonic() < deadline:
-            if _complete(folder) and "CKPT_DONE" in CHECKPOINT_LOG.read_text(errors="replace"):
-                return folder
-            time.sleep(5)
-        pytest.fail(f"{folder} was still being written after 30 min (see {CHECKPOINT_LOG})")
-    if not _complete(folder):
-        from llava_ui.checkpoints.random import write_random_checkpoint
-
-        write_random_checkpoint(folder, "lmms", "real", vocab="qwen", seed=0)
-    assert _complete(folder)
-    return folder
-
+# ---------------------------------------------------------------- the server, the browser
+# (the checkpoint: conftest's real_checkpoint, LLAVA_UI_REAL_CHECKPOINT or the benchmark's real-size one)
 
 def _free_port() -> int:
     with socket.socket() as s:
