@@ -4,6 +4,7 @@
 # PYTHON picks the interpreter for a new .venv (default python3; Python 3.11-3.13, README "Quick start").
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash tests/cpu.sh  # the machine, first: which side of each CPU-dependent branch this run takes
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip

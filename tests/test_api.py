@@ -36,9 +36,9 @@ def interleaved(*parts):
 
 @pytest.fixture(scope="module")
 def engines(tiny_dir):
-    main = RecordingEngine(str(tiny_dir))
+    main = RecordingEngine(str(tiny_dir), dtype="float32")
     main.load()
-    return {"main": main, "blocked": BlockedEngine(str(tiny_dir)), "broken": Engine("/nonexistent/llava-checkpoint")}
+    return {"main": main, "blocked": BlockedEngine(str(tiny_dir), dtype="float32"), "broken": Engine("/nonexistent/llava-checkpoint")}
 
 
 @pytest.fixture(scope="module")

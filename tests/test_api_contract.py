@@ -17,7 +17,7 @@ Image.new("RGB", (40, 30), (200, 30, 30)).save(PNG, format="PNG")
 
 @pytest.fixture(scope="module")
 def engine(tiny_dir):
-    return RecordingEngine(str(tiny_dir)).load()
+    return RecordingEngine(str(tiny_dir), dtype="float32").load()
 
 
 @pytest.fixture(scope="module")

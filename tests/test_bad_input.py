@@ -213,7 +213,7 @@ def media(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(tiny_dir):
-    return PlanRecordingEngine(str(tiny_dir), context_length=CONTEXT).load()
+    return PlanRecordingEngine(str(tiny_dir), dtype="float32", context_length=CONTEXT).load()
 
 
 @pytest.fixture(scope="module")

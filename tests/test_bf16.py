@@ -25,8 +25,9 @@ from llava_ui.model import bf16 as bf16_path
 from llava_ui.model.cpu import release_free_memory
 from llava_ui.model.generate import decode_one_token, prefill
 from llava_ui.model.cpu import bf16_units
+from cpu_kinds import needs_bf16_units
 
-needs_units = pytest.mark.skipif(bf16_units() is None, reason="this CPU has no AMX / AVX-512 BF16 units")
+needs_units = needs_bf16_units
 MAX_LOGIT_ERROR, MIN_COSINE, STEPS = 0.05, 0.999, 32
 
 

@@ -6,6 +6,7 @@ import paddle
 import pytest
 from PIL import Image
 
+from cpu_kinds import machine_precisions
 from llava_ui.backends.base import Delta, Result
 from llava_ui.backends.local import Engine
 from llava_ui.chat.conversation import Conversation
@@ -24,9 +25,11 @@ def picture(seed, size=(96, 64)):
     return Image.fromarray((pixels % 256).astype(np.uint8))
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_dir):
-    return Engine(str(tiny_dir)).load()
+@pytest.fixture(scope="module", params=machine_precisions())
+def engine(tiny_dir, request):
+    """The engine in each precision this CPU can run (bf16 only where it has bf16 units), named, not the host's
+    default."""
+    return Engine(str(tiny_dir), dtype=request.param).load()
 
 
 def chat(text="Describe <image> and <image>.", images=(1, 2)):
@@ -100,7 +103,7 @@ def test_two_threads_each_get_exactly_their_own_answer(engine):
 
 
 def test_second_turn_reuses_image_features_and_the_kv_prefix(tiny_dir):
-    engine = Engine(str(tiny_dir)).load()
+    engine = Engine(str(tiny_dir), dtype="float32").load()
     conversation = chat(images=(31, 32))
     engine.generate(conversation, GREEDY)
     calls = engine.model.vision_calls
@@ -111,7 +114,7 @@ def test_second_turn_reuses_image_features_and_the_kv_prefix(tiny_dir):
     assert second.stats.cached_prefix_tokens > second.stats.visual_tokens
     again = conversation.copy()
     again.edit(len(again.turns) - 1, again.turns[-1].text)  # the last answer cleared, as Regenerate does
-    fresh = Engine(str(tiny_dir)).load()  # no caches: the same answer, computed from scratch
+    fresh = Engine(str(tiny_dir), dtype=engine.load_state.dtype).load()  # no caches: the same answer, computed from scratch
     assert fresh.generate(again, GREEDY).token_ids == second.token_ids
 
 
@@ -124,7 +127,7 @@ def test_same_seed_same_text_different_seed_different_text(engine):
 
 
 def test_context_budget_is_checked_before_any_compute(tiny_dir):
-    small = Engine(str(tiny_dir), context_length=2000).load()
+    small = Engine(str(tiny_dir), dtype="float32", context_length=2000).load()
     calls = small.model.vision_calls
     conversation = Conversation()
     conversation.add_user("Many pictures", [picture(s) for s in range(4)])
@@ -134,7 +137,7 @@ def test_context_budget_is_checked_before_any_compute(tiny_dir):
 
 
 def test_old_turns_are_dropped_when_the_history_no_longer_fits(tiny_dir):
-    small = Engine(str(tiny_dir), context_length=1700).load()
+    small = Engine(str(tiny_dir), dtype="float32", context_length=1700).load()
     conversation = Conversation()
     for s in range(3):
         conversation.add_user("Look <image>", [picture(s)])
@@ -209,7 +212,7 @@ def test_failed_load_is_reported_and_can_be_retried(tmp_path, tiny_dir):
     import shutil
 
     target = tmp_path / "model"
-    engine = Engine(str(target))
+    engine = Engine(str(target), dtype="float32")
     with pytest.raises(UserError, match="failed to load"):
         engine.load()
     assert engine.status()["state"] == "failed" and "does not exist" in engine.status()["error"]
@@ -228,7 +231,7 @@ def test_concurrent_first_requests_load_once(tiny_dir, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(checkpoints, "build_model", counting)
-    engine = Engine(str(tiny_dir))
+    engine = Engine(str(tiny_dir), dtype="float32")
     threads = [threading.Thread(target=engine.load) for _ in range(4)]
     [t.start() for t in threads]
     [t.join() for t in threads]

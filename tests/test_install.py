@@ -87,7 +87,7 @@ def free_port() -> int:
 
 
 def test_the_light_front_end_starts_and_answers_through_a_remote_engine_without_paddle(tiny_dir):
-    engine = RecordingEngine(str(tiny_dir)).load()
+    engine = RecordingEngine(str(tiny_dir), dtype="float32").load()
     port = free_port()
     ask = {"model": "", "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": "hello"}]}
     with serve_api(engine) as engine_url:

@@ -13,6 +13,7 @@ from llava_ui.model import cpu as parallel
 from llava_ui.model import qwen2 as language
 from llava_ui.model.cpu import configure_cpu
 from llava_ui.model.generate import generate_ids, prefill
+from cpu_kinds import needs_avx512
 
 LENGTH = 41
 
@@ -203,27 +204,26 @@ def test_avx512_is_read_from_the_cpu_flags():
 
 
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_plain_rms_norm_is_rms_norm(monkeypatch, with_residual):
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=needs_avx512)], ids=["plain", "fused"])
+def test_rms_norm_normalises_the_last_axis_of_any_rank(monkeypatch, fused, with_residual):
+    """Both paths of rms_norm (the plain kernels every CPU runs; Paddle's fused kernel, AVX-512 only) give
+    RMSNorm over the last axis for 1-, 2- and 3-D input, and the sum they normalised."""
     import paddle
 
     from llava_ui.model import qwen2
-    from llava_ui.model.cpu import has_avx512
 
+    monkeypatch.setattr(qwen2, "FUSED_CPU_NORM", fused)
     rng = np.random.default_rng(3)
-    x, residual = rng.standard_normal((2, 5, 64)).astype(np.float32), rng.standard_normal((2, 5, 64)).astype(np.float32)
     weight = rng.standard_normal(64).astype(np.float32)
-    total = x + residual if with_residual else x
-    expected = weight * total / np.sqrt(np.mean(total.astype(np.float64) ** 2, axis=-1, keepdims=True) + 1e-6)
-    args = (paddle.to_tensor(x), paddle.to_tensor(weight), 1e-6, paddle.to_tensor(residual) if with_residual else None)
-    monkeypatch.setattr(qwen2, "FUSED_CPU_NORM", False)
-    normed, summed = qwen2.rms_norm(*args)
-    assert np.abs(normed.numpy() - expected).max() < 1e-5
-    assert np.array_equal(summed.numpy(), total)
-    if has_avx512():  # where the fused kernel runs, the two agree
-        monkeypatch.setattr(qwen2, "FUSED_CPU_NORM", True)
-        fused, fused_sum = qwen2.rms_norm(*args)
-        assert np.abs(fused.numpy() - normed.numpy()).max() < 1e-5
-        assert np.array_equal(fused_sum.numpy(), total)
+    for shape in ((64,), (5, 64), (2, 5, 64)):
+        x, residual = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+        total = x + residual if with_residual else x
+        expected = weight * total / np.sqrt(np.mean(total.astype(np.float64) ** 2, axis=-1, keepdims=True) + 1e-6)
+        normed, summed = qwen2.rms_norm(paddle.to_tensor(x), paddle.to_tensor(weight), 1e-6,
+                                        paddle.to_tensor(residual) if with_residual else None)
+        assert normed.shape == list(shape)
+        assert np.abs(normed.numpy() - expected).max() < 1e-5
+        assert np.array_equal(summed.numpy(), total)
 
 
 class _TiedHead:  # what head_logits reads of paddlenlp's tied LM head: the embedding [vocab, hidden], transpose_y

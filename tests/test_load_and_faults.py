@@ -275,7 +275,7 @@ def test_32_api_requests_and_8_chats_at_once_only_get_answers_or_busy_and_memory
 
 @pytest.fixture(scope="module")
 def engine(tiny_dir):
-    return Engine(str(tiny_dir)).load()
+    return Engine(str(tiny_dir), dtype="float32").load()
 
 
 class StepSpy:
@@ -379,7 +379,7 @@ def rss_mb() -> float:
 def test_thirty_turns_with_images_stay_within_memory_and_context(tiny_dir, tmp_path, warnings):
     """Context 2,048 tokens (two image turns), feature cache 1 MB (five of this model's images): both bounds are
     reached within the 30 turns; after 10 warm-up turns resident memory stops growing."""
-    small = Engine(str(tiny_dir), context_length=2048, feature_cache_mb=1).load()
+    small = Engine(str(tiny_dir), dtype="float32", context_length=2048, feature_cache_mb=1).load()
     chat = ChatHandlers(small, frames=2)
     session, rss, records = None, [], []
     for turn in range(30):

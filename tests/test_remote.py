@@ -32,7 +32,7 @@ def api_app(backend, **options) -> FastAPI:
 
 @pytest.fixture(scope="module")
 def engine_a(tiny_dir):
-    return RecordingEngine(str(tiny_dir)).load()
+    return RecordingEngine(str(tiny_dir), dtype="float32").load()
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_unreachable_wrong_key_or_wrong_model_fail_loading_clearly(url_a):
 
 
 def test_the_remote_waits_while_the_other_instance_loads(tiny_dir):
-    blocked = BlockedEngine(str(tiny_dir))
+    blocked = BlockedEngine(str(tiny_dir), dtype="float32")
     with serve(api_app(blocked)) as root:
         remote = RemoteEngine(root + "/v1")
         loading = remote.load_in_background()

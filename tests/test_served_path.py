@@ -39,7 +39,7 @@ def clip(count: int, seed: int = 0) -> Video:
 
 @pytest.fixture(scope="module")
 def engine(tiny_dir):
-    return Engine(str(tiny_dir)).load()
+    return Engine(str(tiny_dir), dtype="float32").load()
 
 
 def video_chat(frames: int = 3, seed: int = 0, text: str = "What happens?") -> Conversation:
@@ -69,7 +69,7 @@ def in_new_thread(fn):
 
 
 def test_the_engine_run_from_a_fresh_worker_thread_produces_no_tensor_that_requires_grad(tiny_dir):
-    engine = in_new_thread(lambda: Engine(str(tiny_dir)).load())  # loaded in one thread ...
+    engine = in_new_thread(lambda: Engine(str(tiny_dir), dtype="float32").load())  # loaded in one thread ...
     final = in_new_thread(lambda: engine.generate(video_chat(2, seed=40), GREEDY))  # ... asked from another
     assert final.stats.generated_tokens >= 1
     produced = list(engine.features._items.values())

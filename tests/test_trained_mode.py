@@ -31,7 +31,7 @@ def noise(width, height, seed=0):
 
 @pytest.fixture(scope="module")
 def engine(tiny_dir):
-    return Engine(str(tiny_dir)).load()
+    return Engine(str(tiny_dir), dtype="float32").load()
 
 
 # ---- the oracle: transformers' LlavaNext built from our lmms-layout weights ----------------------------------
@@ -179,13 +179,13 @@ def test_lone_image_in_trained_mode_is_planned_as_anyres_by_the_engine(engine):
 
 @pytest.mark.parametrize("layout", ["paddlenlp", "lmms"])
 def test_default_mode_is_trained_for_checkpoints_with_image_newline_and_unpad(checkpoints, layout):
-    engine = Engine(str(checkpoints(layout, vocab="bytes"))).load()
+    engine = Engine(str(checkpoints(layout, vocab="bytes")), dtype="float32").load()
     assert engine.image_mode == "trained" and engine.status()["image_mode"] == "trained"
 
 
 def test_default_mode_is_flat_for_a_llava_hf_checkpoint_and_the_others_are_refused(checkpoints):
     hf_dir = str(checkpoints("hf", vocab="bytes"))
-    engine = Engine(hf_dir).load()
+    engine = Engine(hf_dir, dtype="float32").load()
     assert engine.image_mode == "flat" and engine.status()["image_mode"] == "flat"
     conversation = Conversation()
     conversation.add_user("Hi", [noise(64, 64)])
@@ -194,11 +194,11 @@ def test_default_mode_is_flat_for_a_llava_hf_checkpoint_and_the_others_are_refus
         with pytest.raises(UserError, match=f"{mode}.*image_newline.*'flat'"):
             engine.plan(conversation, image_mode=mode)
         with pytest.raises(UserError, match=f"{mode}.*image_newline.*'flat'"):
-            Engine(hf_dir, image_mode=mode).load()
+            Engine(hf_dir, dtype="float32", image_mode=mode).load()
 
 
 def test_context_budget_counts_the_five_views_of_a_lone_anyres_image(tiny_dir):
-    small = Engine(str(tiny_dir), context_length=1000).load()
+    small = Engine(str(tiny_dir), dtype="float32", context_length=1000).load()
     conversation = Conversation()
     conversation.add_user("Describe it.", [noise(1000, 1000)])
     needed = len(small.tokenizer.encode_prompt(None, conversation.messages())) - 1 + 729 + 54 * 55  # 3,699 visual

@@ -140,12 +140,13 @@ class RotaryTables:
 
 
 def rms_norm(x, weight, eps: float, residual=None):
-    """RMSNorm of x (+ residual, when given); returns (normed, the sum it normed), in one kernel where Paddle's
-    fused one can run: on a GPU, and on a CPU with AVX-512 (its CPU kernel uses AVX-512 unchecked: SIGILL on
-    an AVX2-only CPU). Elsewhere the same function in plain kernels, in transformers' order (float32 mean of
-    squares, rsqrt, times the weight)."""
+    """RMSNorm over the last axis of x (+ residual, when given), x of any rank; returns (normed, the sum it
+    normed), in one kernel where Paddle's fused one can run: on a GPU, and on a CPU with AVX-512 (its CPU kernel
+    uses AVX-512 unchecked: SIGILL on an AVX2-only CPU). Elsewhere the same function in plain kernels, in
+    transformers' order (float32 mean of squares, rsqrt, times the weight)."""
     if FUSED_CPU_NORM or not x.place.is_cpu_place():
-        normed, total = fused_rms_norm(x, weight, None, eps, 1, residual=residual)
+        # begin_norm_axis: the fused kernel normalises over every axis from this one on
+        normed, total = fused_rms_norm(x, weight, None, eps, x.ndim - 1, residual=residual)
         return normed, x if residual is None else total
     total = x if residual is None else x + residual
     wide = total if total.dtype == paddle.float32 else total.astype("float32")  # a no-op cast would copy

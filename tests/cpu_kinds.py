@@ -1,0 +1,17 @@
+"""What the CPU running the tests can do, for tests whose code branches on it.
+
+A branch taken only where the CPU has a feature (AVX-512, bf16 units) is tested on both sides where both can run:
+the plain side is forced on a CPU that has the feature, and the feature's side is skipped, with its reason shown,
+only where the CPU lacks it. docs/limits.md lists these tests and which side each kind of CPU runs.
+"""
+import pytest
+
+from llava_ui.model.cpu import bf16_units, has_avx512
+
+needs_avx512 = pytest.mark.skipif(not has_avx512(), reason="this CPU has no AVX-512 (Paddle's fused kernels need it)")
+needs_bf16_units = pytest.mark.skipif(bf16_units() is None, reason="this CPU has no AMX / AVX-512 BF16 units")
+
+
+def machine_precisions() -> list[str]:
+    """The CPU precisions an engine can be built in here: float32 everywhere, bfloat16 where bf16 units are."""
+    return ["float32"] + (["bfloat16"] if bf16_units() else [])
