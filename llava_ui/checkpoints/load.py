@@ -204,7 +204,7 @@ def load_state(model, state: dict, progress=None) -> None:
             param.set_value(np.empty(array.shape, np.float32))  # untouched pages: memory, no data copied
             array.read_into(_writable_view(param))  # the file's bytes go straight into the parameter
         else:
-            param.set_value(np.ascontiguousarray(array, dtype=np.float32).astype(_numpy_dtype(param.dtype), copy=False))
+            param.set_value(rounded(np.ascontiguousarray(array, dtype=np.float32), param.dtype))
 
 
 def _writable_view(tensor) -> np.ndarray:
@@ -214,9 +214,15 @@ def _writable_view(tensor) -> np.ndarray:
     return np.frombuffer(memory, dtype=np.float32).reshape(tensor.shape)
 
 
-def _numpy_dtype(dtype) -> str:
+def rounded(array: np.ndarray, dtype) -> np.ndarray:
+    """float32 values rounded to a parameter's dtype (to nearest, ties to even), as `set_value` takes them: bf16 as
+    its bit patterns in uint16 (numpy has no bf16, and a bf16 parameter refuses float32). Rounded on the host, so
+    a GPU never holds a float32 copy of a weight."""
     name = str(dtype).replace("paddle.", "")
-    return {"bfloat16": "float32"}.get(name, name)  # set_value casts fp32 → bf16 itself
+    if name != "bfloat16":
+        return array.astype(name, copy=False)
+    bits = array.view(np.uint32)
+    return ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
 
 
 def _names(names: list[str], limit: int = 8) -> str:
