@@ -18,9 +18,8 @@ import numpy as np
 import paddle
 import pytest
 
-from llava_ui.backends.local import Engine, pick_dtype, precision_label
+from llava_ui.backends.local import Engine
 from llava_ui.checkpoints.load import build_model
-from llava_ui.errors import UserError
 from llava_ui.model import bf16 as bf16_path
 from llava_ui.model.cpu import release_free_memory
 from llava_ui.model.generate import decode_one_token, prefill
@@ -36,21 +35,6 @@ def test_bf16_units_are_read_from_the_cpu_flags():
     assert bf16_units("flags\t: fpu sse avx512f avx512_bf16\n") == "AVX-512 BF16"
     assert bf16_units("flags\t: fpu sse avx2 fma\n") is None
     assert bf16_units("") is None
-
-
-def test_default_precision_follows_the_cpu(monkeypatch):
-    import llava_ui.backends.local as local
-
-    monkeypatch.setattr(local, "bf16_units", lambda: "AMX")
-    assert pick_dtype("cpu") == "bfloat16" and pick_dtype("cpu", "float32") == "float32"
-    assert precision_label("cpu", "bfloat16") == "bf16 on oneDNN (AMX)"
-    monkeypatch.setattr(local, "bf16_units", lambda: None)
-    assert pick_dtype("cpu") == "float32"
-    assert precision_label("cpu", "float32") == "fp32 (this CPU has no bf16 units)"
-    with pytest.raises(UserError, match="AMX or AVX-512 BF16"):
-        pick_dtype("cpu", "bfloat16")
-    with pytest.raises(UserError, match="needs a GPU"):
-        pick_dtype("cpu", "float16")
 
 
 def compare(model, embeds, steps: int = STEPS) -> dict:

@@ -52,3 +52,117 @@ def test_bf16_rounding_is_to_nearest_with_ties_to_even():
     assert np.array_equal(back[:3], np.array([1.0, 1 + 2 ** -6, -1.0], np.float32))
     assert np.array_equal(back[:-1], _bf16_of(ties[:-1])) and back[-1] == np.inf
     assert np.array_equal(bits, paddle.to_tensor(ties).astype("bfloat16").numpy())  # as Paddle's own cast rounds
+
+
+class FakeGpus:
+    """Paddle's CUDA queries answering for the given (name, compute capability) devices."""
+
+    def __init__(self, monkeypatch, *devices, compiled: bool = True):
+        self.devices, self.asked = devices, []
+        monkeypatch.setattr(paddle.device, "is_compiled_with_cuda", lambda: compiled)
+        monkeypatch.setattr(paddle.device.cuda, "device_count", lambda: len(devices))
+        monkeypatch.setattr(paddle.device.cuda, "get_device_capability", self.capability)
+        monkeypatch.setattr(paddle.device.cuda, "get_device_name", lambda index: devices[index][0])
+        # what Paddle's own checks read about the current device: the policy must not look there
+        monkeypatch.setattr(paddle.amp, "is_bfloat16_supported", lambda *a: pytest.fail("asked the current GPU"))
+
+    def capability(self, index):
+        assert isinstance(index, int), index
+        self.asked.append(index)
+        return self.devices[index][1]
+
+
+A10G, T4 = ("NVIDIA A10G", (8, 6)), ("Tesla T4", (7, 5))
+
+
+def test_a_gpu_with_bf16_computes_in_bf16(monkeypatch):
+    from llava_ui.model.device import choose
+
+    FakeGpus(monkeypatch, A10G)
+    policy = choose()
+    assert (policy.device, policy.dtype, policy.weights_dtype, policy.precision) == (
+        "gpu:0", "bfloat16", "bfloat16", "bf16")
+    assert "NVIDIA A10G" in policy.reason and "8.6" in policy.reason
+
+
+def test_a_gpu_without_bf16_computes_in_fp16_and_refuses_bf16(monkeypatch):
+    from llava_ui.errors import UserError
+    from llava_ui.model.device import choose
+
+    FakeGpus(monkeypatch, T4)
+    policy = choose()
+    assert (policy.device, policy.dtype, policy.precision) == ("gpu:0", "float16", "fp16")
+    assert "Tesla T4" in policy.reason and "no bf16" in policy.reason
+    with pytest.raises(UserError, match=r"--dtype bfloat16 needs a GPU of compute capability 8\.0.*Tesla T4"
+                                        r".*--dtype float16"):
+        choose("gpu", "bfloat16")
+    assert choose(dtype="float32").dtype == "float32"
+
+
+def test_the_precision_is_checked_on_the_chosen_gpu(monkeypatch):
+    from llava_ui.errors import UserError
+    from llava_ui.model.device import choose
+
+    gpus = FakeGpus(monkeypatch, T4, A10G)
+    assert choose("gpu:1").dtype == "bfloat16" and gpus.asked and set(gpus.asked) == {1}
+    assert choose("gpu:0").dtype == "float16"
+    assert choose("gpu:1", "bfloat16").device == "gpu:1"
+    with pytest.raises(UserError, match="Tesla T4"):
+        choose("gpu:0", "bfloat16")
+    with pytest.raises(UserError, match=r"has 2 GPUs \(gpu:0 to gpu:1\)"):
+        choose("gpu:2")
+
+
+@pytest.mark.parametrize("asked, chosen", [("cuda", "gpu:0"), ("cuda:1", "gpu:1"), ("gpu", "gpu:0"),
+                                           ("GPU:1", "gpu:1"), ("cpu", "cpu")])
+def test_cuda_names_are_gpu_names(monkeypatch, asked, chosen):
+    from llava_ui.model.device import choose
+
+    FakeGpus(monkeypatch, A10G, T4)
+    assert choose(asked, "float32").device == chosen
+
+
+def test_unknown_devices_and_missing_gpus_are_refused(monkeypatch):
+    from llava_ui.errors import UserError
+    from llava_ui.model.device import choose
+
+    FakeGpus(monkeypatch, A10G)
+    with pytest.raises(UserError, match="use cpu, gpu or gpu:N"):
+        choose("tpu")
+    FakeGpus(monkeypatch, compiled=False)
+    with pytest.raises(UserError, match="no GPU found.*built without CUDA.*--device cpu"):
+        choose("cuda")
+    FakeGpus(monkeypatch)
+    with pytest.raises(UserError, match="no GPU found.*sees no device"):
+        choose("gpu:0")
+
+
+def test_without_a_gpu_the_cpu_precision_follows_its_bf16_units(monkeypatch):
+    import llava_ui.model.device as device
+    from llava_ui.errors import UserError
+
+    FakeGpus(monkeypatch, compiled=False)
+    monkeypatch.setattr(device, "bf16_units", lambda: "AMX")
+    policy = device.choose()
+    assert (policy.device, policy.dtype, policy.weights_dtype) == ("cpu", "bfloat16", "float32")
+    assert policy.precision == "bf16 on oneDNN (AMX)"
+    assert "no GPU found" in policy.reason and "AMX" in policy.reason
+    assert device.choose(dtype="float32").dtype == "float32"
+    monkeypatch.setattr(device, "bf16_units", lambda: None)
+    assert device.choose().dtype == "float32"
+    assert device.choose().precision == "fp32 (this CPU has no bf16 units)"
+    with pytest.raises(UserError, match="AMX or AVX-512 BF16"):
+        device.choose("cpu", "bfloat16")
+    with pytest.raises(UserError, match="needs a GPU"):
+        device.choose("cpu", "float16")
+
+
+def test_a_gpu_keeps_the_stored_weight_layout_whatever_the_batch_limit(monkeypatch):
+    from llava_ui.backends.local import weight_layout
+    from llava_ui.model.device import DevicePolicy
+
+    for dtype in ("bfloat16", "float16", "float32"):
+        assert weight_layout(DevicePolicy("gpu:0", dtype, ""), batch_limit=4) == "in-out"
+    assert weight_layout(DevicePolicy("cpu", "float32", ""), batch_limit=4) == "out-in"
+    assert weight_layout(DevicePolicy("cpu", "bfloat16", ""), batch_limit=4) == "in-out"
+    assert weight_layout(DevicePolicy("cpu", "float32", ""), batch_limit=1) == "in-out"

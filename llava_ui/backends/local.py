@@ -30,7 +30,7 @@ from llava_ui.checkpoints.load import build_model, load_tokenizer, resolve_model
 from llava_ui.config import GenerationSettings
 from llava_ui.errors import Stopped, UserError
 from llava_ui.model import packed
-from llava_ui.model.cpu import bf16_units
+from llava_ui.model.device import DevicePolicy, choose
 from llava_ui.model.generate import IncrementalDecoder, decode_room, decode_tokens, prefill_chunks
 from llava_ui.model.processing import check_image_mode, default_image_mode, pixel_views, prepare_images
 
@@ -59,50 +59,22 @@ class LoadState:
     dtype: str = ""
     layout: str = ""
     random_weights: bool = False
-    precision: str = ""  # precision_label()
+    precision: str = ""  # DevicePolicy.precision
+    device_reason: str = ""  # why this device and precision (DevicePolicy.reason)
     weight_layout: str = ""  # the language model's: "in-out" (one stream), "packed" or "out-in" (batched steps)
 
 
-def pick_device(requested: str | None = None) -> str:
-    if requested:
-        return requested
-    if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
-        return "gpu"
-    return "cpu"
-
-
-def batch_layout(on_cpu: bool) -> str:
-    """The language model's weight layout for an fp32 engine that batches decode steps: [out, in] (qwen2.project),
-    or with LLAVA_UI_BATCH_LAYOUT=packed on a CPU, packed for MKL's sgemm (packed.py: 2-4 rows of a step at about
-    one row's dense cost, but ~0.6 GB more resident and one row slower; README, "Concurrency")."""
-    if os.environ.get("LLAVA_UI_BATCH_LAYOUT", "") == "packed" and on_cpu and packed.available():
+def weight_layout(policy: DevicePolicy, batch_limit: int) -> str:
+    """The language model's weight layout: as stored ("in-out") for one stream, on a GPU (its matmuls take a few
+    rows over the stored layout without the transpose a CPU's MKL wants) and for the CPU's bf16 programs (they read
+    the weights as stored); for an fp32 CPU engine that batches decode steps [out, in] (qwen2.project), or with
+    LLAVA_UI_BATCH_LAYOUT=packed, packed for MKL's sgemm (packed.py: 2-4 rows of a step at about one row's dense
+    cost, but ~0.6 GB more resident and one row slower; README, "Concurrency")."""
+    if batch_limit <= 1 or policy.on_gpu or policy.dtype == "bfloat16":
+        return "in-out"
+    if os.environ.get("LLAVA_UI_BATCH_LAYOUT", "") == "packed" and packed.available():
         return "packed"
     return "out-in"
-
-
-def pick_dtype(device: str, requested: str | None = None) -> str:
-    """The compute precision: the request, else bf16 on a GPU that has it (else fp16), bf16 on a CPU with bf16
-    matrix units (oneDNN programs, llava_ui.model.bf16), fp32 on other CPUs."""
-    if device.startswith("gpu"):
-        if requested:
-            return requested
-        return "bfloat16" if paddle.amp.is_bfloat16_supported() else "float16"
-    if requested == "float16":
-        raise UserError("--dtype float16 needs a GPU: on the CPU use bfloat16 (with AMX or AVX-512 BF16) or float32")
-    if requested == "bfloat16" and not bf16_units():
-        raise UserError("--dtype bfloat16 on the CPU needs AMX or AVX-512 BF16 units, and this CPU has neither: "
-                        "use --dtype float32")
-    return requested or ("bfloat16" if bf16_units() else "float32")
-
-
-def precision_label(device: str, dtype: str) -> str:
-    """What the status bar and the inspector say about the arithmetic, e.g. "bf16 on oneDNN (AMX)"."""
-    if device.startswith("cpu"):
-        units = bf16_units()
-        if dtype == "bfloat16":
-            return f"bf16 on oneDNN ({units})"
-        return "fp32" + ("" if units else " (this CPU has no bf16 units)")
-    return {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "fp32")
 
 
 class Engine:
@@ -128,7 +100,8 @@ class Engine:
         s = self.load_state
         return {"state": s.state, "message": s.message, "error": s.error, "model": self.model_id,
                 "source": model_source(self.model_id, self.hub),
-                "device": s.device, "dtype": s.dtype, "precision": s.precision, "layout": s.layout,
+                "device": s.device, "dtype": s.dtype, "precision": s.precision, "device_reason": s.device_reason,
+                "layout": s.layout,
                 "weight_layout": s.weight_layout,
                 "random_weights": s.random_weights,
                 "image_mode": self.image_mode if s.state == "ready" else None,
@@ -172,17 +145,16 @@ class Engine:
 
     def _load(self) -> None:
         device_req, dtype_req, mode_req, context_req = self.requested
-        device = pick_device(device_req)
-        dtype = pick_dtype(device, dtype_req)
+        policy = choose(device_req, dtype_req)
+        device, dtype = policy.device, policy.dtype
         paddle.set_device(device)
         model_dir = resolve_model_dir(self.model_id, self._progress, self.hub)
         self.model_dir = model_dir
-        on_cpu = not device.startswith("gpu")
-        # on the CPU the weights stay fp32 (today's exact path); bf16 runs them through oneDNN programs, which take
-        # them as stored ([in, out]); an engine that batches decode steps lays them out for that (qwen2.project)
+        on_cpu = not policy.on_gpu
+        # on the CPU the weights stay fp32 (today's exact path); bf16 runs them through oneDNN programs
         bf16_programs = on_cpu and dtype == "bfloat16"
-        weight_layout = batch_layout(on_cpu) if self.compute.batch_limit > 1 and not bf16_programs else "in-out"
-        model, config, layout = build_model(model_dir, "float32" if on_cpu else dtype, self._progress, weight_layout)
+        layout_of_weights = weight_layout(policy, self.compute.batch_limit)
+        model, config, layout = build_model(model_dir, policy.weights_dtype, self._progress, layout_of_weights)
         if bf16_programs:
             model.use_bf16(self._progress, release_fp32=True)
             self._progress(f"bf16 programs ready in {model.bf16.prepare_seconds:.0f} s "
@@ -194,9 +166,9 @@ class Engine:
         self.context_length = min(context_req or config.context_length, config.context_length)
         self.model, self.config = model, config
         self.load_state.device, self.load_state.dtype, self.load_state.layout = device, dtype, layout
-        self.load_state.precision = precision_label(device, dtype)
+        self.load_state.precision, self.load_state.device_reason = policy.precision, policy.reason
         self.load_state.random_weights = bool(config.raw.get("random_weights"))
-        self.load_state.weight_layout = weight_layout
+        self.load_state.weight_layout = layout_of_weights
         self._progress("measuring this machine's speed ...")
         self.rates = Rates(Workload.of(config), calibrate("float32" if on_cpu else dtype))
 

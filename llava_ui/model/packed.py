@@ -7,7 +7,7 @@ weight packed once (at load, in place of the matrix) every call streams the pane
 (Zen 3, 2 workers; `bench/results/batch-steps-zen3.md`) a decode step's dense part took 106 / 131 / 137 / 165 ms at
 1 / 2 / 4 / 8 rows, against 116 / 209 / 243 / 229 ms with [out, in] weights. What it costs there: the server held
 0.62 GB more resident (MKL's panels are padded) and one stream decoded more slowly (`concurrent-zen3-*.md`), so an
-engine uses it only when asked (LLAVA_UI_BATCH_LAYOUT=packed, backends.local.batch_layout).
+engine uses it only when asked (LLAVA_UI_BATCH_LAYOUT=packed, backends.local.weight_layout).
 
 Packed for the prefill chunk's row count (the pack call's M hint; the layout serves any row count). Rows of one
 product do not depend on each other except through the kernel MKL picks for the row count, which rounds
