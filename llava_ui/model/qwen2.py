@@ -122,21 +122,29 @@ def _round_up(n: int, step: int = 64) -> int:
 
 
 class RotaryTables:
-    """cos/sin of every position, computed once (float64, then rounded) and grown on demand."""
+    """cos/sin of every position, computed (float64, then rounded) for ROTARY_POSITIONS at first and at least
+    doubled whenever a position outgrows them: a long decode rebuilds them a few times, not once a token. A
+    position's values do not depend on the table's size."""
 
     def __init__(self, head_dim: int, base: float):
         self.inv_freq = 1.0 / (np.float32(base) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
         self.cos = self.sin = None
+        self.builds = 0
 
     def get(self, start: int, length: int, dtype):
         end = start + length
         if self.cos is None or self.cos.shape[0] < end:
-            positions = np.arange(max(end, 4096), dtype=np.float32)
+            size = ROTARY_POSITIONS if self.cos is None else 2 * self.cos.shape[0]
+            positions = np.arange(max(end, size), dtype=np.float32)
             freqs = np.outer(positions, self.inv_freq).astype(np.float32)  # float32 products, as the reference
             angles = np.concatenate([freqs, freqs], axis=-1).astype(np.float64)
             self.cos = paddle.to_tensor(np.cos(angles).astype(np.float32), dtype=dtype)
             self.sin = paddle.to_tensor(np.sin(angles).astype(np.float32), dtype=dtype)
+            self.builds += 1
         return self.cos[start:end].unsqueeze(1), self.sin[start:end].unsqueeze(1)  # [L, 1, head_dim]
+
+
+ROTARY_POSITIONS = 4096  # the tables' first size (a 16-frame video's prompt doubles them twice)
 
 
 def rms_norm(x, weight, eps: float, residual=None):
