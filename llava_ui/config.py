@@ -9,6 +9,7 @@ from pathlib import Path
 from llava_ui.errors import UserError
 
 IMAGE_MODES = ("trained", "eval", "flat")
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs allows
 
 
 def app_home() -> Path:
@@ -125,6 +126,7 @@ class GenerationSettings:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: no token probabilities; K: each token's and its K best alternatives'
 
     @classmethod
     def from_inputs(cls, temperature=0.2, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=1024,
@@ -146,6 +148,8 @@ class GenerationSettings:
             raise UserError("top-k must be >= 0")
         if self.repetition_penalty <= 0:
             raise UserError("repetition penalty must be > 0")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise UserError(f"the number of alternatives per token (logprobs) must be 0 to {MAX_LOGPROBS}")
         return self
 
 

@@ -1,13 +1,14 @@
 """The contract between the front ends (web chat, API, command line, evaluation) and a backend: the `Backend`
 protocol, and the typed events its `stream` yields: `Progress` before the first token, `Delta` as the answer
-grows, then one `Result`. The local engine (local.py) and a remote engine (remote.py) both implement it.
+grows, then one `Result`; token probabilities, when asked for, ride on both as `TokenLogprob` records. The local
+engine (local.py) and a remote engine (remote.py) both implement it.
 """
 from __future__ import annotations
 
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 from llava_ui.chat.conversation import Conversation
 from llava_ui.config import GenerationSettings
@@ -25,8 +26,44 @@ class Progress:
 
 
 @dataclass
+class TopLogprob:
+    """One of a step's likeliest tokens: its id (None from a remote engine: OpenAI's format has none), its text
+    (its bytes decoded, a split character replaced by U+FFFD), its raw log-probability and its bytes."""
+
+    token_id: int | None
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+@dataclass
+class TokenLogprob(TopLogprob):
+    """A generated token's raw log-probability (log-softmax of the logits before any sampling setting) and the
+    step's best alternatives, best first."""
+
+    top: list[TopLogprob] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "TokenLogprob":
+        top = [TopLogprob(**t) for t in record.get("top") or []]
+        return cls(**{k: v for k, v in record.items() if k != "top"}, top=top)
+
+
+def token_logprob(scores, token_bytes: Callable[[int], bytes]) -> TokenLogprob:
+    """A step's scores (model.logprobs.StepScores) with each token's bytes (`token_bytes(id)`) and text."""
+    def entry(token_id: int, logprob: float) -> dict:
+        raw = token_bytes(token_id)
+        return dict(token_id=token_id, token=raw.decode("utf-8", errors="replace"), logprob=logprob,
+                    bytes=list(raw))
+
+    return TokenLogprob(**entry(scores.token_id, scores.logprob),
+                        top=[TopLogprob(**entry(i, lp)) for i, lp in zip(scores.top_ids, scores.top_logprobs)])
+
+
+@dataclass
 class Delta:
     text: str
+    logprobs: list[TokenLogprob] | None = None  # asked for: the tokens this piece of text came from
 
 
 @dataclass
@@ -58,15 +95,19 @@ class Result:
     dropped_turns: int = 0  # oldest turns left out to fit the context
     visual_tokens_per_image: list[int] = field(default_factory=list)
     stats: Stats = field(default_factory=Stats)
+    logprobs: list[TokenLogprob] | None = None  # when asked for: one per generated token
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, record: dict) -> "Result":
-        fields = {k: v for k, v in record.items() if k in cls.__dataclass_fields__ and k != "stats"}
+        fields = {k: v for k, v in record.items()
+                  if k in cls.__dataclass_fields__ and k not in ("stats", "logprobs")}
         stats = {k: v for k, v in (record.get("stats") or {}).items() if k in Stats.__dataclass_fields__}
-        return cls(**fields, stats=Stats(**stats))
+        logprobs = record.get("logprobs")
+        return cls(**fields, stats=Stats(**stats),
+                   logprobs=None if logprobs is None else [TokenLogprob.from_dict(t) for t in logprobs])
 
 
 Event = Progress | Delta | Result

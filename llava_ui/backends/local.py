@@ -17,7 +17,7 @@ from typing import Iterator
 import paddle
 
 from llava_ui import DEFAULT_MODEL
-from llava_ui.backends.base import Delta, Event, Progress, Result, generate, timed_stats
+from llava_ui.backends.base import Delta, Event, Progress, Result, generate, timed_stats, token_logprob
 from llava_ui.backends.admission import POLL_S, Admission
 from llava_ui.backends.caches import FeatureCache, PrefixCache
 from llava_ui.backends.compute import ComputeThread
@@ -335,22 +335,27 @@ class Engine:
         stops = StopStrings(settings.stop)
         state, token_ids, times, shared = {"finish": "stopped"}, [], [], []
         reason = "length"
+        # asked for: each token's scores, named (TokenLogprob), and how many of them the Deltas carried so far
+        scores, named, sent = ([], [], 0) if run.logprobs is not None else (None, None, 0)
         if result["logits"] is None:  # stopped between two prefill chunks
             tokens = _no_tokens()
         else:
             tokens = decode_tokens(self.model, result["logits"], result["cache"], cached_positions + length, run,
                                    self.tokenizer.stop_ids, seen=[t for t in plan.prompt_ids if t >= 0],
                                    should_stop=stop_event.is_set, run=self.run, state=state,
-                                   decode_step=lambda *step: self.compute.decode(*step, shared))
+                                   decode_step=lambda *step: self.compute.decode(*step, shared), scores=scores)
         result.clear()
         with self.compute.decoding():  # while it decodes, the batched step waits for this chat's steps
             try:
                 for token in tokens:
                     token_ids.append(token)
                     times.append(time.perf_counter())
+                    if named is not None:
+                        named.append(token_logprob(scores.pop(), self.tokenizer.token_bytes))
                     delta, hit = stops.feed(decoder.push(token))
                     if delta:
-                        yield Delta(delta)
+                        yield Delta(delta, None if named is None else named[sent:])
+                        sent = len(named or ())
                     if hit:
                         reason = "stop"
                         break
@@ -359,7 +364,10 @@ class Engine:
                 if reason != "stop":
                     delta, _ = stops.feed(decoder.finish(), final=True)
                     if delta:
-                        yield Delta(delta)
+                        yield Delta(delta, None if named is None else named[sent:])
+                        sent = len(named or ())
+                if named is not None and sent < len(named):  # tokens whose text was held back or cut at a stop
+                    yield Delta("", named[sent:])
             finally:
                 tokens.close()
                 turn.answer = stops.text
@@ -367,7 +375,7 @@ class Engine:
                     fed = state["fed"]
                     self.prefixes.store(items + token_ids[:fed], sizes + [1] * fed, state["cache"])
         yield _result(plan, stops.text, token_ids, reason, seed, started, times, cached_positions, encoded,
-                      self.load_state.precision, shared)
+                      self.load_state.precision, shared, named)
 
     def _progress_event(self, stage: str, done: int, total: int, views_left: int, start: int,
                         positions: int) -> Progress:
@@ -394,7 +402,8 @@ class Engine:
 
 
 def _result(plan: Plan, text: str, token_ids: list[int], reason: str, seed: int, started: float, times,
-            cached_positions: int, encoded: int, precision: str, shared: list | None = None) -> Result:
+            cached_positions: int, encoded: int, precision: str, shared: list | None = None,
+            logprobs: list | None = None) -> Result:
     stats = timed_stats(started, times or [], generated_tokens=len(token_ids), prompt_tokens=plan.prompt_tokens,
                         visual_tokens=plan.visual_tokens, cached_prefix_tokens=cached_positions,
                         images_encoded=encoded, images_from_cache=len(plan.images) - encoded, precision=precision,
@@ -402,7 +411,7 @@ def _result(plan: Plan, text: str, token_ids: list[int], reason: str, seed: int,
                         decode_batch_max=max(shared) if shared else None)
     return Result(text=text, finish_reason=reason, seed=seed, token_ids=token_ids, prompt=plan.prompt,
                   image_mode=plan.image_mode, dropped_turns=plan.dropped_turns,
-                  visual_tokens_per_image=[p.tokens for p in plan.images], stats=stats)
+                  visual_tokens_per_image=[p.tokens for p in plan.images], stats=stats, logprobs=logprobs)
 
 
 def _items(plan: Plan) -> tuple[list, list[int]]:

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import httpx
 
-from llava_ui.backends.base import Delta, Event, Progress, Result, generate, timed_stats
+from llava_ui.backends.base import Delta, Event, Progress, Result, TokenLogprob, TopLogprob, generate, timed_stats
 from llava_ui.backends.rates import MAX_DEFAULT_FRAMES
 from llava_ui.chat.conversation import Conversation
 from llava_ui.chat.prompt import IMAGE_TOKEN, render_prompt
@@ -139,6 +139,7 @@ class RemoteEngine:
         payload = self._payload(conversation, settings, seed, image_mode)
         prompt = render_prompt(conversation.system, conversation.messages())  # for the inspector; before the answer
         text, finish, usage, details, times = "", None, None, {}, []
+        logprobs = [] if settings.logprobs is not None else None
         with self._open(payload, stop_event) as response:
             try:
                 for chunk in _sse_events(response) if response is not None else ():
@@ -152,10 +153,13 @@ class RemoteEngine:
                     for choice in chunk.get("choices") or []:
                         delta = (choice.get("delta") or {}).get("content")
                         finish = choice.get("finish_reason") or finish
+                        scored = _logprobs(choice) if logprobs is not None else None
                         if delta:
                             text += delta
                             times.append(time.perf_counter())
-                            yield Delta(delta)
+                        if delta or scored:
+                            logprobs = None if scored is None else logprobs + scored
+                            yield Delta(delta or "", scored)
                     if stop_event.is_set():
                         break
             finally:
@@ -164,7 +168,9 @@ class RemoteEngine:
             finish = "stopped"
         elif finish is None:
             raise RemoteError("the remote engine ended the stream without finishing the answer")
-        yield self._result(prompt, text, finish, seed, image_mode, usage, details, times, started)
+        final = self._result(prompt, text, finish, seed, image_mode, usage, details, times, started)
+        final.logprobs = logprobs
+        yield final
 
     def default_frames(self) -> int:
         return MAX_DEFAULT_FRAMES  # the remote machine's speed is not known here
@@ -188,6 +194,8 @@ class RemoteEngine:
             payload["repetition_penalty"] = settings.repetition_penalty
         if image_mode and self.same_app:
             payload["image_mode"] = image_mode
+        if settings.logprobs is not None:  # OpenAI's own fields: a server without them refuses with a 400
+            payload.update(logprobs=True, top_logprobs=settings.logprobs)
         return payload
 
     def _image_url(self, image, digest: str) -> str:
@@ -249,6 +257,18 @@ class RemoteEngine:
                       image_mode=details.get("image_mode") or (image_mode if self.same_app else None),
                       dropped_turns=details.get("dropped_turns") or 0,
                       visual_tokens_per_image=details.get("visual_tokens_per_image") or [], stats=stats)
+
+
+def _logprobs(choice: dict) -> list[TokenLogprob]:
+    """A streamed choice's token records (OpenAI's shape carries no token ids)."""
+    def entry(item: dict) -> dict:
+        raw = item.get("bytes")
+        return dict(token_id=None, token=item.get("token") or "", logprob=float(item.get("logprob", 0.0)),
+                    bytes=list(raw) if raw is not None else list((item.get("token") or "").encode()))
+
+    content = (choice.get("logprobs") or {}).get("content") or []
+    return [TokenLogprob(**entry(item), top=[TopLogprob(**entry(alt)) for alt in item.get("top_logprobs") or []])
+            for item in content]
 
 
 def _sse_events(response: httpx.Response) -> Iterator[dict | Progress]:

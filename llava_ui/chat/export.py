@@ -47,6 +47,8 @@ def export_conversation(conversation: Conversation, records: list[dict], setting
             output = record.to_dict()
             entry["output"] = {k: output[k] for k in ("token_ids", "finish_reason", "image_mode",
                                                       "visual_tokens_per_image", "stats", "prompt")}
+            if record.logprobs is not None:  # the settings ask for them again on replay
+                entry["output"]["logprobs"] = output["logprobs"]
         turns.append(entry)
     export = {"format": FORMAT, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": model,
               "image_mode": image_mode, "system": conversation.system, "turns": turns}

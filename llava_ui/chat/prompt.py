@@ -71,6 +71,7 @@ class PromptTokenizer:
         self.all_special_ids = set(tokenizer.all_special_ids) | set(self.special_ids.values())
         self.size = len(tokenizer)  # ids past it are padding rows of the embedding, not tokens
         self._cache: dict[str, list[int]] = {}
+        self._bytes: dict[int, bytes] = {}
 
     def encode_text(self, text: str) -> list[int]:
         if not text:
@@ -93,10 +94,39 @@ class PromptTokenizer:
                 ids.extend(self.encode_text(piece))
         return ids
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's own bytes: a byte-level BPE piece can hold part of a character. Special tokens are their
+        text; ids past the vocabulary (padding rows) have none."""
+        found = self._bytes.get(token_id)
+        if found is None:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id) if 0 <= token_id < self.size else ""
+            # printable ASCII stands for itself in the byte alphabet, so special tokens come out as their text
+            found = (bytes(BYTE_OF_CHAR[c] for c in piece) if all(c in BYTE_OF_CHAR for c in piece)
+                     else piece.encode())
+            self._bytes[token_id] = found
+        return found
+
     def decode(self, ids) -> str:
         ids = [i for i in ids if i not in self.all_special_ids and 0 <= i < self.size]
         return self.tokenizer.decode(ids, skip_special_tokens=True,
                                      clean_up_tokenization_spaces=False)
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet (Qwen's too): each byte as a printable character, reversed."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+BYTE_OF_CHAR = _byte_alphabet()
 
 
 def clean_user_text(text: str) -> str:

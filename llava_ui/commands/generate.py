@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
-from llava_ui.backends.base import Delta, Progress
+from llava_ui.backends.base import Delta, Progress, TopLogprob
 from llava_ui.commands.common import (HelpFormatter, ProgressBars, add_frames_argument, add_log_level,
                                       add_model_arguments, add_sampling_arguments, conversation_from_files,
                                       make_backend, settings_from)
+from llava_ui.config import MAX_LOGPROBS
 
 
 def add_generate_command(sub) -> None:
@@ -23,6 +25,9 @@ def add_generate_command(sub) -> None:
     gen.add_argument("--system", default=None, help="system prompt (default: You are a helpful assistant.)")
     add_sampling_arguments(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object with ids and stats on the last line")
+    gen.add_argument("--logprobs", type=int, default=None, metavar="K",
+                     help="with --json: each generated token's log-probability and its K likeliest alternatives "
+                          f"(0 to {MAX_LOGPROBS})")
     gen.set_defaults(func=cmd_generate)
 
 
@@ -39,7 +44,8 @@ def cmd_generate(args) -> int:
     conversation = conversation_from_files(args.prompt, args.image, args.video, frames or 16, args.system)
     backend.load()
     final = None
-    for event in backend.stream(conversation, settings_from(args), image_mode=args.image_mode):
+    settings = replace(settings_from(args), logprobs=args.logprobs).validate()
+    for event in backend.stream(conversation, settings, image_mode=args.image_mode):
         if isinstance(event, Progress):
             bars.event(event)
             continue
@@ -59,6 +65,12 @@ def cmd_generate(args) -> int:
             "prompt_tokens": final.stats.prompt_tokens, "model": backend.status()["model"], "random_weights": backend.status().get("random_weights", False),
             "frames": [{"index": f.index, "timestamp_s": f.timestamp_s} for f in video.frames] if video else [],
         }
+        if final.logprobs is not None:
+            record["logprobs"] = [{**_scored(t), "top": [_scored(alt) for alt in t.top]} for t in final.logprobs]
         sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
     sys.stdout.flush()
     return 0
+
+
+def _scored(token: TopLogprob) -> dict:
+    return {"token_id": token.token_id, "token": token.token, "logprob": token.logprob}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
+from llava_ui.backends.base import TokenLogprob
 from llava_ui.chat.conversation import Conversation
 from llava_ui.chat.export import FORMAT, import_turn
 from llava_ui.commands.common import HelpFormatter, add_log_level, add_model_arguments, make_backend
@@ -25,9 +26,22 @@ def replay(export: dict, backend, out=None) -> list[bool]:
         final = backend.generate(conversation, GenerationSettings(**recorded), image_mode=export.get("image_mode"))
         match = final.text == entry.get("answer")
         same.append(match)
-        out.write(f"turn {n}: {'same answer' if match else 'DIFFERENT answer'}\n{final.text}\n\n")
+        out.write(f"turn {n}: {'same answer' if match else 'DIFFERENT answer'}\n{final.text}\n")
+        recorded_logprobs = (entry.get("output") or {}).get("logprobs")
+        if recorded_logprobs is not None and final.logprobs is not None:
+            out.write(logprobs_line(recorded_logprobs, final.logprobs) + "\n")
+        out.write("\n")
         conversation.turns[-1].answer = entry.get("answer") if entry.get("answer") is not None else final.text
     return same
+
+
+def logprobs_line(recorded: list[dict], replayed: list[TokenLogprob]) -> str:
+    """How far the replayed token probabilities are from the recorded ones, over the tokens both have."""
+    pairs = [(r["logprob"], t.logprob) for r, t in zip(recorded, replayed) if r["token_id"] == t.token_id]
+    if not pairs:
+        return "token probabilities: no token in common with the recorded answer"
+    worst = max(abs(a - b) for a, b in pairs)
+    return f"token probabilities: {len(pairs)} tokens compared, largest log-probability difference {worst:.2e}"
 
 
 def add_replay_command(sub) -> None:

@@ -10,6 +10,7 @@ import paddle
 from llava_ui.config import GenerationSettings
 from llava_ui.errors import Stopped
 from llava_ui.model.cpu import release_free_memory
+from llava_ui.model.logprobs import step_scores
 from llava_ui.model.qwen2 import HEADROOM
 
 
@@ -152,7 +153,7 @@ def decode_room(settings: GenerationSettings) -> int:
 
 def decode_tokens(model, logits, cache, position: int, settings: GenerationSettings, stop_ids: set[int], *,
                   seen: list[int] | None = None, should_stop: Callable[[], bool] = lambda: False, run=_call,
-                  state: dict | None = None, decode_step=None) -> Iterator[int]:
+                  state: dict | None = None, decode_step=None, scores: list | None = None) -> Iterator[int]:
     """From the prompt's last logits, yield generated token ids; ends at a stop id (not yielded), at
     max_new_tokens, or when should_stop() is true.
 
@@ -161,6 +162,7 @@ def decode_tokens(model, logits, cache, position: int, settings: GenerationSetti
     `state` receives the KV cache, how many yielded tokens it holds ("fed") and why generation ended ("finish":
     stop | length | stopped). `decode_step(model, token, cache, position)` → (logits, cache) is the decode step (the
     engine's batches the steps of concurrent chats; by default decode_one_token through `run`).
+    With settings.logprobs set, `scores` gets each yielded token's StepScores (logprobs.py) before it is yielded.
     """
     if decode_step is None:
         def decode_step(model, token, cache, position):
@@ -178,6 +180,8 @@ def decode_tokens(model, logits, cache, position: int, settings: GenerationSetti
             state["finish"] = "stop"
             return
         seen.append(token)
+        if settings.logprobs is not None and scores is not None:
+            scores.append(step_scores(logits, token, settings.logprobs))
         yield token
         if step + 1 == settings.max_new_tokens:
             state["finish"] = "length"

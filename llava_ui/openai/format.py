@@ -12,11 +12,11 @@ from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llava_ui.backends.base import Result
+from llava_ui.backends.base import Result, TokenLogprob, TopLogprob
 from llava_ui.chat.conversation import Conversation, Picture
 from llava_ui.chat.media import load_image
 from llava_ui.chat.prompt import IMAGE_TOKEN
-from llava_ui.config import IMAGE_MODES, GenerationSettings
+from llava_ui.config import IMAGE_MODES, MAX_LOGPROBS, GenerationSettings
 from llava_ui.errors import UserError
 
 MAX_IMAGE_BYTES = 50 << 20  # one decoded data: URL; the pixel limit in media.py applies as well
@@ -63,7 +63,7 @@ class StreamOptions(BaseModel):
 
 class ChatRequest(BaseModel):
     """The fields this server reads. OpenAI fields that would change the answer and that it does not implement
-    (tools, structured output, logprobs, n > 1, penalties, logit bias) are refused with a 400 rather than ignored;
+    (tools, structured output, n > 1, penalties, logit bias) are refused with a 400 rather than ignored;
     fields that change nothing here (user, metadata, store, ...) are accepted."""
 
     model_config = ConfigDict(extra="allow")
@@ -102,8 +102,16 @@ class ChatRequest(BaseModel):
             temperature=default.temperature if self.temperature is None else self.temperature,
             top_p=default.top_p if self.top_p is None else self.top_p,
             top_k=top_k, repetition_penalty=self.repetition_penalty or default.repetition_penalty,
-            seed=self.seed, stop=stop)
+            seed=self.seed, stop=stop, logprobs=self.wanted_logprobs())
         return settings.validate()
+
+    def wanted_logprobs(self) -> int | None:
+        """How many alternatives per token the request asks for (None: no logprobs), as OpenAI checks it."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise APIError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def refuse_unsupported(self) -> None:
         def refuse(param: str, what: str) -> None:
@@ -118,8 +126,6 @@ class ChatRequest(BaseModel):
                 refuse(name, "tool calling")
         if self.response_format and self.response_format.get("type", "text") != "text":
             refuse("response_format", f"response_format {self.response_format.get('type')!r} (only text)")
-        if self.logprobs or self.top_logprobs:
-            refuse("logprobs" if self.logprobs else "top_logprobs", "logprobs")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 refuse(name, f"{name} (use repetition_penalty)")
@@ -137,9 +143,12 @@ class Reply:
     def _head(self, object_name: str) -> dict:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
 
-    def chunk(self, delta: dict, finish_reason: str | None = None, final: Result | None = None) -> dict:
+    def chunk(self, delta: dict, finish_reason: str | None = None, final: Result | None = None,
+              logprobs: list[TokenLogprob] | None = None) -> dict:
+        """`logprobs`: the records of exactly the tokens this delta's text came from."""
         chunk = {**self._head("chat.completion.chunk"),
-                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+                 "choices": [{"index": 0, "delta": delta, "logprobs": logprobs_field(logprobs),
+                              "finish_reason": finish_reason}]}
         if self.include_usage:
             chunk["usage"] = None
         if final is not None:
@@ -152,8 +161,22 @@ class Reply:
     def completion(self, final: Result) -> dict:
         message = {"role": "assistant", "content": final.text}
         return {**self._head("chat.completion"),
-                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(final)}],
+                "choices": [{"index": 0, "message": message, "logprobs": logprobs_field(final.logprobs),
+                             "finish_reason": finish_reason(final)}],
                 "usage": usage(final), "llava_ui": details(final)}
+
+
+def logprobs_field(records: list[TokenLogprob] | None) -> dict | None:
+    """A choice's `logprobs` in OpenAI's shape: {"content": [token, ...], "refusal": None}, or None."""
+    if records is None:
+        return None
+    return {"content": [{**_scored(t), "top_logprobs": [_scored(alt) for alt in t.top]} for t in records],
+            "refusal": None}
+
+
+def _scored(token: TopLogprob) -> dict:
+    # vLLM's floor for a probability that underflowed (JSON has no -Infinity)
+    return {"token": token.token, "logprob": max(token.logprob, -9999.0), "bytes": token.bytes}
 
 
 def finish_reason(final: Result) -> str:

@@ -229,7 +229,7 @@ async def stream_chunks(reply: Reply, events, first, stop_event: threading.Event
         final, event = None, first
         while event is not _END:
             if isinstance(event, Delta):
-                yield sse(reply.chunk({"content": event.text}))
+                yield sse(reply.chunk({"content": event.text}, logprobs=event.logprobs))
             elif isinstance(event, Progress):
                 yield progress_comment(event)
             else:
