@@ -213,3 +213,37 @@ def test_api_refuses_top_logprobs_without_logprobs_or_out_of_range(client, extra
         client.chat.completions.create(model="", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
                                        **extra)
     assert caught.value.body["param"] == param
+
+
+def test_inspector_shades_each_token_and_export_replays_the_probabilities(engine, hf_dir, capsys, tmp_path):
+    import re
+
+    from llava_ui.commands.main import main as cli
+    from llava_ui.web.handlers import ALTERNATIVES, ChatHandlers
+
+    chat = ChatHandlers(engine, frames=2)
+    _, _, session = chat.send({"text": QUESTION, "files": [IMAGE]}, None, 2)
+    updates = list(chat.respond(session, "", 0, 1.0, 0, 1.0, STEPS, 1, "flat", True))
+    probabilities = updates[-1][7]
+    record = session.turns[0].record
+    assert probabilities["visible"] and len(record.logprobs) == len(record.token_ids) == STEPS
+    tokens = re.findall(r'<span class="token" style="background: rgba\(220, 38, 38, ([0-9.]+)\)" '
+                        r'title="([^"]*)">', probabilities["value"])
+    assert len(tokens) == STEPS
+    for (alpha, title), token in zip(tokens, record.logprobs):
+        chance = np.exp(token.logprob)
+        assert abs(float(alpha) - 0.75 * (1 - chance)) <= 0.01  # the less sure, the redder
+        assert title.count("%") == 1 + ALTERNATIVES  # the token's probability, then its alternatives'
+        assert f"{100 * chance:.1f} %" in title
+
+    path = chat.export(session)["value"]
+    export = json.loads(open(path).read())
+    assert export["turns"][0]["settings"]["logprobs"] == ALTERNATIVES
+    assert len(export["turns"][0]["output"]["logprobs"]) == STEPS
+    export["model"] = str(hf_dir)
+    replayed = tmp_path / "export.json"
+    replayed.write_text(json.dumps(export))
+    capsys.readouterr()
+    assert cli(["replay", str(replayed)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("token probabilities"))
+    assert f"{STEPS} tokens compared" in line and float(line.rsplit(" ", 1)[1]) <= 1e-5

@@ -20,7 +20,7 @@ from llava_ui.chat.conversation import Conversation
 from llava_ui.chat.media import image_size
 from llava_ui.config import GenerationSettings
 from llava_ui.errors import UserError
-from llava_ui.web.inspector import inspector_views, stats_line, status_html, write_export
+from llava_ui.web.inspector import inspector_views, probabilities_html, stats_line, status_html, write_export
 from llava_ui.web.render import chat_messages, progress_text, turn_index, typed_text
 from llava_ui.web.session import ChatSession, add_message, check_files, settle
 from llava_ui.web.uploads import uploaded_paths
@@ -30,6 +30,7 @@ REDRAW_SHARE = 0.04  # ... and redrawing the chat takes at most this share of th
 MAX_REFRESH_S = 1.0
 LONG_WAIT_S = 20.0  # the input says how long the attached media take when it is at least this
 TEST_DELAY_ENV = "LLAVA_UI_TEST_TOKEN_DELAY"
+ALTERNATIVES = 5  # per token, when the inspector's token probabilities are on
 
 
 class Prefetch:
@@ -167,19 +168,23 @@ class ChatHandlers:
                 self.live[key] = session
 
     def views(self, session: ChatSession | None) -> tuple:
-        """What most handlers return: (chatbot, session, stats line, summary, tagged prompt, raw prompt, frames);
-        the tagged prompt and the frames gallery only show when they have something."""
+        """What most handlers return: (chatbot, session, stats line, summary, tagged prompt, raw prompt, frames,
+        token probabilities); the tagged prompt, the frames gallery and the probabilities only show when they have
+        something."""
         context = (self.backend.status() or {}).get("context_length")
         summary, spans, prompt, frames = inspector_views(session, context)
-        return (chat_messages(session), session, stats_line(session.last_record() if session else None), summary,
-                gr.update(value=spans, visible=bool(spans)), prompt, gr.update(value=frames, visible=bool(frames)))
+        record = session.last_record() if session else None
+        probabilities = probabilities_html(record)
+        return (chat_messages(session), session, stats_line(record), summary,
+                gr.update(value=spans, visible=bool(spans)), prompt, gr.update(value=frames, visible=bool(frames)),
+                gr.update(value=probabilities, visible=bool(probabilities)))
 
     @staticmethod
     def streaming(session: ChatSession) -> tuple:
         """A mid-answer update of `respond`'s outputs: only the chat changes (nothing, once the chat was cleared)."""
         if session.cleared:
-            return (gr.skip(),) * 8
-        return (chat_messages(session), session) + (gr.skip(),) * 6
+            return (gr.skip(),) * 9
+        return (chat_messages(session), session) + (gr.skip(),) * 7
 
     def send(self, message: dict | None, session: ChatSession | None, frames: int | None = None):
         """Append the user's message (text + files). Returns (chatbot, input box, session); on a user error the
@@ -196,9 +201,10 @@ class ChatHandlers:
 
     def respond(self, session: ChatSession | None, system: str = "", temperature=0.2, top_p=1.0, top_k=0,
                 repetition_penalty=1.0, max_new_tokens=1024, seed=None, image_mode: str = "",
-                request: gr.Request = None):
+                token_probabilities: bool = False, request: gr.Request = None):
         """Answer the waiting message, streaming. Yields (*views, input box): the input gets the message back
-        when it could not be answered at all."""
+        when it could not be answered at all. `token_probabilities`: each token's probability and its
+        ALTERNATIVES likeliest alternatives are kept for the inspector."""
         turns = session.conversation.turns if session else []
         if session is None or session.busy or not turns or turns[-1].answer is not None:
             yield *self.views(session), gr.skip()
@@ -211,6 +217,7 @@ class ChatHandlers:
         try:
             shown = session.turns[-1]
             shown.settings = GenerationSettings.from_inputs(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+            shown.settings.logprobs = ALTERNATIVES if token_probabilities else None
             session.conversation.system = (system or "").strip() or None
             yield self.streaming(session)  # "…" in place of the answer until the first token
             for _ in self._wait_for_model(session):

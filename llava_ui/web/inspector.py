@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -114,6 +115,27 @@ def frames_gallery(session: ChatSession | None) -> list:
     turns = session.conversation.turns if session else []
     video = next((t.video for t in reversed(turns) if t.video is not None), None)
     return [(f.image, frame_caption(f)) for f in video.frames] if video else []
+
+
+def probabilities_html(record: Result | None) -> str:
+    """The answer token by token, each shaded by how unsure the model was (1 - its probability); hovering a token
+    shows its probability and the alternatives the model weighed. Empty when the answer has no probabilities."""
+    if record is None or not record.logprobs:
+        return ""
+    spans = []
+    for token in record.logprobs:
+        chance = math.exp(token.logprob)
+        lines = [f"{_shown(token.token)}: {100 * chance:.1f} %"]
+        lines += [f"  {_shown(alt.token)}: {100 * math.exp(alt.logprob):.1f} %" for alt in token.top]
+        spans.append(f'<span class="token" style="background: rgba(220, 38, 38, {0.75 * (1 - chance):.2f})" '
+                     f'title="{html.escape(chr(10).join(lines))}">{html.escape(token.token)}</span>')
+    return ('<div class="token-legend">Token probabilities: the redder, the less sure the model was; hover a '
+            'token for its probability and the alternatives.</div>'
+            f'<div class="token-probs">{"".join(spans)}</div>')
+
+
+def _shown(token: str) -> str:
+    return repr(token)  # quotes make spaces and newlines visible
 
 
 def status_html(status: dict) -> str:

@@ -104,15 +104,19 @@ def build_demo(backend, args) -> gr.Blocks:
                     raw_prompt = gr.Code(language=None, label="Prompt", interactive=False, lines=6, max_lines=24)
                 gallery = gr.Gallery(label="Sampled video frames", columns=4, height="auto", elem_id="frames",
                                      allow_preview=True, buttons=["fullscreen"], visible=False)
+                token_probabilities = gr.Checkbox(False, label="Token probabilities",
+                                                  info="keep each token's probability and its alternatives for the "
+                                                       "next answers", elem_id="token-probabilities-toggle")
+                probabilities = gr.HTML("", elem_id="token-probabilities", visible=False)
                 export_button = gr.Button("Export conversation (JSON)", size="sm", elem_id="export-button")
                 export_file = gr.File(label="Replay with: python -m llava_ui replay FILE.json",
                                       interactive=False, elem_id="export-file", visible=False)
 
         timer = gr.Timer(1.0)
 
-        views = [chatbot, session, stats, summary, prompt_view, raw_prompt, gallery]
+        views = [chatbot, session, stats, summary, prompt_view, raw_prompt, gallery, probabilities]
         answer = dict(fn=chat.respond, inputs=[session, system, temperature, top_p, top_k, repetition_penalty,
-                                               max_new_tokens, seed, image_mode],
+                                               max_new_tokens, seed, image_mode, token_probabilities],
                       outputs=views + [chat_input])
         answering = [
             chat_input.submit(chat.send, [chat_input, session, video_frames], [chatbot, chat_input, session],
