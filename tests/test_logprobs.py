@@ -247,3 +247,37 @@ def test_inspector_shades_each_token_and_export_replays_the_probabilities(engine
     assert cli(["replay", str(replayed)]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("token probabilities"))
     assert f"{STEPS} tokens compared" in line and float(line.rsplit(" ", 1)[1]) <= 1e-5
+
+
+def test_a_token_holding_part_of_a_character_keeps_its_bytes(engine):
+    from llava_ui.backends.base import token_logprob
+    from llava_ui.model.logprobs import StepScores
+    from llava_ui.openai.format import logprobs_field
+
+    text = "llama 🦙"
+    ids = engine.tokenizer.encode_text(text)
+    pieces = [engine.tokenizer.token_bytes(i) for i in ids]
+    assert b"".join(pieces) == text.encode()
+    records = [token_logprob(StepScores(i, -0.5, [i], [-0.5]), engine.tokenizer.token_bytes) for i in ids]
+    split = [r for r in records if "\ufffd" in r.token]
+    assert split, "the emoji's four bytes span several tokens"
+    content = logprobs_field(records)["content"]
+    assert b"".join(bytes(c["bytes"]) for c in content) == text.encode()
+    assert all(c["token"] == bytes(c["bytes"]).decode("utf-8", errors="replace") for c in content)
+    assert [c["top_logprobs"][0]["bytes"] for c in content] == [c["bytes"] for c in content]
+
+
+def test_remote_engine_passes_the_request_through(client, engine):
+    from llava_ui.backends.remote import RemoteEngine
+
+    remote = RemoteEngine(str(client.base_url).rstrip("/"))
+    conversation = Conversation()
+    conversation.add_user("Hi there", [])
+    final = remote.generate(conversation, GenerationSettings(max_new_tokens=5, temperature=0, logprobs=2))
+    local = engine.finals[-1]
+    assert [(r.token, r.logprob, [a.logprob for a in r.top]) for r in final.logprobs] == \
+        [(r.token, r.logprob, [a.logprob for a in r.top]) for r in local.logprobs]
+    assert all(r.token_id is None for r in final.logprobs)  # OpenAI's format carries no ids
+    conversation.turns[-1].answer = None  # ask again
+    plain = remote.generate(conversation, GenerationSettings(max_new_tokens=2, temperature=0))
+    assert plain.logprobs is None and engine.finals[-1].logprobs is None

@@ -25,7 +25,7 @@ def step_scores(logits, token: int, k: int) -> StepScores:
     # the sum in float64: 152k float32 terms would lose digits the 1e-4 parity checks see
     log_total = float(peak) + float(np.log(np.exp(values - peak).sum(dtype=np.float64)))
     if k > 0:
-        best = np.argpartition(-values, k - 1)[:k] if k < values.size else np.arange(values.size)
+        best = np.argpartition(values, values.size - k)[-k:] if k < values.size else np.arange(values.size)
         best = best[np.lexsort((best, -values[best]))]
     else:
         best = np.empty(0, dtype=np.int64)
