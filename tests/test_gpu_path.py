@@ -166,3 +166,122 @@ def test_a_gpu_keeps_the_stored_weight_layout_whatever_the_batch_limit(monkeypat
     assert weight_layout(DevicePolicy("cpu", "float32", ""), batch_limit=4) == "out-in"
     assert weight_layout(DevicePolicy("cpu", "bfloat16", ""), batch_limit=4) == "in-out"
     assert weight_layout(DevicePolicy("cpu", "float32", ""), batch_limit=1) == "in-out"
+
+
+def _prefill_and_turn(model, embeds, split: int):
+    """Hidden states of a prompt prefilled whole, then of its last part over the first `split` positions cached (a
+    later turn reusing a prefix)."""
+    whole, _ = model.forward_hidden(embeds)
+    prefix, cache = model.forward_hidden(embeds[:, :split])
+    turn, _ = model.forward_hidden(embeds[:, split:], cache.prefix(split), split)
+    return whole.numpy(), np.concatenate([prefix.numpy(), turn.numpy()], axis=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_dir):
+    return build_model(tiny_dir, progress=lambda *a, **k: None)[0]
+
+
+def test_the_fused_attention_computes_what_the_cpu_path_does(tiny_model, monkeypatch):
+    """The GPU's prefill path (forced here on the CPU, where Paddle runs its plain kernel) against the CPU's
+    blockwise path: the same function, q scaled inside the kernel instead of before it."""
+    runner = tiny_model.runner
+    embeds = paddle.to_tensor(np.random.default_rng(0).standard_normal((1, 45, 64)).astype(np.float32))
+    with paddle.no_grad():
+        cpu = _prefill_and_turn(tiny_model, embeds, split=29)  # 45 keys: the mask is padded to 48
+        monkeypatch.setattr(runner, "fused_attention", True)
+        fused = _prefill_and_turn(tiny_model, embeds, split=29)
+    for a, b in zip(cpu, fused):
+        assert np.allclose(a, b, atol=1e-5 * np.abs(a).max()), np.abs(a - b).max()
+
+
+class FakeGpuPlace:
+    def is_gpu_place(self):
+        return True
+
+    def is_custom_place(self):
+        return False
+
+    def gpu_device_id(self):
+        return 0
+
+
+def _kernel_paddle_picks(call: dict, dtype, capability, monkeypatch) -> str:
+    """The backend Paddle's scaled_dot_product_attention selects for this call's arguments on a GPU of this
+    compute capability, in this dtype (its own selection code, with the hardware queries mocked)."""
+    import paddle.nn.functional.sdpa as sdpa
+
+    monkeypatch.setattr(paddle.device, "is_bf16_supported", lambda **kw: True)
+    monkeypatch.setattr(sdpa, "_config", {})
+    sdpa.init_config()
+    monkeypatch.setattr(sdpa, "check_cuda_is_available", lambda: True)
+    monkeypatch.setattr(sdpa, "_get_enabled_backends", lambda: list(sdpa.SDPBackend)[1:])  # a CUDA build's flags
+    monkeypatch.setattr(paddle.device, "get_all_device_type", lambda: ["cpu", "gpu"])
+    monkeypatch.setattr(sdpa, "get_device_capability", lambda device_id: capability)
+    for name in ("check_sm_version", "check_flash_attention_hardware_support", "check_mem_efficient_hardware_support",
+                 "minimum_gemm_alignment", "use_tensor_cores"):
+        cached = getattr(sdpa, name)
+        monkeypatch.setattr(sdpa, name, getattr(cached, "__wrapped__", cached))  # uncached: they read the mocks
+    q, k, v, mask = call["q"], call["k"], call["v"], call["attn_mask"]
+    params = sdpa.SDPParams(query_shape=q.shape, key_shape=k.shape, value_shape=v.shape,
+                            attn_mask_shape=None if mask is None else mask.shape, dropout=0.0,
+                            is_causal=call["is_causal"], scale=call["scale"], query_stop_gradient=True,
+                            dtype=(dtype,) * 3, place=(FakeGpuPlace(),) * 3)
+    return sdpa.select_sdp_for_sdpa(params)
+
+
+def test_gpu_prefill_attention_reaches_paddles_flash_and_memory_efficient_kernels(tiny_model, monkeypatch):
+    import paddle.nn.functional as F
+
+    calls, real = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, training=True, backend=None, scale=None,
+            **kw):
+        calls.append(dict(q=q, k=k, v=v, attn_mask=attn_mask, is_causal=is_causal, scale=scale))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, training=training, scale=scale, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(tiny_model.runner, "fused_attention", True)
+    embeds = paddle.to_tensor(np.random.default_rng(1).standard_normal((1, 45, 64)).astype(np.float32))
+    with paddle.no_grad():
+        _prefill_and_turn(tiny_model, embeds, split=29)
+    first = [c for c in calls if c["attn_mask"] is None]
+    masked = [c for c in calls if c["attn_mask"] is not None]
+    assert first and masked and all(c["scale"] is None for c in calls)
+    assert all(c["is_causal"] for c in first)
+    assert len({id(c["attn_mask"]) for c in masked}) == 1  # one mask per step, shared by every layer and part
+    mask = masked[0]["attn_mask"]
+    assert mask.dtype == masked[0]["q"].dtype and mask.place == masked[0]["q"].place
+    assert mask.shape == [1, 1, 16, 48] and masked[0]["k"].shape[1] == 48  # 45 keys padded to a multiple of 8
+    assert np.isinf(mask.numpy()[0, 0, 0, 30:]).all() and (mask.numpy()[0, 0, -1, :45] == 0).all()
+    for dtype, capability, kernel in ((paddle.bfloat16, (8, 6), "flash_attn"), (paddle.float16, (8, 0), "flash_attn"),
+                                      (paddle.float16, (7, 5), "mem_efficient")):
+        assert _kernel_paddle_picks(first[0], dtype, capability, monkeypatch) == kernel
+    for dtype, capability in ((paddle.bfloat16, (8, 6)), (paddle.float16, (7, 5))):
+        assert _kernel_paddle_picks(masked[0], dtype, capability, monkeypatch) != "math"
+    # what the selection refuses: any scale (flash), a mask of 45 keys (memory-efficient)
+    assert _kernel_paddle_picks({**first[0], "scale": 1.0}, paddle.bfloat16, (8, 6), monkeypatch) != "flash_attn"
+    unpadded = {**masked[0], "attn_mask": mask[..., :45], "k": masked[0]["k"][:, :45], "v": masked[0]["v"][:, :45]}
+    assert _kernel_paddle_picks(unpadded, paddle.float16, (7, 5), monkeypatch) == "math"
+
+
+def test_an_fp16_overflow_in_the_prefill_names_float32(tiny_model, monkeypatch):
+    """fp16 has no CPU kernels here: the guard is armed for float32, and an infinite weight stands for an overflow."""
+    from llava_ui.errors import UserError
+    from llava_ui.model import qwen2
+
+    embeds = paddle.to_tensor(np.random.default_rng(2).standard_normal((1, 9, 64)).astype(np.float32))
+    monkeypatch.setattr(qwen2, "OVERFLOW_CHECKED", (paddle.float32,))
+    with paddle.no_grad():
+        tiny_model.forward_hidden(embeds)  # finite: no complaint
+        feed = tiny_model.runner.parts[0][1][0]
+        saved = feed.down_rows
+        feed.down_rows = saved * np.inf
+        try:
+            with pytest.raises(UserError, match="overflowed float32.*--dtype float32"):
+                tiny_model.forward_hidden(embeds)
+        finally:
+            feed.down_rows = saved
+    assert qwen2.check_finite(paddle.to_tensor([1.0, 2.0], dtype="float16")) is None
+    with pytest.raises(UserError, match="overflowed float16 .*--dtype float32"):
+        qwen2.check_finite(paddle.to_tensor([1.0, np.inf], dtype="float16"))

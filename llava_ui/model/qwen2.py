@@ -18,7 +18,7 @@ import paddle
 import paddle.nn.functional as F
 from paddle.incubate.nn.functional import fused_rms_norm
 
-from llava_ui.errors import check_stop
+from llava_ui.errors import UserError, check_stop
 from llava_ui.model.cpu import has_avx512, map_shares, release_free_memory, run_parts, shares
 from llava_ui.model import packed
 from llava_ui.model.packed import PackedMatrix
@@ -115,6 +115,17 @@ class KVCache:
             filled = np.arange(self.capacity) < self.length
             self.mask = paddle.to_tensor(np.where(filled, 0.0, -np.inf)[None, None], dtype=dtype)
         return self.mask
+
+
+def check_finite(hidden) -> None:
+    """A prompt's hidden states must be finite: in fp16 (a GPU without bf16) this model's activations, trained in
+    bf16, can outgrow fp16's range, and the answer would be noise."""
+    if not bool(paddle.isfinite(hidden).all()):
+        raise UserError(f"the model's activations overflowed {str(hidden.dtype).replace('paddle.', '')} on this "
+                        "prompt (it was trained in bf16, whose range fp16 lacks): run with --dtype float32")
+
+
+OVERFLOW_CHECKED = (paddle.float16,)  # the prefill's output is checked in these dtypes (qwen2.check_finite)
 
 
 def _round_up(n: int, step: int = 64) -> int:
@@ -318,6 +329,8 @@ class Qwen2Runner:
         if length > 1:
             cache.mask = None  # rebuilt from the length by the next decode step
         hidden = outs[0] if len(outs) == 1 else paddle.concat(outs, axis=0)
+        if length > 1 and hidden.dtype in OVERFLOW_CHECKED:
+            check_finite(hidden)
         return hidden.unsqueeze(0), cache  # the last layer's output, through the final norm
 
     def decode_batch(self, embeds, caches: list, positions: list[int]):
@@ -392,13 +405,15 @@ class _Step:
 
     def __init__(self, runner: Qwen2Runner, cache: KVCache, start: int, length: int, dtype, fused: bool):
         dim = runner.head_dim
+        fused = fused and length > 1  # a decode step attends over the whole buffer (_decode), on a GPU too
         self.dim, self.cache, self.start, self.length, self.fused = dim, cache, start, length, fused
         self.rotate = runner._rotation(dtype)
         cos, sin = runner.rotary.get(start, length, dtype)  # [L, 1, dim]
         # per part shape, tiled once per forward (Paddle's CPU multiply broadcasting over the middle axis is ~4x
         # slower than an elementwise one); q's heads carry the attention scale 1/sqrt(dim), v's heads get cos 1 and
-        # sin 0: one rotation gives scaled q, k and v exactly as they go into attention
-        scale = dim ** -0.5
+        # sin 0: one rotation gives scaled q, k and v exactly as they go into attention (the fused kernel scales q
+        # itself: Paddle rules its flash kernel out whenever a scale is passed)
+        scale = 1.0 if fused else dim ** -0.5
         self.shapes = {}  # (q heads, kv heads) of a part → its cos and sin tables and its cache rows
         for part in runner.parts[0][0]:
             key = part.q_heads, part.kv_heads
@@ -408,6 +423,7 @@ class _Step:
                     paddle.full([length, part.kv_heads, dim], fill, dtype)], axis=1) for table, fill in ((cos, 1), (sin, 0))
                 ) + (cache.rows(start, length, part.kv_heads),)
         self.masks = _block_masks(start, length, dtype) if length > 1 and not fused else None
+        self.prefix_mask = _prefix_mask(start, length, cache.capacity, dtype) if fused and start > 0 else None
         if length == 1:
             mask = cache.decode_mask(dtype)
             mask[..., start] = 0.0
@@ -479,24 +495,26 @@ class _Step:
         return paddle.concat(blocks, axis=0) if len(blocks) > 1 else blocks[0]
 
     def _fused(self, part: AttentionPart, qkv, keys, values):
-        """Paddle's scaled_dot_product_attention ([1, L, heads, dim] layout; flash attention for bf16/fp16 on a
-        GPU that has it): causal over the new positions, or over the cached prefix + them with an explicit mask."""
-        q_heads, kv_heads, dim, start, length = part.q_heads, part.kv_heads, self.dim, self.start, self.length
-        q = qkv[:, :q_heads].unsqueeze(0)
-        if start == 0:
-            k, v = qkv[:, q_heads:q_heads + kv_heads].unsqueeze(0), qkv[:, q_heads + kv_heads:].unsqueeze(0)
-            mask = None
-        else:
-            visible = start + length
+        """Paddle's scaled_dot_product_attention ([1, L, heads, dim] layout), given no scale (q arrives unscaled)
+        so that Paddle may pick its flash kernel (bf16 / fp16, compute capability 8.0+) or its memory-efficient one
+        (5.0+): causal over the new positions, or over the cached prefix + them with the step's prefix_mask.
 
-            def gather(heads):  # [1, visible, kv_heads, dim]
-                return heads[:, :visible].transpose([1, 0, 2]).unsqueeze(0)
+        Neither kernel holds a [heads, L, L] score matrix. At 11,680 new positions (16 video frames) a layer's q, k,
+        v and output are 11,680 x 1,024 x 2 bytes = 24 MB each in bf16 / fp16; the prefix mask of a later turn is
+        [new positions, keys] in the model dtype (at most 11,680^2 x 2 bytes = 273 MB, once per step). The plain
+        path Paddle falls back to otherwise (a scale given, or a mask whose key length is not a multiple of 8)
+        holds the scores and their softmax, 16 x 11,680^2 x 2 bytes = 4.4 GB each."""
+        q_heads, kv_heads, dim, length = part.q_heads, part.kv_heads, self.dim, self.length
+        q = qkv[:, :q_heads].unsqueeze(0)
+        mask = self.prefix_mask
+        if mask is None:
+            k, v = qkv[:, q_heads:q_heads + kv_heads].unsqueeze(0), qkv[:, q_heads + kv_heads:].unsqueeze(0)
+        else:
+            def gather(heads):  # [1, keys, kv_heads, dim]: the mask hides the padding past the visible positions
+                return heads[:, :mask.shape[-1]].transpose([1, 0, 2]).unsqueeze(0)
 
             k, v = gather(keys), gather(values)
-            causal = np.arange(visible)[None, :] <= np.arange(start, visible)[:, None]
-            mask = paddle.to_tensor(np.where(causal, 0.0, -np.inf)[None, None], dtype=q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0, training=False,
-                                             scale=1.0)  # q arrives scaled
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, training=False)
         return out.reshape([length, q_heads * dim])
 
 
@@ -545,6 +563,17 @@ def _mlp(part: MLPPart, x):
 
 def _blocks(length: int):
     return [(lo, min(lo + BLOCK, length)) for lo in range(0, length, BLOCK)]
+
+
+def _prefix_mask(start: int, length: int, capacity: int, dtype) -> paddle.Tensor:
+    """[1, 1, length, keys] additive mask of positions start.. over the cache (0 where visible, -inf after), made
+    on the device in the model dtype; keys is the visible count rounded up to a multiple of 8 (Paddle's
+    memory-efficient kernel takes no other mask length) and at most the cache's capacity."""
+    keys = min(_round_up(start + length, 8), capacity)
+    rows = paddle.arange(start, start + length, dtype="int64").unsqueeze(1)
+    visible = paddle.arange(keys, dtype="int64").unsqueeze(0) <= rows
+    mask = paddle.where(visible, paddle.zeros([1], dtype), paddle.full([1], float("-inf"), dtype))
+    return mask.reshape([1, 1, length, keys])
 
 
 def _block_masks(start: int, length: int, dtype) -> list:
