@@ -96,6 +96,8 @@ class Result:
     visual_tokens_per_image: list[int] = field(default_factory=list)
     stats: Stats = field(default_factory=Stats)
     logprobs: list[TokenLogprob] | None = None  # when asked for: one per generated token
+    # when asked for: [token][layer][image] → the head-mean attention weight of each of the image's visual positions
+    attention: list[list[list[list[float]]]] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -28,6 +28,9 @@ def add_generate_command(sub) -> None:
     gen.add_argument("--logprobs", type=int, default=None, metavar="K",
                      help="with --json: each generated token's log-probability and its K likeliest alternatives "
                           f"(0 to {MAX_LOGPROBS})")
+    gen.add_argument("--attention", action="store_true",
+                     help="with --json: each generated token's attention over each image's visual positions, per "
+                          "layer, averaged over heads (one more pass over prompt + answer after the answer)")
     gen.set_defaults(func=cmd_generate)
 
 
@@ -44,7 +47,7 @@ def cmd_generate(args) -> int:
     conversation = conversation_from_files(args.prompt, args.image, args.video, frames or 16, args.system)
     backend.load()
     final = None
-    settings = replace(settings_from(args), logprobs=args.logprobs).validate()
+    settings = replace(settings_from(args), logprobs=args.logprobs, attention=args.attention).validate()
     for event in backend.stream(conversation, settings, image_mode=args.image_mode):
         if isinstance(event, Progress):
             bars.event(event)
@@ -67,6 +70,8 @@ def cmd_generate(args) -> int:
         }
         if final.logprobs is not None:
             record["logprobs"] = [{**_scored(t), "top": [_scored(alt) for alt in t.top]} for t in final.logprobs]
+        if final.attention is not None:
+            record["attention"] = final.attention
         sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
     sys.stdout.flush()
     return 0
