@@ -31,6 +31,7 @@ from llava_ui.config import GenerationSettings
 from llava_ui.errors import Stopped, UserError
 from llava_ui.model import packed
 from llava_ui.model.device import DevicePolicy, choose
+from llava_ui.model.attention_rows import attention_rows
 from llava_ui.model.generate import IncrementalDecoder, decode_room, decode_tokens, prefill_chunks
 from llava_ui.model.processing import check_image_mode, default_image_mode, pixel_views, prepare_images
 
@@ -374,8 +375,24 @@ class Engine:
                 if state.get("cache") is not None:
                     fed = state["fed"]
                     self.prefixes.store(items + token_ids[:fed], sizes + [1] * fed, state["cache"])
-        yield _result(plan, stops.text, token_ids, reason, seed, started, times, cached_positions, encoded,
-                      self.load_state.precision, shared, named)
+        final = _result(plan, stops.text, token_ids, reason, seed, started, times, cached_positions, encoded,
+                        self.load_state.precision, shared, named)
+        if run.attention and not stop_event.is_set():
+            final.attention = self.run(self._attention, plan, rows, token_ids) if token_ids else []
+        yield final
+
+    def _attention(self, plan: Plan, rows: list, token_ids: list[int]) -> list:
+        """Each generated token's attention over the images (attention_rows), read after the answer."""
+        embeds = self.model.embed_prompt(plan.prompt_ids + token_ids[:-1], rows)
+        spans, position = [], 0
+        for t in plan.prompt_ids:
+            if t == IMAGE_MARKER:
+                size = plan.images[len(spans)].tokens
+                spans.append((position, position + size))
+                position += size
+            else:
+                position += 1
+        return attention_rows(self.model, embeds, plan.prompt_tokens, spans)
 
     def _progress_event(self, stage: str, done: int, total: int, views_left: int, start: int,
                         positions: int) -> Progress:
