@@ -225,3 +225,18 @@ def test_editing_an_earlier_message_drops_later_turns_and_answers_again(page):
     assert "count the stars in <image 1>" in texts and "and now?" not in texts
     assert page.locator("#chatbot [data-testid=bot]").count() == 1
     shot(page, "09-edited")
+
+
+def test_token_probabilities_shade_the_answer_and_show_alternatives(page):
+    set_settings(page, max_new_tokens=12, temperature=0)
+    page.locator("#token-probabilities-toggle input[type=checkbox]").check()
+    wait_for_answer(page, send(page, "what is in it? <image>", [ROOT / "assets/stars_two.png"]))
+    view = page.locator("#token-probabilities")
+    view.wait_for()
+    tokens = view.locator("span.token")
+    assert tokens.count() == 12
+    title = tokens.first.get_attribute("title")
+    assert title.count("%") == 6  # the token's probability, then its five alternatives'
+    assert "rgba(220, 38, 38" in tokens.first.get_attribute("style")
+    tokens.first.hover()
+    shot(page, "10-token-probabilities")
