@@ -65,3 +65,27 @@ def model_source(model: str, hub: str | None = None) -> str:
         return "a local folder"
     source, _ = split_model_id(model, hub)
     return HUBS[source]
+
+
+def cached_model_dir(model: str) -> Path | None:
+    """The folder of `model` when it is already on this machine: a local folder, or a complete copy in either
+    hub's cache (huggingface_hub's, or PaddleNLP's `$PPNLP_HOME/models/<id>`); None otherwise. Never downloads."""
+    from llava_ui.checkpoints.weights import weight_files
+
+    def complete(folder) -> bool:
+        return folder is not None and (Path(folder) / "config.json").exists() and bool(weight_files(Path(folder)))
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path if complete(path) else None
+    _, repo_id = split_model_id(model)
+    paddlenlp_copy = Path(os.environ.get("PPNLP_HOME") or "~/.paddlenlp").expanduser() / "models" / repo_id
+    if complete(paddlenlp_copy):
+        return paddlenlp_copy
+    try:
+        import huggingface_hub
+
+        folder = huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True)
+    except Exception:  # not in the cache (LocalEntryNotFoundError), or no usable huggingface_hub
+        return None
+    return Path(folder) if complete(folder) else None

@@ -115,7 +115,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, image_mode: bool = True
     option(parser, "--hub", env_name="HUB", default=None, choices=HUBS,
            help="where a model id is downloaded from (default: hf on a Hugging Face Space, else paddlenlp, "
                 "PaddleNLP's community storage)")
-    option(parser, "--device", env_name="DEVICE", help="cpu, gpu or gpu:N (default: gpu when Paddle has CUDA)")
+    option(parser, "--device", env_name="DEVICE", help="cpu, gpu or gpu:N; cuda, cuda:N too (default: gpu when Paddle has CUDA)")
     option(parser, "--dtype", env_name="DTYPE", choices=["float32", "float16", "bfloat16"],
            help="default: bfloat16 (or float16) on a GPU; on a CPU bfloat16 through oneDNN where it has AMX or "
                 "AVX-512 BF16 units, else float32 (float32: the exact fp32 path)")

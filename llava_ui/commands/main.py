@@ -1,4 +1,4 @@
-"""`python -m llava_ui serve|generate|eval|replay|random-checkpoint ...`.
+"""`python -m llava_ui serve|generate|eval|replay|check|random-checkpoint ...`.
 
 Answers stream to stdout; progress goes to stderr; a user error exits with status 2 and a one-line message.
 """
@@ -13,6 +13,7 @@ from llava_ui.errors import UserError
 
 def build_parser() -> argparse.ArgumentParser:
     # deferred: these import the local engine (Paddle); `llava-ui serve` in a light front end has no Paddle
+    from llava_ui.commands.check import add_check_command
     from llava_ui.commands.eval import add_eval_command
     from llava_ui.commands.generate import add_generate_command
     from llava_ui.commands.replay import add_replay_command
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_command(sub)
     add_eval_command(sub)
     add_replay_command(sub)
+    add_check_command(sub)
     sub.add_parser("random-checkpoint", help="write a random-weight checkpoint (tests, offline demos)")
     return parser
 

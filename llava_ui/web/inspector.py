@@ -145,6 +145,8 @@ def status_html(status: dict) -> str:
     if state == "ready":
         details = " · ".join(html.escape(str(status[k])) for k in ("device", "precision" if status.get("precision")
                                                                     else "dtype") if status.get(k))
+        if status.get("device_reason"):  # the same words as `llava-ui check` prints
+            details += f" <small>({html.escape(status['device_reason'])})</small>"
         badge = (' <span class="badge-random" title="a test model: its answers are noise">random weights — '
                  'output is meaningless</span>' if status.get("random_weights") else "")
         return _status("ready", f"<b>Ready</b> · {model} · {details}{badge}")
