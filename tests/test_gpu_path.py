@@ -285,3 +285,16 @@ def test_an_fp16_overflow_in_the_prefill_names_float32(tiny_model, monkeypatch):
     assert qwen2.check_finite(paddle.to_tensor([1.0, 2.0], dtype="float16")) is None
     with pytest.raises(UserError, match="overflowed float16 .*--dtype float32"):
         qwen2.check_finite(paddle.to_tensor([1.0, np.inf], dtype="float16"))
+
+
+@pytest.mark.slow
+def test_the_real_size_checkpoint_loads_in_bf16(real_checkpoint):
+    folder = real_checkpoint
+    layout = detect_layout(folder)
+    model, config, _ = build_model(folder, "bfloat16", progress=lambda *a, **k: None)
+    state = convert_state(open_weights(weight_files(folder)), layout, config.text["tie_word_embeddings"])
+    params = dict(model.named_parameters())
+    assert {str(p.dtype) for p in params.values()} == {"paddle.bfloat16"}
+    for name in ("language_model.qwen2.embed_tokens.weight", "language_model.qwen2.layers.23.self_attn.o_proj.weight",
+                 "vision_tower.vision_model.embeddings.patch_embedding.weight", "mm_projector.2.weight"):
+        assert np.array_equal(_as_float32(params[name]), _bf16_of(np.asarray(state[name], np.float32))), name
