@@ -81,3 +81,14 @@ def test_text_only_prompt_gives_one_empty_list_per_layer(hf_dir, capsys):
           "--temperature", "0", "--json", "--attention"])
     record = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert record["attention"] == [[[], []]] * len(record["token_ids"])  # the tiny model has two layers
+
+
+def test_a_remote_engine_refuses_attention():
+    from llava_ui.backends.remote import RemoteEngine
+    from llava_ui.config import GenerationSettings
+    from llava_ui.errors import UserError
+
+    conversation = Conversation()
+    conversation.add_user("Hi", [])
+    with pytest.raises(UserError, match="local engine"):
+        RemoteEngine("http://127.0.0.1:9/v1").generate(conversation, GenerationSettings(attention=True))
