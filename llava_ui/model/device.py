@@ -74,7 +74,7 @@ def gpu_label(index: int) -> str:
 def choose(device: str | None = None, dtype: str | None = None) -> DevicePolicy:
     """The device and dtype for a load: as asked where the machine has them (else a UserError saying why not),
     otherwise the first GPU if Paddle sees one, else the CPU; then the best precision of that very device."""
-    if dtype is not None and dtype not in DTYPES:
+    if dtype and dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: one of {', '.join(DTYPES)}")
     gpus = gpu_count()
     if device:
