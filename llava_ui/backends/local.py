@@ -169,7 +169,7 @@ class Engine:
         self.load_state.device, self.load_state.dtype, self.load_state.layout = device, dtype, layout
         self.load_state.precision, self.load_state.device_reason = policy.precision, policy.reason
         self.load_state.random_weights = bool(config.raw.get("random_weights"))
-        self.load_state.weight_layout = layout_of_weights
+        self.load_state.weight_layout = model.runner.layout  # "bf16" once use_bf16 packed them for its kernel
         self._progress("measuring this machine's speed ...")
         self.rates = Rates(Workload.of(config), calibrate("float32" if on_cpu else dtype))
 

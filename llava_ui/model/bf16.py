@@ -1,16 +1,14 @@
-"""The model's bf16 compute on a CPU with bf16 units: its matmuls with weights as oneDNN programs
-(llava_ui.model.onednn), everything between them in the fp32 code it stands in for.
+"""The model's bf16 compute on a CPU with bf16 units.
 
+- language model: its weights packed once in bf16 for the bf16 linear kernel (llava_ui.model.kernels, through
+  Qwen2Runner's one layer loop: prefill chunks, decode steps and the head all read bf16 weights). Where that
+  kernel cannot be built, per layer two oneDNN programs here, the dense halves around attention: q|k|v, and o_proj
+  + residual + post-attention norm + MLP + the next norm, at CHUNK rows (prefill chunks, the last one padded),
+  while decode steps and short prompts stay on the fp32 weights (oneDNN's fc programs at one row convert their
+  weights again whenever the shapes of a program's inputs change).
 - vision: one program per SigLIP layer (the last one carries the projector), one view at a time; the patch
   embedding stays fp32 (a small convolution).
-- language model: per layer two programs, the dense halves around attention: q|k|v, and o_proj + residual +
-  post-attention norm + MLP + the next norm, at CHUNK rows (prefill chunks, the last one padded); attention,
-  RoPE and the KV cache between them are Qwen2Runner's own (fp32, per CPU worker). (A weight-free bf16 attention
-  program over the whole cache buffer was no faster than that fp32 attention over the visible prefix.)
-- decode steps and the LM head stay fp32. A step is a matrix-vector product per weight, bound by memory: at one
-  row oneDNN's fc programs, called 48 times a step between the fp32 attention parts, decoded more slowly than the
-  fp32 code (bench/results/bf16.md) and would keep another bf16 copy of every weight; the head, tied to the
-  embedding, is a transposed matmul, which oneDNN converts on every call.
+Attention, RoPE and the KV cache are Qwen2Runner's own (fp32, per CPU worker).
 A stop request is honoured between two layers, as in the fp32 code.
 
 Threads: oneDNN keeps those bf16 weight copies per thread. Every call must come from the thread that prepared the
@@ -20,8 +18,8 @@ refuses such a call (Bf16Runner.check_thread).
 
 Memory: oneDNN keeps a bf16 copy of every program weight it multiplies by (fc), so the vision tower's and the
 projector's fp32 matrices are read once, by the warm-up, and never again; the engine gives their pages back
-(use_bf16(release_fp32=True): 1.6 GB at the real size, each layer right after its conversion). The language model's fp32 matrices stay: decode and
-short prompts run on them.
+(use_bf16(release_fp32=True), each layer right after its conversion). With the bf16 linear kernel the language
+model holds no fp32 matrix at all; without it, its fp32 matrices stay: decode and short prompts run on them.
 """
 from __future__ import annotations
 
@@ -146,12 +144,12 @@ class Bf16Runner:
     """`encode(pixels)` stands in for LlavaQwen.encode_views and `forward(embeds, cache, start)` for
     Qwen2Runner.forward, with the same contracts; `takes(length)` says which forwards it runs."""
 
-    def __init__(self, model, progress=None, release_fp32: bool = False):
+    def __init__(self, model, progress=None, release_fp32: bool = False, language: bool = True):
         progress = progress or (lambda message: None)
         runner = model.runner
         if runner.parts is None:
             runner.pack()
-        if any(part.transposed or part.packed for part in runner.parts[0][0] + runner.parts[0][1]):
+        if language and any(part.transposed or part.packed for part in runner.parts[0][0] + runner.parts[0][1]):
             raise ValueError("the bf16 programs take the language model's weights as stored (weight layout in-out)")
         self.model, self.runner, dims = model, runner, dims_of(model)
         self.thread = threading.get_ident()  # the one thread that may call the programs (check_thread)
@@ -159,7 +157,8 @@ class Bf16Runner:
         progress("preparing the bf16 programs ...")
         self.vision = [vision_layer_program(model, i, dims) for i in range(model.config.vision.num_hidden_layers)]
         count = len(runner.qwen2.layers)
-        self.layers = [layer_programs(runner, i, CHUNK, dims) for i in range(count)]
+        # (language False: the language model runs on bf16 kernels of its own, kernels.Bf16Matrix)
+        self.layers = [layer_programs(runner, i, CHUNK, dims) for i in range(count)] if language else []
         programs = self.vision + [p for pair in self.layers for p in pair]
         self.export_seconds = sum(p.export_seconds for p in programs)
         progress("converting the weights to bf16 (each program's first run) ...")
@@ -173,10 +172,16 @@ class Bf16Runner:
         `release`, each vision layer's fp32 matrices are given back right after its conversion (the load's peak
         then holds one layer in both precisions, not the whole tower)."""
         cfg = self.model.config.vision
-        self._run_vision(self.model.vision_tower.vision_model.embeddings(
-            paddle.zeros([1, cfg.num_channels, cfg.image_size, cfg.image_size])), release)
-        hidden = self.runner.qwen2.embed_tokens.weight.shape[1]
-        self.forward(paddle.zeros([1, CHUNK, hidden]), None, 0)
+        x = self.model.vision_tower.vision_model.embeddings(
+            paddle.zeros([1, cfg.num_channels, cfg.image_size, cfg.image_size]))
+        if release:
+            # a process's first run of a program does not always leave oneDNN holding its bf16 weights (the next
+            # run read the released pages: wrong features), so they are given back after the second run
+            self._run_vision(x, False)
+        self._run_vision(x, release)
+        if self.layers:
+            hidden = self.runner.qwen2.embed_tokens.weight.shape[1]
+            self.forward(paddle.zeros([1, CHUNK, hidden]), None, 0)
 
     def release_fp32_vision(self) -> int:
         """Give the pages of the vision tower's and the projector's fp32 matrices back to the OS once oneDNN holds
@@ -229,7 +234,7 @@ class Bf16Runner:
         return views[0] if len(views) == 1 else paddle.concat(views)
 
     def takes(self, length: int) -> bool:
-        return MIN_ROWS <= length <= CHUNK
+        return bool(self.layers) and MIN_ROWS <= length <= CHUNK
 
     def forward(self, embeds, cache, start: int, should_stop=None):
         """embeds [1, L, hidden] at positions start.. (MIN_ROWS ≤ L ≤ CHUNK) → (normed hidden [1, L, hidden],

@@ -26,7 +26,8 @@ class LlavaQwen(nn.Layer):
         self.mm_projector = nn.Sequential(nn.Linear(config.mm_hidden_size, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.image_newline = self.create_parameter([hidden]) if has_image_newline else None
         self.language_model = Qwen2ForCausalLM(Qwen2Config(**config.text, use_flash_attention=False))
-        self.runner = Qwen2Runner(self.language_model.qwen2, config.text)  # inference forward over those weights
+        # the inference forward over those weights
+        self.runner = Qwen2Runner(self.language_model.qwen2, config.text, self.language_model.lm_head)
         for layer in self.language_model.qwen2.layers:
             # paddlenlp gives every layer its own cos/sin table for 32k positions (hundreds of MB); the runner has
             # one. Emptied, a table is rebuilt to the length needed if paddlenlp's own forward ever runs.
@@ -36,13 +37,22 @@ class LlavaQwen(nn.Layer):
         self.bf16 = None  # bf16.Bf16Runner once use_bf16() ran: the CPU's bf16 programs over these weights
         self.fp32_vision = True  # False once the bf16 programs alone hold the vision weights (use_bf16)
 
-    def use_bf16(self, progress=None, release_fp32: bool = False) -> None:
-        """Compute in bf16 through oneDNN programs (CPU); the fp32 weights stay the programs' inputs.
+    def use_bf16(self, progress=None, release_fp32: bool = False, kernel: bool | None = None) -> None:
+        """Compute in bf16 on a CPU with bf16 units: the language model's weights packed once in bf16 for the bf16
+        linear kernel (kernels.Bf16Matrix; `kernel` None: where it can be built), else oneDNN programs over its fp32
+        weights (prefill only); the vision tower through oneDNN programs.
         release_fp32: give back the fp32 vision matrices' memory once converted (Bf16Runner._run_vision); the fp32
         vision path (bf16 set back to None) then refuses to run."""
+        from llava_ui.model import kernels
         from llava_ui.model.bf16 import Bf16Runner
 
-        self.bf16 = Bf16Runner(self, progress, release_fp32)
+        if kernel is None:
+            kernel = kernels.available(progress)
+        self.bf16 = Bf16Runner(self, progress, release_fp32, language=not kernel)
+        if kernel:
+            if progress:
+                progress("packing the language model's weights in bf16 ...")
+            self.runner.to_bf16()
         if self.bf16.released and progress:
             progress(f"gave back the fp32 vision weights ({self.bf16.released / 1e9:.2f} GB): oneDNN keeps them in bf16")
 
@@ -139,7 +149,10 @@ class LlavaQwen(nn.Layer):
 
     def logits(self, hidden) -> paddle.Tensor:
         if hidden.ndim == 2:  # one position (generate.prefill / decode_one_token): the vocabulary split over cores
-            logits = head_logits(self.language_model.lm_head, hidden)
+            logits = head_logits(self.language_model.lm_head, hidden, self.runner.head)
+        elif self.runner.head is not None:  # an untied head packed in bf16 no longer has its fp32 matrix
+            logits = head_logits(self.language_model.lm_head, hidden.reshape([-1, hidden.shape[-1]]),
+                                 self.runner.head).reshape(hidden.shape[:-1] + [-1])
         else:
             logits = self.language_model.lm_head(hidden)
         return logits if logits.dtype == paddle.float32 else logits.astype("float32")

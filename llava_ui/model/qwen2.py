@@ -21,6 +21,7 @@ from paddle.incubate.nn.functional import fused_rms_norm
 from llava_ui.errors import UserError, check_stop
 from llava_ui.model.cpu import has_avx512, map_shares, release_free_memory, run_parts, shares
 from llava_ui.model import packed
+from llava_ui.model.kernels import Bf16Matrix
 from llava_ui.model.packed import PackedMatrix
 
 BLOCK = 512  # query rows per prefill attention block: bounds the score matrix and skips most masked entries
@@ -213,6 +214,12 @@ class _Part:
             setattr(self, name, PackedMatrix(getattr(self, name)))
         self.packed = True
 
+    def pack_bf16(self) -> None:
+        """Every [in, out] weight to oneDNN's packed bf16 (kernels.Bf16Matrix; the fp32 matrix is let go)."""
+        for name in self.WEIGHTS:
+            setattr(self, name, Bf16Matrix(getattr(self, name)))
+        self.packed = True
+
 
 class AttentionPart(_Part):
     """One worker's share of a layer's attention: kv heads `kv` (and their query heads), with q|k|v weights for
@@ -251,6 +258,8 @@ def project(x, weight, transposed: bool, bias=None):
     matrix product, for which MKL's sgemm over an [in, out] weight costs 2.4-2.9x one row at 2-8 rows (by all
     appearances it repacks the weight on every call), while an [out, in] weight times the rows' transpose costs
     1.1x at 2 rows and 1.7x at 4-8 (bench/batch_steps.py). Packed (packed.py), 1-8 rows cost about one row."""
+    if isinstance(weight, Bf16Matrix):
+        return weight.matmul(x, bias)
     if isinstance(weight, PackedMatrix):
         out = weight.matmul(x)
         return out if bias is None else out + bias
@@ -264,7 +273,7 @@ def project(x, weight, transposed: bool, bias=None):
 
 
 SKINNY_ROWS = (3, 16)  # row counts computed as weight · xᵀ
-WEIGHT_LAYOUTS = ("in-out", "out-in", "packed")
+WEIGHT_LAYOUTS = ("in-out", "out-in", "packed", "bf16")
 
 
 class Qwen2Runner:
@@ -276,8 +285,8 @@ class Qwen2Runner:
     are the layer's outputs. On a GPU (or one thread) there is one part: q|k|v and gate|up fused matmuls.
     """
 
-    def __init__(self, qwen2, config: dict):
-        self.qwen2 = qwen2
+    def __init__(self, qwen2, config: dict, lm_head=None):
+        self.qwen2, self.lm_head = qwen2, lm_head
         self.heads = config["num_attention_heads"]
         self.kv_heads = config.get("num_key_value_heads") or self.heads
         self.head_dim = config["hidden_size"] // self.heads
@@ -286,14 +295,20 @@ class Qwen2Runner:
         self.rotate = None
         self.fused_attention = None  # None: fused attention on a GPU, the blockwise CPU path on the CPU
         self.parts = None  # per layer: ([AttentionPart], [MLPPart]), made by pack()
+        self.head = None  # the LM head as one Bf16Matrix per worker's share of the vocabulary (layout "bf16")
+        self.layout = None  # the weights' layout (WEIGHT_LAYOUTS), once packed
 
     def pack(self, layout: str = "in-out") -> None:
         """Regroup the q/k/v and gate/up weights into the workers' parts (the originals are released: the model
         holds each weight once; paddlenlp's own forward is not usable afterwards). `layout` (WEIGHT_LAYOUTS):
-        every part's weights as stored ("in-out"), as [out, in] ("out-in") or packed for MKL's sgemm ("packed",
-        CPU float32 only); project() says what each suits."""
+        every part's weights as stored ("in-out"), as [out, in] ("out-in"), packed for MKL's sgemm ("packed",
+        CPU float32 only) or as oneDNN's packed bf16 ("bf16", CPU with bf16 units: every product of the layers and
+        the head reads bf16 weights); project() says what each suits."""
         if layout not in WEIGHT_LAYOUTS:
             raise ValueError(f"weight layout {layout!r}: one of {', '.join(WEIGHT_LAYOUTS)}")
+        if layout == "bf16":
+            self.pack("in-out")
+            return self.to_bf16()
         group = self.heads // self.kv_heads
         self.parts = []
         for layer in self.qwen2.layers:
@@ -310,10 +325,36 @@ class Qwen2Runner:
                 if owner._parameters.get("bias") is not None:
                     owner._parameters["bias"] = None
             self.parts.append((attention, feed))
+        self.layout = layout
         if layout == "packed":
             attention, feed = self.parts[0]
             packed.calibrate([getattr(part, name) for part in (attention[0], feed[0]) for name in part.WEIGHTS])
         release_free_memory()
+
+    def to_bf16(self) -> None:
+        """The layers' weights, as stored, and the LM head to oneDNN's packed bf16 (kernels.Bf16Matrix), each held
+        once from here on: decode steps, batched steps and prefill chunks all read them in bf16."""
+        if self.layout != "in-out":
+            raise ValueError(f"the bf16 kernel packs the weights as stored (in-out), not {self.layout}")
+        for layer, (attention, feed) in zip(self.qwen2.layers, self.parts):
+            for part in attention + feed:
+                part.pack_bf16()
+            for owner in (layer.self_attn.o_proj, layer.mlp.down_proj):  # the parts held views of their rows
+                owner._parameters["weight"] = None
+        self.head = self._bf16_head()
+        self.layout = "bf16"
+        release_free_memory()
+
+    def _bf16_head(self) -> list:
+        """The LM head's shares of the vocabulary (one per worker) as Bf16Matrix. A tied head is the embedding
+        [vocab, hidden], which token lookups keep reading in fp32; an untied one is let go once packed."""
+        head = self.lm_head
+        weight = head.weight
+        if head.transpose_y:
+            return [Bf16Matrix(weight[share.start:share.stop], transposed=True) for share in shares(weight.shape[0])]
+        matrices = [Bf16Matrix(weight[:, share.start:share.stop].contiguous()) for share in shares(weight.shape[1])]
+        head._parameters["weight"] = None
+        return matrices
 
     def forward(self, embeds, cache: KVCache | None, start: int, should_stop=None):
         if self.parts is None:
@@ -530,13 +571,16 @@ def _total(parts: list):
     return parts[0] if len(parts) == 1 else paddle.add_n(parts)
 
 
-def head_logits(lm_head, hidden):
+def head_logits(lm_head, hidden, bf16_head: list | None = None):
     """The LM head over [positions, hidden]. A decode step's logits (one position, or one per sequence of a batched
     step: each step reads the whole head, the largest matrix) are computed with the vocabulary rows shared among
     the workers: MKL does not thread a matrix-vector product well, one worker per core reads memory faster (as
     the layers' parts do); the tied head is stored [vocab, hidden]. A few rows (a batched step) go through in
     blocks of HEAD_BLOCK vocabulary rows on the CPU, each block · hiddenᵀ: on an AMD EPYC (Zen 3) 2 / 4 / 8 rows
     took 53 / 52 / 49 ms that way against 64 / 80 / 80 ms as one product per worker (one row: 26 ms)."""
+    if bf16_head is not None:  # (Qwen2Runner.head) oneDNN's bf16 matmul takes any row count at one weight read
+        parts = run_parts(lambda matrix: matrix.matmul(hidden), bf16_head)
+        return paddle.concat(parts, axis=-1) if len(parts) > 1 else parts[0]
     rows = hidden.shape[0]
     if rows > SKINNY_ROWS[1] or not lm_head.transpose_y:  # untied: stored [hidden, vocab], as it is
         return lm_head(hidden)

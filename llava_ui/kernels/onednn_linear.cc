@@ -1,0 +1,123 @@
+// Linear layers with bf16 weights for CPUs with bf16 units, over the oneDNN that ships inside Paddle's wheel.
+//
+// bf16_pack reorders an fp32 weight ONCE into the blocked bf16 layout oneDNN's matmul reads fastest; the result is
+// an ordinary Paddle uint8 tensor that the model holds in place of the fp32 weight. bf16_linear multiplies rows of
+// fp32 activations by such a weight (activations rounded to bf16, products summed in fp32, fp32 out, + bias).
+// Nothing converts a weight again after the pack, whatever the row count or the calling thread.
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+#include <omp.h>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "paddle/extension.h"
+
+namespace {
+
+using dnnl::memory;
+using tag = memory::format_tag;
+using dt = memory::data_type;
+
+dnnl::engine& cpu() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// The layout every packed weight of this shape has: the one the matmul picks for a few rows. Weights are packed
+// for decode (one to a few rows); longer inputs read the same layout.
+memory::desc packed_desc(int64_t k, int64_t n) {
+  static std::mutex lock;
+  static std::map<std::pair<int64_t, int64_t>, memory::desc> known;
+  std::lock_guard<std::mutex> hold(lock);
+  auto found = known.find({k, n});
+  if (found != known.end()) return found->second;
+  memory::desc src({1, k}, dt::bf16, tag::ab), any({k, n}, dt::bf16, tag::any), dst({1, n}, dt::f32, tag::ab);
+  auto pd = dnnl::matmul::primitive_desc(cpu(), src, any, dst);
+  return known.emplace(std::make_pair(k, n), pd.weights_desc()).first->second;
+}
+
+struct Matmul {
+  dnnl::matmul::primitive_desc desc;
+  dnnl::matmul primitive;
+};
+
+// One primitive per (rows, k, n, threads), made on first use and kept: making one costs more than a decode-size
+// product. Several threads may run the same primitive at once (the CPU workers' parts of a layer have equal
+// shapes), so its scratchpad is the caller's own (scratchpad_mode::user, one buffer per thread), never shared.
+Matmul& matmul_for(int64_t m, int64_t k, int64_t n, int threads) {
+  static std::mutex lock;
+  static std::map<std::tuple<int64_t, int64_t, int64_t, int>, Matmul> known;
+  std::lock_guard<std::mutex> hold(lock);
+  auto key = std::make_tuple(m, k, n, threads);
+  auto found = known.find(key);
+  if (found != known.end()) return found->second;
+  memory::desc src({m, k}, dt::bf16, tag::ab), dst({m, n}, dt::f32, tag::ab), bias({1, n}, dt::f32, tag::ab);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  auto pd = dnnl::matmul::primitive_desc(cpu(), src, packed_desc(k, n), bias, dst, attr);
+  return known.emplace(key, Matmul{pd, dnnl::matmul(pd)}).first->second;
+}
+
+inline uint16_t to_bf16(float value) {  // round to nearest even, as oneDNN's own conversion
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  bits += 0x7FFF + ((bits >> 16) & 1);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+}  // namespace
+
+// weight: fp32 [k, n] (transposed=false) or [n, k] (transposed=true, e.g. a tied head stored as the embedding).
+std::vector<paddle::Tensor> Bf16Pack(const paddle::Tensor& weight, bool transposed) {
+  PD_CHECK(weight.dtype() == paddle::DataType::FLOAT32, "bf16_pack takes a float32 weight");
+  PD_CHECK(weight.shape().size() == 2, "bf16_pack takes a 2-D weight");
+  int64_t k = transposed ? weight.shape()[1] : weight.shape()[0];
+  int64_t n = transposed ? weight.shape()[0] : weight.shape()[1];
+  memory::desc target = packed_desc(k, n);
+  auto out = paddle::empty({static_cast<int64_t>(target.get_size())}, paddle::DataType::UINT8, weight.place());
+  dnnl::stream stream(cpu());
+  memory source({{k, n}, dt::f32, transposed ? tag::ba : tag::ab}, cpu(), const_cast<float*>(weight.data<float>()));
+  memory packed(target, cpu(), out.data<uint8_t>());
+  dnnl::reorder(source, packed).execute(stream, source, packed);
+  stream.wait();
+  return {out};
+}
+
+std::vector<paddle::Tensor> Bf16Linear(const paddle::Tensor& x, const paddle::Tensor& packed,
+                                       const paddle::Tensor& bias, int64_t n) {
+  PD_CHECK(x.dtype() == paddle::DataType::FLOAT32 && x.shape().size() == 2, "bf16_linear takes float32 [rows, k]");
+  PD_CHECK(bias.dtype() == paddle::DataType::FLOAT32 && bias.numel() == n, "bf16_linear: bias must be float32 [n]");
+  int64_t m = x.shape()[0], k = x.shape()[1];
+  PD_CHECK(static_cast<size_t>(packed.numel()) == packed_desc(k, n).get_size(),
+           "bf16_linear: the packed weight does not have the shape [k, n] it is used with");
+  auto out = paddle::empty({m, n}, paddle::DataType::FLOAT32, x.place());
+  if (m == 0) return {out};
+  thread_local std::vector<uint16_t> rows;
+  rows.resize(static_cast<size_t>(m * k));
+  const float* source = x.data<float>();
+  for (int64_t i = 0; i < m * k; ++i) rows[i] = to_bf16(source[i]);
+  Matmul& mm = matmul_for(m, k, n, omp_get_max_threads());
+  dnnl::stream stream(cpu());
+  memory src({{m, k}, dt::bf16, tag::ab}, cpu(), rows.data());
+  memory weights(packed_desc(k, n), cpu(), const_cast<uint8_t*>(packed.data<uint8_t>()));
+  memory b({{1, n}, dt::f32, tag::ab}, cpu(), const_cast<float*>(bias.data<float>()));
+  memory dst({{m, n}, dt::f32, tag::ab}, cpu(), out.data<float>());
+  thread_local std::vector<uint8_t> scratch;
+  scratch.resize(std::max<size_t>(mm.desc.scratchpad_desc().get_size(), 1));
+  memory scratchpad(mm.desc.scratchpad_desc(), cpu(), scratch.data());
+  mm.primitive.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_BIAS, b},
+                                {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
+  stream.wait();
+  return {out};
+}
+
+PD_BUILD_OP(bf16_pack).Inputs({"Weight"}).Outputs({"Packed"}).Attrs({"transposed: bool"}).SetKernelFn(PD_KERNEL(Bf16Pack));
+PD_BUILD_OP(bf16_linear)
+    .Inputs({"X", "Packed", "Bias"})
+    .Outputs({"Out"})
+    .Attrs({"n: int64_t"})
+    .SetKernelFn(PD_KERNEL(Bf16Linear));

@@ -1,0 +1,140 @@
+"""Linear kernels over bf16 weights for CPUs with bf16 units: a Paddle custom C++ operator
+(llava_ui/kernels/onednn_linear.cc) over the oneDNN inside Paddle's own wheel.
+
+Each weight is reordered once, at load, into the blocked bf16 layout oneDNN's matmul reads, and held only in that
+form (a `Bf16Matrix`); a decode step, a batched step and a prefill chunk all multiply by the same bytes. Paddle's
+own bf16 route (static programs) keys its cache of converted weights by the shapes of every input, so a step whose
+shapes change converts again; this kernel never does.
+
+The operator is compiled on first use (a C++ compiler and the oneDNN headers from the `onednn-devel` package) into
+the app's cache, once per Paddle version and source. Where it cannot be built, `available()` is False, the reason is
+logged once, and the engine keeps the path without it.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import paddle
+
+from llava_ui.config import app_home
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "onednn_linear.cc"
+HEADERS_PACKAGE = "onednn-devel"  # the headers of the oneDNN release Paddle's wheel ships (3.6)
+
+
+def _headers() -> Path:
+    """The folder holding oneapi/dnnl/dnnl.hpp, from the installed onednn-devel package."""
+    try:
+        files = importlib.metadata.distribution(HEADERS_PACKAGE).files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError(f"the {HEADERS_PACKAGE} package (oneDNN's headers) is not installed") from None
+    for file in files:
+        if str(file).replace("\\", "/").endswith("oneapi/dnnl/dnnl.hpp"):
+            return Path(file.locate()).resolve().parent.parent.parent
+    raise RuntimeError(f"the {HEADERS_PACKAGE} package has no oneapi/dnnl/dnnl.hpp")
+
+
+def _folder() -> Path:
+    digest = hashlib.sha256(SOURCE.read_bytes() + paddle.__version__.encode()).hexdigest()[:16]
+    return app_home() / "kernels" / f"onednn_linear-{digest}"
+
+
+def _build():
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        raise RuntimeError("no C++ compiler (g++) on this machine")
+    libs = Path(paddle.__file__).parent / "libs"
+    if not (libs / "libdnnl.so.3").exists():
+        raise RuntimeError(f"this Paddle wheel has no oneDNN library ({libs / 'libdnnl.so.3'})")
+    folder = _folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    with _output_to(folder / "build.log"):  # Paddle's build prints to stdout: `generate --json` writes there
+        from paddle.utils.cpp_extension import load
+
+        return load(name="llava_onednn_linear", sources=[str(SOURCE)], build_directory=str(folder),
+                extra_include_paths=[str(_headers())], extra_cxx_cflags=["-O2", "-fopenmp"],
+                    extra_ldflags=[f"-L{libs}", "-l:libdnnl.so.3", f"-Wl,-rpath,{libs}", "-lgomp"], verbose=False)
+
+
+@contextlib.contextmanager
+def _output_to(log: Path):
+    """This process's stdout and stderr (the file descriptors: the compiler and Paddle's C++ print too) into `log`
+    meanwhile; a failure's message carries the log's end."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(log, "w") as target:
+            os.dup2(target.fileno(), 1)
+            os.dup2(target.fileno(), 2)
+            try:
+                with contextlib.redirect_stdout(target), contextlib.redirect_stderr(target):  # Python's own
+                    yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    except Exception as err:
+        tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
+        raise RuntimeError(f"{err}; the build's output ends: {tail}") from None
+    finally:
+        for fd in saved:
+            os.close(fd)
+
+
+@functools.cache
+def _operator():
+    """The compiled operator module, or None (the reason logged once)."""
+    if os.environ.get("LLAVA_UI_BF16_KERNEL", "") == "off":
+        return None
+    try:
+        return _build()
+    except Exception as err:  # a missing compiler or header, a failed build: run without the kernel
+        logger.warning("the bf16 linear kernel could not be built (%s: %s); the language model keeps its "
+                       "slower bf16 path", type(err).__name__, err)
+        return None
+
+
+def available(progress=None) -> bool:
+    """Whether the kernel runs here; `progress(message)` hears of a first-use build (tens of seconds)."""
+    if progress is not None and _operator.cache_info().currsize == 0 and not any(_folder().glob("**/*.so")):
+        progress("compiling the bf16 linear kernel (first use only) ...")
+    return _operator() is not None
+
+
+class Bf16Matrix:
+    """A weight [in, out] (or, `transposed`, a tied head's [out, in]) held once, as oneDNN's packed bf16;
+    `matmul(x, bias)` gives x [rows, in] · weight (+ bias) in fp32, products of bf16 values summed in fp32."""
+
+    def __init__(self, weight: paddle.Tensor, transposed: bool = False):
+        operator = _operator()
+        if operator is None:
+            raise RuntimeError("the bf16 linear kernel is not available on this machine")
+        self.inputs, self.outputs = (weight.shape[1], weight.shape[0]) if transposed else tuple(weight.shape)
+        self.packed = operator.bf16_pack(weight, transposed)
+        self.zeros = paddle.zeros([self.outputs], "float32")
+        self._linear = operator.bf16_linear
+
+    @property
+    def shape(self) -> list[int]:
+        """The weight's logical shape, [in, out]."""
+        return [self.inputs, self.outputs]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.packed.shape[0])
+
+    def matmul(self, x: paddle.Tensor, bias: paddle.Tensor | None = None) -> paddle.Tensor:
+        if not x.is_contiguous():  # the kernel reads rows of memory as they lie
+            x = x.contiguous()
+        return self._linear(x, self.packed, self.zeros if bias is None else bias, self.outputs)
