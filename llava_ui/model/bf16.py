@@ -175,8 +175,9 @@ class Bf16Runner:
         x = self.model.vision_tower.vision_model.embeddings(
             paddle.zeros([1, cfg.num_channels, cfg.image_size, cfg.image_size]))
         if release:
-            # a process's first run of a program does not always leave oneDNN holding its bf16 weights (the next
-            # run read the released pages: wrong features), so they are given back after the second run
+            # a process's first pass through the programs does not always leave oneDNN holding their bf16 weights
+            # for the passes after it (those then read the released pages: wrong features; running each program
+            # twice in one pass was not enough), so the weights are given back during a second pass
             self._run_vision(x, False)
         self._run_vision(x, release)
         if self.layers:

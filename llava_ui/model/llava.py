@@ -48,11 +48,11 @@ class LlavaQwen(nn.Layer):
 
         if kernel is None:
             kernel = kernels.available(progress)
-        self.bf16 = Bf16Runner(self, progress, release_fp32, language=not kernel)
-        if kernel:
+        if kernel:  # first: the language model's fp32 matrices are gone before the vision programs convert theirs
             if progress:
                 progress("packing the language model's weights in bf16 ...")
             self.runner.to_bf16()
+        self.bf16 = Bf16Runner(self, progress, release_fp32, language=not kernel)
         if self.bf16.released and progress:
             progress(f"gave back the fp32 vision weights ({self.bf16.released / 1e9:.2f} GB): oneDNN keeps them in bf16")
 

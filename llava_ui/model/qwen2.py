@@ -341,6 +341,7 @@ class Qwen2Runner:
                 part.pack_bf16()
             for owner in (layer.self_attn.o_proj, layer.mlp.down_proj):  # the parts held views of their rows
                 owner._parameters["weight"] = None
+            release_free_memory()  # each layer's fp32 pages go back before the next layer's bf16 ones are taken
         self.head = self._bf16_head()
         self.layout = "bf16"
         release_free_memory()
