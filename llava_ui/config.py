@@ -128,6 +128,7 @@ class GenerationSettings:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: no token probabilities; K: each token's and its K best alternatives'
     attention: bool = False  # each token's attention over the images, read after the answer (attention_rows.py)
+    image_effect: bool = False  # each token's log-probability with minus without the images (image_effect.py)
 
     @classmethod
     def from_inputs(cls, temperature=0.2, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=1024,

@@ -98,6 +98,8 @@ class Result:
     logprobs: list[TokenLogprob] | None = None  # when asked for: one per generated token
     # when asked for: [token][layer][image] → the head-mean attention weight of each of the image's visual positions
     attention: list[list[list[list[float]]]] | None = None
+    # when asked for: per generated token, its log-probability with the images minus without them
+    image_effect: list[float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

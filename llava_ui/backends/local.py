@@ -11,7 +11,7 @@ import os
 import random
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Iterator
 
 import paddle
@@ -32,6 +32,7 @@ from llava_ui.errors import Stopped, UserError
 from llava_ui.model import packed
 from llava_ui.model.device import DevicePolicy, choose
 from llava_ui.model.attention_rows import attention_rows
+from llava_ui.model.image_effect import image_effect, logprobs_without_images
 from llava_ui.model.generate import IncrementalDecoder, decode_room, decode_tokens, prefill_chunks
 from llava_ui.model.processing import check_image_mode, default_image_mode, pixel_views, prepare_images
 
@@ -338,6 +339,10 @@ class Engine:
         reason = "length"
         # asked for: each token's scores, named (TokenLogprob), and how many of them the Deltas carried so far
         scores, named, sent = ([], [], 0) if run.logprobs is not None else (None, None, 0)
+        if run.image_effect:  # the tokens' log-probabilities with the images: the step's scores, no alternatives
+            scores, seen_logprobs = [] if scores is None else scores, []
+            if run.logprobs is None:
+                run = replace(run, logprobs=0)
         if result["logits"] is None:  # stopped between two prefill chunks
             tokens = _no_tokens()
         else:
@@ -351,8 +356,12 @@ class Engine:
                 for token in tokens:
                     token_ids.append(token)
                     times.append(time.perf_counter())
-                    if named is not None:
-                        named.append(token_logprob(scores.pop(), self.tokenizer.token_bytes))
+                    if scores is not None:
+                        step = scores.pop()
+                        if run.image_effect:
+                            seen_logprobs.append(step.logprob)
+                        if named is not None:
+                            named.append(token_logprob(step, self.tokenizer.token_bytes))
                     delta, hit = stops.feed(decoder.push(token))
                     if delta:
                         yield Delta(delta, None if named is None else named[sent:])
@@ -379,6 +388,9 @@ class Engine:
                         self.load_state.precision, shared, named)
         if run.attention and not stop_event.is_set():
             final.attention = self.run(self._attention, plan, rows, token_ids) if token_ids else []
+        if run.image_effect and not stop_event.is_set():
+            without = self.run(logprobs_without_images, self.model, plan.prompt_ids, token_ids)
+            final.image_effect = image_effect(seen_logprobs, without)
         yield final
 
     def _attention(self, plan: Plan, rows: list, token_ids: list[int]) -> list:

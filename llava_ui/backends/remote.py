@@ -132,8 +132,8 @@ class RemoteEngine:
                image_mode: str | None = None, stop_event: threading.Event | None = None) -> Iterator[Event]:
         started = time.perf_counter()
         settings = (settings or GenerationSettings()).validate()
-        if settings.attention:
-            raise UserError("attention maps are read from the model's weights: they need the local engine, not a "
+        if settings.attention or settings.image_effect:
+            raise UserError("attention maps and the images' effect are read from the model's weights: they need the local engine, not a "
                             "remote one")
         stop_event = stop_event or threading.Event()
         self.load()

@@ -31,6 +31,9 @@ def add_generate_command(sub) -> None:
     gen.add_argument("--attention", action="store_true",
                      help="with --json: each generated token's attention over each image's visual positions, per "
                           "layer, averaged over heads (one more pass over prompt + answer after the answer)")
+    gen.add_argument("--image-effect", action="store_true",
+                     help="with --json: each generated token's log-probability with the images minus without them "
+                          "(the answer read once more, teacher-forced, with the images left out of the prompt)")
     gen.set_defaults(func=cmd_generate)
 
 
@@ -47,7 +50,8 @@ def cmd_generate(args) -> int:
     conversation = conversation_from_files(args.prompt, args.image, args.video, frames or 16, args.system)
     backend.load()
     final = None
-    settings = replace(settings_from(args), logprobs=args.logprobs, attention=args.attention).validate()
+    settings = replace(settings_from(args), logprobs=args.logprobs, attention=args.attention,
+                       image_effect=args.image_effect).validate()
     for event in backend.stream(conversation, settings, image_mode=args.image_mode):
         if isinstance(event, Progress):
             bars.event(event)
@@ -72,6 +76,8 @@ def cmd_generate(args) -> int:
             record["logprobs"] = [{**_scored(t), "top": [_scored(alt) for alt in t.top]} for t in final.logprobs]
         if final.attention is not None:
             record["attention"] = final.attention
+        if final.image_effect is not None:
+            record["image_effect"] = final.image_effect
         sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
     sys.stdout.flush()
     return 0
