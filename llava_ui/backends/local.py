@@ -7,6 +7,7 @@ the next step. Between steps the stream reports progress with the time left at t
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import threading
@@ -471,8 +472,8 @@ def _no_tokens() -> Iterator[int]:
 def _swallow(fn) -> None:
     try:
         fn()
-    except UserError:
-        pass  # the failure is in load_state for the front end to show
+    except UserError as err:  # the failure is in load_state for the front end to show; the terminal hears it too
+        logging.getLogger(__name__).error("%s", err)
 
 
 _ENGINES: dict[tuple, Engine] = {}
