@@ -5,7 +5,7 @@ autograd on in every other thread, so a server's worker threads would record his
 inputs alive. Handing the steps to one thread, configured once, makes the served path the command line's path.
 
 Steps run in the order they were asked for, except decode steps: the decode steps of all chats that are decoding
-run as one batched step (`model.decode_batch`: every weight read once for all of them), so N chats decode at
+run as one batched step (`LlavaQwen.decode_batch`: every weight read once for all of them), so N chats decode at
 nearly the speed of one each. Continuous batching: a chat joins the batch with its first decode step and leaves
 it when it stops asking; a prefill chunk or a vision view asked for meanwhile runs between two batched steps.
 """

@@ -164,7 +164,7 @@ def _setup_worker() -> None:
 
 
 def use_threads(count: int) -> None:
-    """Called once the CPU thread count is known (runtime.configure_cpu); 1 turns the splitting off."""
+    """Called once the CPU thread count is known (configure_cpu); 1 turns the splitting off."""
     global _pool, _workers
     with _lock:
         if _pool is not None:

@@ -131,8 +131,8 @@ class LlavaQwen(nn.Layer):
         return self.runner.forward(embeds, cache, start, should_stop)
 
     def decode_batch(self, tokens: list[int], caches: list, positions: list[int]):
-        """One decode step of len(tokens) sequences, each with its own cache and position (qwen2.decode_batch):
-        returns (logits [B, vocab] float32, caches)."""
+        """One decode step of len(tokens) sequences, each with its own cache and position
+        (qwen2.Qwen2Runner.decode_batch): returns (logits [B, vocab] float32, caches)."""
         if self.runner.parts is None:
             self.runner.pack()
         embeds = self.embed_tokens(paddle.to_tensor(tokens, dtype="int64"))
