@@ -70,13 +70,14 @@ def test_answer_streams_token_by_token_and_fills_the_inspector(chat):
     record = session.turns[0].record
     assert record.finish_reason in ("stop", "length")
     assert session.conversation.turns[0].answer == record.text
-    chatbot, _, stats, summary, spans, prompt, gallery, probabilities, box = updates[-1]
+    chatbot, _, stats, summary, spans, prompt, gallery, probabilities, *attention_views, effect, box = updates[-1]
     assert "tokens/s" in stats and "first token" in stats
     assert "Context used" in summary and "/ 32,768" in summary and "Time to first token" in summary
     assert "chart_sales_2023.png" in summary and "Prefix cache" in summary
     assert prompt == record.prompt and prompt.count("<image>") == 2
     assert not value(gallery)
     assert not value(probabilities) and not probabilities["visible"]  # not asked for
+    assert not any(view["visible"] for view in attention_views) and not effect["visible"]
 
 
 def test_markers_place_images_and_the_ui_shows_where_each_went(chat):
@@ -186,7 +187,7 @@ def test_clear_during_an_answer_stops_it_and_the_old_chat_never_comes_back(chat)
     next(updates), next(updates)
     chat.clear(session)
     rest = list(updates)
-    assert rest and all(update == (ui_chat.gr.skip(),) * 9 for update in rest)  # nothing touched
+    assert rest and all(update == (ui_chat.gr.skip(),) * (ui_chat.VIEWS + 1) for update in rest)  # nothing touched
     assert session.turns[0].record.finish_reason == "stopped"
 
 

@@ -21,6 +21,8 @@ from llava_ui.chat.media import image_size
 from llava_ui.config import GenerationSettings
 from llava_ui.errors import UserError
 from llava_ui.web.inspector import inspector_views, probabilities_html, stats_line, status_html, write_export
+from llava_ui.web.looked import (WHOLE, answered_images, attention_arrays, effect_html, look, selected, shares_html,
+                                 token_choices, token_texts)
 from llava_ui.web.render import chat_messages, progress_text, turn_index, typed_text
 from llava_ui.web.session import ChatSession, add_message, check_files, settle
 from llava_ui.web.uploads import uploaded_paths
@@ -31,6 +33,8 @@ MAX_REFRESH_S = 1.0
 LONG_WAIT_S = 20.0  # the input says how long the attached media take when it is at least this
 TEST_DELAY_ENV = "LLAVA_UI_TEST_TOKEN_DELAY"
 ALTERNATIVES = 5  # per token, when the inspector's token probabilities are on
+VIEWS = 14  # outputs of views(): chat, session, stats, summary, prompt, raw prompt, frames, probabilities, token,
+# first layer, last layer, heat maps, attention shares, image effect
 
 
 class Prefetch:
@@ -109,6 +113,7 @@ class ChatHandlers:
         self.max_files, self.max_upload_mb = max_files, max_upload_mb
         self.files_dir = tempfile.mkdtemp(prefix="llava_ui_")  # previews, frame sheets, exports (Gradio serves temp files)
         self.live: dict[str, ChatSession] = {}  # browser session → its chat, so a closed tab stops its answer
+        self._arrays: tuple = (None, [])  # the last answer looked at and its attention as arrays (looked.py)
         self._live_lock = threading.Lock()
 
     def default_frames(self) -> int:
@@ -168,23 +173,58 @@ class ChatHandlers:
                 self.live[key] = session
 
     def views(self, session: ChatSession | None) -> tuple:
-        """What most handlers return: (chatbot, session, stats line, summary, tagged prompt, raw prompt, frames,
-        token probabilities); the tagged prompt, the frames gallery and the probabilities only show when they have
-        something."""
+        """What most handlers return (VIEWS of them): (chatbot, session, stats line, summary, tagged prompt, raw
+        prompt, frames, token probabilities, *the attention views, image effect); each inspector view only shows
+        when it has something."""
         context = (self.backend.status() or {}).get("context_length")
         summary, spans, prompt, frames = inspector_views(session, context)
         record = session.last_record() if session else None
         probabilities = probabilities_html(record)
+        texts = token_texts(record, getattr(getattr(self.backend, "tokenizer", None), "token_bytes", None)) \
+            if record else []
+        effect = effect_html(record.image_effect if record else None, texts)
         return (chat_messages(session), session, stats_line(record), summary,
                 gr.update(value=spans, visible=bool(spans)), prompt, gr.update(value=frames, visible=bool(frames)),
-                gr.update(value=probabilities, visible=bool(probabilities)))
+                gr.update(value=probabilities, visible=bool(probabilities)),
+                *self._attention_views(session, record, texts), gr.update(value=effect, visible=bool(effect)))
+
+    def _attention_views(self, session: ChatSession | None, record, texts: list[str]) -> tuple:
+        """(token choice, first layer, last layer, heat maps, shares): the whole answer over every layer."""
+        layers = len(record.attention[0]) if record and record.attention else 0
+        if not layers or not record.visual_tokens_per_image:
+            return (gr.update(visible=False),) * 3 + (gr.update(value=None, visible=False),
+                                                      gr.update(value="", visible=False))
+        heatmaps, shares = self.look(session, WHOLE, 1, layers)
+        return (gr.update(choices=token_choices(texts), value=WHOLE, visible=True),
+                gr.update(maximum=layers, value=1, visible=True), gr.update(maximum=layers, value=layers, visible=True),
+                heatmaps, shares)
+
+    def look(self, session: ChatSession | None, token=WHOLE, first_layer=1, last_layer=1):
+        """The heat maps and attention shares of the last answer for one token (or the whole answer) and a band of
+        layers: (gallery, shares HTML)."""
+        nothing = gr.update(value=None, visible=False), gr.update(value="", visible=False)
+        config = getattr(self.backend, "config", None)
+        answered = [i for i, t in enumerate(session.turns) if t.record] if session else []
+        if not answered or config is None:
+            return nothing
+        index = answered[-1]
+        record = session.turns[index].record
+        if not record.attention:
+            return nothing
+        if self._arrays[0] is not record:
+            self._arrays = (record, attention_arrays(record.attention))
+        images = answered_images(session, index, record, config)
+        looked = look(selected(self._arrays[1], token, first_layer, last_layer), images,
+                      config.vision.patches_per_side)
+        return (gr.update(value=looked.heatmaps, visible=True),
+                gr.update(value=shares_html(looked, images.labels), visible=True))
 
     @staticmethod
     def streaming(session: ChatSession) -> tuple:
         """A mid-answer update of `respond`'s outputs: only the chat changes (nothing, once the chat was cleared)."""
         if session.cleared:
-            return (gr.skip(),) * 9
-        return (chat_messages(session), session) + (gr.skip(),) * 7
+            return (gr.skip(),) * (VIEWS + 1)
+        return (chat_messages(session), session) + (gr.skip(),) * (VIEWS - 1)
 
     def send(self, message: dict | None, session: ChatSession | None, frames: int | None = None):
         """Append the user's message (text + files). Returns (chatbot, input box, session); on a user error the
@@ -201,10 +241,12 @@ class ChatHandlers:
 
     def respond(self, session: ChatSession | None, system: str = "", temperature=0.2, top_p=1.0, top_k=0,
                 repetition_penalty=1.0, max_new_tokens=1024, seed=None, image_mode: str = "",
-                token_probabilities: bool = False, request: gr.Request = None):
+                token_probabilities: bool = False, attention: bool = False, image_effect: bool = False,
+                request: gr.Request = None):
         """Answer the waiting message, streaming. Yields (*views, input box): the input gets the message back
-        when it could not be answered at all. `token_probabilities`: each token's probability and its
-        ALTERNATIVES likeliest alternatives are kept for the inspector."""
+        when it could not be answered at all. For the inspector: `token_probabilities` keeps each token's
+        probability and its ALTERNATIVES likeliest alternatives, `attention` each token's attention over the
+        images, `image_effect` how much the images changed each token's log-probability."""
         turns = session.conversation.turns if session else []
         if session is None or session.busy or not turns or turns[-1].answer is not None:
             yield *self.views(session), gr.skip()
@@ -218,6 +260,7 @@ class ChatHandlers:
             shown = session.turns[-1]
             shown.settings = GenerationSettings.from_inputs(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
             shown.settings.logprobs = ALTERNATIVES if token_probabilities else None
+            shown.settings.attention, shown.settings.image_effect = bool(attention), bool(image_effect)
             session.conversation.system = (system or "").strip() or None
             yield self.streaming(session)  # "…" in place of the answer until the first token
             for _ in self._wait_for_model(session):

@@ -14,6 +14,7 @@ import gradio as gr
 from llava_ui.config import DEFAULT_SYSTEM_PROMPT, IMAGE_MODES
 from llava_ui.web.handlers import ChatHandlers
 from llava_ui.web.inspector import EMPTY_INSPECTOR
+from llava_ui.web.looked import WHOLE
 from llava_ui.web.session import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,15 +109,37 @@ def build_demo(backend, args) -> gr.Blocks:
                                                   info="keep each token's probability and its alternatives for the "
                                                        "next answers", elem_id="token-probabilities-toggle")
                 probabilities = gr.HTML("", elem_id="token-probabilities", visible=False)
+                with gr.Row():
+                    attention = gr.Checkbox(False, label="Where the model looked",
+                                            info="each answer token's attention over the images, read after the "
+                                                 "answer (one more pass over prompt and answer)",
+                                            elem_id="attention-toggle")
+                    image_effect = gr.Checkbox(False, label="What the images changed",
+                                               info="the answer read again without the images: how much each "
+                                                    "token owed to them", elem_id="image-effect-toggle")
+                look_token = gr.Dropdown([("the whole answer", WHOLE)], value=WHOLE, label="Attention of",
+                                         elem_id="look-token", visible=False)
+                with gr.Row():
+                    first_layer = gr.Slider(1, 24, value=1, step=1, label="From layer", elem_id="look-first-layer",
+                                            visible=False)
+                    last_layer = gr.Slider(1, 24, value=24, step=1, label="To layer", elem_id="look-last-layer",
+                                           visible=False)
+                heatmaps = gr.Gallery(label="Where the model looked (each view normalised on its own, 99th "
+                                            "percentile clipped)", columns=2, height="auto", elem_id="heatmaps",
+                                      allow_preview=True, buttons=["fullscreen"], visible=False)
+                shares = gr.HTML("", elem_id="attention-shares", visible=False)
+                effect = gr.HTML("", elem_id="image-effect", visible=False)
                 export_button = gr.Button("Export conversation (JSON)", size="sm", elem_id="export-button")
                 export_file = gr.File(label="Replay with: python -m llava_ui replay FILE.json",
                                       interactive=False, elem_id="export-file", visible=False)
 
         timer = gr.Timer(1.0)
 
-        views = [chatbot, session, stats, summary, prompt_view, raw_prompt, gallery, probabilities]
+        views = [chatbot, session, stats, summary, prompt_view, raw_prompt, gallery, probabilities, look_token,
+                 first_layer, last_layer, heatmaps, shares, effect]
         answer = dict(fn=chat.respond, inputs=[session, system, temperature, top_p, top_k, repetition_penalty,
-                                               max_new_tokens, seed, image_mode, token_probabilities],
+                                               max_new_tokens, seed, image_mode, token_probabilities, attention,
+                                               image_effect],
                       outputs=views + [chat_input])
         answering = [
             chat_input.submit(chat.send, [chat_input, session, video_frames], [chatbot, chat_input, session],
@@ -133,6 +156,11 @@ def build_demo(backend, args) -> gr.Blocks:
         clear_button.click(chat.clear, [session], views, cancels=answering, api_name="clear", **UNDOCUMENTED)
         chatbot.clear(chat.clear, [session], views, cancels=answering, **QUIET)
         export_button.click(chat.export, [session], [export_file], api_name="export", **UNDOCUMENTED)
+        looking = dict(fn=chat.look, inputs=[session, look_token, first_layer, last_layer], outputs=[heatmaps, shares],
+                       **QUIET)
+        look_token.input(**looking)  # input, not change: a new answer sets the choice without redrawing twice
+        first_layer.release(**looking)
+        last_layer.release(**looking)
 
         status_outputs = [status, load_button, timer]
         demo.load(chat.status_and_frames, None, status_outputs + [video_frames], api_name="status", **UNDOCUMENTED)
