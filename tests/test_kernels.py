@@ -81,3 +81,40 @@ def test_a_strided_view_is_read_as_its_values():
     x = paddle.to_tensor(rng.standard_normal((64, 5)).astype(np.float32))
     view = paddle.transpose(x, [1, 0])  # [5, 64], not contiguous
     assert np.array_equal(matrix.matmul(view).numpy(), matrix.matmul(view.contiguous()).numpy())
+
+
+def test_decode_attention_in_one_call_computes_what_the_paddle_ops_do(checkpoints, monkeypatch):
+    """A bf16 model's decode steps with RoPE, the cache write and attention in one kernel call give the logits and
+    the cache rows of the same steps as Paddle ops, for one chat and for a batched step of three."""
+    from llava_ui.checkpoints.load import build_model
+    from llava_ui.model.generate import decode_one_token, prefill
+
+    model = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None)[0]
+    model.runner.to_bf16()
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(0, 200, n).tolist() for n in (37, 80, 5)]
+    runs, calls = {}, []
+    counted = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *args: calls.append(1) or counted(*args))
+    for kernel in (True, False):
+        model.runner.attention_kernel = kernel
+        caches, logits = [], []
+        for ids in prompts:
+            _, cache = prefill(model, model.embed_prompt(ids, []), room=8)
+            caches.append(cache)
+        positions = [len(ids) for ids in prompts]
+        for i in range(3):  # one chat alone
+            step_logits, caches[i] = decode_one_token(model, 7, caches[i], positions[i])
+            logits.append(step_logits.numpy().reshape(-1))
+        for step in range(1, 4):  # the three in batched steps
+            step_logits, caches = model.decode_batch([7 + step] * 3, caches, [p + step for p in positions])
+            logits.extend(step_logits.numpy())
+        runs[kernel] = (np.stack(logits), [c.keys[1].numpy().copy() for c in caches],
+                        [c.values[0].numpy().copy() for c in caches])
+    model.runner.attention_kernel = True
+    layers, parts = len(model.runner.parts), len(model.runner.parts[0][0])
+    assert len(calls) == (3 + 3 * 3) * layers * parts  # every decode row of every part of every layer, kernel only
+    (a, keys_a, values_a), (b, keys_b, values_b) = runs[True], runs[False]
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+    for x, y in zip(keys_a + values_a, keys_b + values_b):
+        assert np.abs(x - y).max() <= 1e-5 * max(np.abs(y).max(), 1)

@@ -5,6 +5,7 @@
 // fp32 activations by such a weight (activations rounded to bf16, products summed in fp32, fp32 out, + bias).
 // Nothing converts a weight again after the pack, whatever the row count or the calling thread.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -121,3 +122,82 @@ PD_BUILD_OP(bf16_linear)
     .Outputs({"Out"})
     .Attrs({"n: int64_t"})
     .SetKernelFn(PD_KERNEL(Bf16Linear));
+
+// One decode position of one worker's attention heads, after its q|k|v product: RoPE on q (times 1/sqrt(dim)) and
+// k, the new k and v written into the cache rows at `position`, then softmax attention of each q head over cache
+// positions 0..position of its kv head. One call stands in for the dozen Paddle ops (and their dispatch) this is
+// per part and layer. qkv: [1, (q_heads + 2 kv_heads) * dim]; cos, sin: [dim] for `position`; keys, values:
+// [kv_heads * capacity, dim], head-major (written in place). Returns [1, q_heads * dim].
+namespace {
+
+inline void rope(const float* x, const float* cos, const float* sin, float scale, int64_t dim, float* y) {
+  const int64_t half = dim / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    y[i] = (x[i] * cos[i] - x[i + half] * sin[i]) * scale;
+    y[i + half] = (x[i + half] * cos[i + half] + x[i] * sin[i + half]) * scale;
+  }
+}
+
+}  // namespace
+
+std::vector<paddle::Tensor> DecodeAttention(const paddle::Tensor& qkv, const paddle::Tensor& cos,
+                                            const paddle::Tensor& sin, const paddle::Tensor& keys,
+                                            const paddle::Tensor& values, int64_t q_heads, int64_t kv_heads,
+                                            int64_t capacity, int64_t position) {
+  const int64_t dim = cos.numel();
+  PD_CHECK(qkv.dtype() == paddle::DataType::FLOAT32 && keys.dtype() == paddle::DataType::FLOAT32 &&
+               values.dtype() == paddle::DataType::FLOAT32,
+           "decode_attention takes float32 tensors");
+  PD_CHECK(qkv.numel() == (q_heads + 2 * kv_heads) * dim, "decode_attention: qkv does not hold q|k|v of the heads");
+  PD_CHECK(keys.numel() == kv_heads * capacity * dim && values.numel() == keys.numel(),
+           "decode_attention: the cache rows do not match kv_heads * capacity");
+  PD_CHECK(0 <= position && position < capacity, "decode_attention: position outside the cache");
+  const float* in = qkv.data<float>();
+  const float* c = cos.data<float>();
+  const float* s = sin.data<float>();
+  float* k_cache = const_cast<float*>(keys.data<float>());
+  float* v_cache = const_cast<float*>(values.data<float>());
+  auto out = paddle::empty({1, q_heads * dim}, paddle::DataType::FLOAT32, qkv.place());
+  float* o = out.data<float>();
+  for (int64_t h = 0; h < kv_heads; ++h) {
+    rope(in + (q_heads + h) * dim, c, s, 1.0f, dim, k_cache + (h * capacity + position) * dim);
+    std::memcpy(v_cache + (h * capacity + position) * dim, in + (q_heads + kv_heads + h) * dim, dim * sizeof(float));
+  }
+  const int64_t group = q_heads / kv_heads, seen = position + 1;
+  std::vector<float> q(dim), weights(seen);
+  for (int64_t h = 0; h < q_heads; ++h) {
+    rope(in + h * dim, c, s, 1.0f / std::sqrt(static_cast<float>(dim)), dim, q.data());
+    const float* k_head = k_cache + (h / group) * capacity * dim;
+    const float* v_head = v_cache + (h / group) * capacity * dim;
+    float top = -INFINITY;
+    for (int64_t p = 0; p < seen; ++p) {
+      const float* k = k_head + p * dim;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t i = 0; i < dim; ++i) dot += q[i] * k[i];
+      weights[p] = dot;
+      top = std::max(top, dot);
+    }
+    float total = 0.0f;
+    for (int64_t p = 0; p < seen; ++p) {
+      weights[p] = std::exp(weights[p] - top);
+      total += weights[p];
+    }
+    float* row = o + h * dim;
+    std::fill(row, row + dim, 0.0f);
+    const float norm = 1.0f / total;
+    for (int64_t p = 0; p < seen; ++p) {
+      const float w = weights[p] * norm;
+      const float* v = v_head + p * dim;
+#pragma omp simd
+      for (int64_t i = 0; i < dim; ++i) row[i] += w * v[i];
+    }
+  }
+  return {out};
+}
+
+PD_BUILD_OP(decode_attention)
+    .Inputs({"QKV", "Cos", "Sin", "Keys", "Values"})
+    .Outputs({"Out"})
+    .Attrs({"q_heads: int64_t", "kv_heads: int64_t", "capacity: int64_t", "position: int64_t"})
+    .SetKernelFn(PD_KERNEL(DecodeAttention));

@@ -13,6 +13,7 @@ logged once, and the engine keeps the path without it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import importlib.metadata
@@ -45,8 +46,16 @@ def _headers() -> Path:
 
 
 def _folder() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + paddle.__version__.encode()).hexdigest()[:16]
+    # built for this CPU (-march=native): a cache shared with another kind of CPU builds its own
+    digest = hashlib.sha256(SOURCE.read_bytes() + paddle.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
     return app_home() / "kernels" / f"onednn_linear-{digest}"
+
+
+def _cpu_flags() -> str:
+    try:
+        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return ""
 
 
 def _build():
@@ -57,11 +66,13 @@ def _build():
         raise RuntimeError(f"this Paddle wheel has no oneDNN library ({libs / 'libdnnl.so.3'})")
     folder = _folder()
     folder.mkdir(parents=True, exist_ok=True)
-    with _output_to(folder / "build.log"):  # Paddle's build prints to stdout: `generate --json` writes there
+    # one build at a time per folder (several processes may start at once: a server and its tests, two workers)
+    with open(folder / "lock", "w") as lock, _output_to(folder / "build.log"):
+        fcntl.flock(lock, fcntl.LOCK_EX)
         from paddle.utils.cpp_extension import load
 
         return load(name="llava_onednn_linear", sources=[str(SOURCE)], build_directory=str(folder),
-                extra_include_paths=[str(_headers())], extra_cxx_cflags=["-O2", "-fopenmp"],
+                extra_include_paths=[str(_headers())], extra_cxx_cflags=["-O3", "-fopenmp", "-march=native"],
                     extra_ldflags=[f"-L{libs}", "-l:libdnnl.so.3", f"-Wl,-rpath,{libs}", "-lgomp"], verbose=False)
 
 
@@ -138,3 +149,11 @@ class Bf16Matrix:
         if not x.is_contiguous():  # the kernel reads rows of memory as they lie
             x = x.contiguous()
         return self._linear(x, self.packed, self.zeros if bias is None else bias, self.outputs)
+
+
+def decode_attention(qkv: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor, keys: paddle.Tensor,
+                     values: paddle.Tensor, q_heads: int, kv_heads: int, capacity: int, position: int) -> paddle.Tensor:
+    """One decode position of a worker's heads (onednn_linear.cc, DecodeAttention): RoPE, the cache write at
+    `position` (keys and values [kv_heads * capacity, dim], written in place) and attention over positions
+    0..position; qkv [1, (q + 2 kv heads) * dim] → [1, q heads * dim]."""
+    return _operator().decode_attention(qkv, cos, sin, keys, values, q_heads, kv_heads, capacity, position)

@@ -21,6 +21,7 @@ from paddle.incubate.nn.functional import fused_rms_norm
 from llava_ui.errors import UserError, check_stop
 from llava_ui.model.cpu import has_avx512, map_shares, release_free_memory, run_parts, shares
 from llava_ui.model import packed
+from llava_ui.model import kernels
 from llava_ui.model.kernels import Bf16Matrix
 from llava_ui.model.packed import PackedMatrix
 
@@ -297,6 +298,7 @@ class Qwen2Runner:
         self.parts = None  # per layer: ([AttentionPart], [MLPPart]), made by pack()
         self.head = None  # the LM head as one Bf16Matrix per worker's share of the vocabulary (layout "bf16")
         self.layout = None  # the weights' layout (WEIGHT_LAYOUTS), once packed
+        self.attention_kernel = True  # layout "bf16": decode attention in one kernel call (False: Paddle ops)
 
     def pack(self, layout: str = "in-out") -> None:
         """Regroup the q/k/v and gate/up weights into the workers' parts (the originals are released: the model
@@ -390,6 +392,8 @@ class Qwen2Runner:
             qkv = project(x, part.qkv, part.transposed, part.bias)
             if tables is None:
                 heads = steps[0].attend(part, qkv, i)
+            elif steps[0].kernel:  # each row's own cache
+                heads = paddle.concat([step.attend(part, qkv[b:b + 1], i) for b, step in enumerate(steps)])
             else:
                 turned = _rotate(qkv, part, *tables[part.q_heads, part.kv_heads], steps[0].rotate, steps[0].dim)
                 heads = paddle.concat([step._decode(part, turned[b], i) for b, step in enumerate(steps)])
@@ -451,6 +455,13 @@ class _Step:
         self.dim, self.cache, self.start, self.length, self.fused = dim, cache, start, length, fused
         self.rotate = runner._rotation(dtype)
         cos, sin = runner.rotary.get(start, length, dtype)  # [L, 1, dim]
+        # a decode position over bf16-kernel weights: RoPE, the cache write and attention in one kernel call
+        self.kernel = (runner.layout == "bf16" and runner.attention_kernel and length == 1
+                       and cache.keys[0].place.is_cpu_place())
+        if self.kernel:
+            self.rope_row = tuple(table.reshape([dim]).contiguous() for table in (cos, sin))
+            self.shapes = {}
+            return
         # per part shape, tiled once per forward (Paddle's CPU multiply broadcasting over the middle axis is ~4x
         # slower than an elementwise one); q's heads carry the attention scale 1/sqrt(dim), v's heads get cos 1 and
         # sin 0: one rotation gives scaled q, k and v exactly as they go into attention (the fused kernel scales q
@@ -483,6 +494,10 @@ class _Step:
     def attend(self, part: AttentionPart, qkv, layer: int):
         """From the part's q|k|v [L, (q + 2 kv) heads * dim]: RoPE, the cache write, attention; returns the
         heads' outputs [L, q heads * dim] (before o_proj)."""
+        if self.kernel:
+            keys, _, values, _ = self.cache.part_views(layer, part.kv)
+            return kernels.decode_attention(qkv, *self.rope_row, keys, values, part.q_heads, part.kv_heads,
+                                            self.cache.capacity, self.start)
         qkv = self._rotated(part, qkv)
         if self.length == 1:
             return self._decode(part, qkv[0], layer)

@@ -1,0 +1,118 @@
+"""One chat's decode step at the real dimensions in each CPU precision, against the memory-bandwidth bound measured
+in the same run.
+
+    .venv/bin/python bench/decode_step.py                      # bf16 kernel (attention kernel on and off), fp32
+    .venv/bin/python bench/decode_step.py --positions 2900 --rounds 7
+
+Steps alternate between the variants in one process (A/B/C, then again) so that a busy machine slows all alike;
+each number is the median over rounds of the mean step of a round. The bound is the bytes a step reads
+(language-model weights once, the tied head included, plus the KV cache it attends over) divided by the read
+bandwidth (bench/run.py's numpy streaming sum, one share per core). Writes bench/results/<name>.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from run import DEFAULT_CHECKPOINTS, ensure_checkpoints, read_bandwidth  # noqa: E402
+
+from llava_ui.checkpoints.load import build_model  # noqa: E402
+from llava_ui.model.cpu import bf16_units  # noqa: E402
+from llava_ui.model.generate import decode_one_token, prefill  # noqa: E402
+
+
+def cpu_model() -> str:
+    text = Path("/proc/cpuinfo").read_text(errors="ignore") if Path("/proc/cpuinfo").exists() else ""
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                platform.processor() or "unknown")
+
+
+def weight_bytes(model, bf16: bool) -> int:
+    """Bytes of the language model's weights a decode step reads (layers and head; not the embedding lookup)."""
+    runner = model.runner
+    total = 0
+    for attention, feed in runner.parts:
+        for part in attention + feed:
+            for name in part.WEIGHTS:
+                weight = getattr(part, name)
+                total += int(np.prod(weight.shape)) * (2 if bf16 else 4)
+    head = model.language_model.lm_head.weight if runner.head is None else None
+    vocab_by_hidden = sum(int(np.prod(m.shape)) for m in runner.head) if runner.head else int(np.prod(head.shape))
+    return total + vocab_by_hidden * (2 if bf16 else 4)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--positions", type=int, default=760, help="prompt positions before the timed steps")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=8, help="decode steps per variant and round")
+    parser.add_argument("--name", default="decode-step")
+    args = parser.parse_args()
+    model_dir = ensure_checkpoints(DEFAULT_CHECKPOINTS)["paddle"]
+    quiet = lambda *a, **k: None  # noqa: E731
+    variants = {}
+    fp32 = build_model(model_dir, "float32", quiet)[0]
+    variants["fp32"] = (fp32, None)
+    if bf16_units():
+        bf16 = build_model(model_dir, "float32", quiet)[0]
+        bf16.runner.to_bf16()
+        variants["bf16 kernel"] = (bf16, True)
+        variants["bf16 kernel, attention as Paddle ops"] = (bf16, False)
+    ids = np.random.default_rng(0).integers(100, 5000, args.positions).tolist()
+    states = {}
+    for name, (model, _) in variants.items():
+        if model not in [m for m, _ in states.values()]:
+            _, cache = prefill(model, model.embed_prompt(ids, []), room=args.rounds * args.steps * len(variants) + 8)
+            states[name] = (model, cache)
+        else:
+            states[name] = next(v for v in states.values() if v[0] is model)
+    position = {id(model): args.positions for model, _ in states.values()}
+    caches = {id(model): cache for model, cache in states.values()}
+    times = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, (model, attention_kernel) in variants.items():
+            if attention_kernel is not None:
+                model.runner.attention_kernel = attention_kernel
+            began = time.perf_counter()
+            for _ in range(args.steps):
+                _, caches[id(model)] = decode_one_token(model, 5, caches[id(model)], position[id(model)])
+                position[id(model)] += 1
+            times[name].append((time.perf_counter() - began) / args.steps)
+    bandwidth = read_bandwidth()
+    kv_per_position = 2 * fp32.runner.kv_heads * fp32.runner.head_dim * 4 * len(fp32.runner.parts)
+    rows = []
+    for name, (model, _) in variants.items():
+        step = statistics.median(times[name])
+        read = weight_bytes(model, name != "fp32") + kv_per_position * (args.positions + args.rounds * args.steps)
+        bound = bandwidth / read
+        rows.append({"variant": name, "step_ms": step * 1e3, "tokens_per_s": 1 / step, "bytes_read": read,
+                     "bound_tokens_per_s": bound, "fraction_of_bound": (1 / step) / bound})
+    report = {"cpu": cpu_model(), "bf16_units": bf16_units(), "positions": args.positions, "rounds": args.rounds,
+              "steps": args.steps, "read_bandwidth_gb_s": bandwidth / 1e9, "rows": rows}
+    lines = [f"Decode step at {args.positions} positions, {cpu_model()} (bf16 units: {bf16_units() or 'none'}), "
+             f"read bandwidth {bandwidth / 1e9:.1f} GB/s; median of {args.rounds} alternating rounds of "
+             f"{args.steps} steps.", "",
+             "| variant | step | tokens/s | bytes a step reads | bound | of the bound |", "|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['variant']} | {row['step_ms']:.1f} ms | {row['tokens_per_s']:.1f} | "
+                     f"{row['bytes_read'] / 1e9:.2f} GB | {row['bound_tokens_per_s']:.1f} | "
+                     f"{row['fraction_of_bound']:.2f} |")
+    out = HERE / "results"
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
