@@ -11,7 +11,7 @@ from PIL import Image
 from llava_ui.config import ModelConfig, VisionConfig
 from llava_ui.model.processing import prepare_images
 from llava_ui.web.heatmap import DISPLAY, base_view, image_maps, normalised, tiles_view
-from llava_ui.web.looked import WHOLE, AnsweredImages, attention_arrays, look, selected, shares_html
+from llava_ui.web.looked import WHOLE, AnsweredImages, attention_by_image, look, selected, shares_html
 
 SIDE = 27
 GREY = (128, 128, 128)
@@ -105,7 +105,7 @@ def test_one_sink_patch_does_not_wash_the_map_out():
 
 def test_a_token_and_a_band_of_layers_select_their_rows():
     attention = [[[[t + 10 * layer + 100 * k] * 3 for k in range(2)] for layer in range(4)] for t in range(5)]
-    arrays = attention_arrays(attention)
+    arrays = attention_by_image(attention)
     assert [a.shape for a in arrays] == [(5, 4, 3)] * 2
     assert selected(arrays, "2", 2, 3)[1].tolist() == [2 + 15 + 100] * 3  # token 3, layers 2-3 (0-based 1, 2)
     assert selected(arrays, WHOLE, 4, 1)[0].tolist() == [2 + 15] * 3  # the whole answer, either order of the band
@@ -131,7 +131,7 @@ def test_image_shares_and_the_text_share_are_all_the_attention(checkpoints, caps
     layers = len(record.attention[0])
     pictures = [Image.open(path).convert("RGB") for path in IMAGES]
     images = AnsweredImages(pictures, prepare_images(pictures, "flat", engine.config), ["image 1", "image 2"])
-    looked = look(selected(attention_arrays(record.attention), WHOLE, 1, layers), images)
+    looked = look(selected(attention_by_image(record.attention), WHOLE, 1, layers), images)
     rows, ids = reference_rows(hf_dir, plan.prompt_ids, engine.config.image_token_index, record.token_ids)
     text_keys = np.array([t != engine.config.image_token_index for t in ids + record.token_ids[:-1]])
     text_share = np.mean([layer[:, text_keys[:layer.shape[1]]].sum(axis=1) for layer in rows])

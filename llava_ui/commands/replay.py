@@ -5,6 +5,7 @@ import json
 import sys
 
 from llava_ui.backends.base import TokenLogprob
+from llava_ui.chat import export_arrays
 from llava_ui.chat.conversation import Conversation
 from llava_ui.chat.export import FORMAT, import_turn
 from llava_ui.commands.common import HelpFormatter, add_log_level, add_model_arguments, make_backend
@@ -12,7 +13,9 @@ from llava_ui.config import GenerationSettings
 from llava_ui.errors import UserError
 
 
-def replay(export: dict, backend, out=None) -> list[bool]:
+def replay(export: dict, backend, out=None, arrays: dict | None = None) -> list[bool]:
+    """Re-run every turn; `arrays`: the export's inspector arrays (export_arrays.load), compared when given.
+    A turn counts as the same when its answer is, and its arrays are within their tolerances."""
     out = out or sys.stdout  # looked up per call: a default bound at import would outlive a redirected stdout
     if export.get("format") != FORMAT:
         raise UserError(f"not a conversation export (format {export.get('format')!r}, expected {FORMAT!r})")
@@ -30,6 +33,11 @@ def replay(export: dict, backend, out=None) -> list[bool]:
         recorded_logprobs = (entry.get("output") or {}).get("logprobs")
         if recorded_logprobs is not None and final.logprobs is not None:
             out.write(logprobs_line(recorded_logprobs, final.logprobs) + "\n")
+        keys = (entry.get("output") or {}).get("arrays")
+        if keys and arrays is not None:
+            lines = export_arrays.compare(keys, arrays, final)
+            out.write("".join(line + "\n" for line in lines))
+            same[-1] = match and export_arrays.within(lines)
         out.write("\n")
         conversation.turns[-1].answer = entry.get("answer") if entry.get("answer") is not None else final.text
     return same
@@ -62,6 +70,10 @@ def cmd_replay(args) -> int:
     args.model = args.model or export.get("model")
     args.image_mode = args.image_mode or export.get("image_mode")
     args.dtype = args.dtype or export.get("dtype")  # the answers' precision (bf16 and fp32 round differently)
+    arrays = export_arrays.load(args.export, export)
+    if export.get("arrays") and arrays is None:
+        print(f"{export['arrays']} (the attention and image effect arrays) is not beside {args.export}: they are "
+              f"computed again but not compared", file=sys.stderr)
     backend = make_backend(args)
     backend.load()
-    return 0 if all(replay(export, backend)) else 1
+    return 0 if all(replay(export, backend, arrays=arrays)) else 1

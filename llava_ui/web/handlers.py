@@ -21,7 +21,7 @@ from llava_ui.chat.media import image_size
 from llava_ui.config import GenerationSettings
 from llava_ui.errors import UserError
 from llava_ui.web.inspector import inspector_views, probabilities_html, stats_line, status_html, write_export
-from llava_ui.web.looked import (WHOLE, answered_images, attention_arrays, effect_html, look, selected, shares_html,
+from llava_ui.web.looked import (WHOLE, answered_images, attention_by_image, effect_html, look, selected, shares_html,
                                  token_choices, token_texts)
 from llava_ui.web.render import chat_messages, progress_text, turn_index, typed_text
 from llava_ui.web.session import ChatSession, add_message, check_files, settle
@@ -212,7 +212,7 @@ class ChatHandlers:
         if not record.attention:
             return nothing
         if self._arrays[0] is not record:
-            self._arrays = (record, attention_arrays(record.attention))
+            self._arrays = (record, attention_by_image(record.attention))
         images = answered_images(session, index, record, config)
         looked = look(selected(self._arrays[1], token, first_layer, last_layer), images,
                       config.vision.patches_per_side)
@@ -412,8 +412,8 @@ class ChatHandlers:
             warn("nothing to export yet: the conversation has no answers")
             return gr.skip()
         status = self.backend.status()
-        return gr.update(value=write_export(session, str(status.get("model")), self.files_dir,
-                                            status.get("dtype") or None), visible=True)
+        paths = write_export(session, str(status.get("model")), self.files_dir, status.get("dtype") or None)
+        return gr.update(value=paths[0] if len(paths) == 1 else paths, visible=True)  # the JSON, and its arrays
 
     def status(self, status: dict | None = None):
         """(status HTML, load button, timer): the timer stops once the model is ready."""

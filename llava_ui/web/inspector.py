@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from llava_ui.backends.base import Result
+from llava_ui.chat import export_arrays
 from llava_ui.chat.export import export_conversation
 from llava_ui.chat.prompt import IMAGE_TOKEN
 from llava_ui.web.session import ChatSession
@@ -167,8 +168,9 @@ def _status(kind: str, text: str) -> str:
     return f'<div class="status {kind}"><span class="dot"></span><span>{text}</span></div>'
 
 
-def write_export(session: ChatSession, model: str, folder: str, dtype: str | None = None) -> str:
-    """The conversation as `python -m llava_ui replay`-able JSON; returns the file's path."""
+def write_export(session: ChatSession, model: str, folder: str, dtype: str | None = None) -> list[str]:
+    """The conversation as `python -m llava_ui replay`-able JSON, and the inspector's arrays (attention, image
+    effect) in an .npz beside it when an answer has them; returns the files' paths, the JSON first."""
     answered = [(turn, shown) for turn, shown in zip(session.conversation.turns, session.turns)
                 if turn.answer is not None and shown.settings is not None]
     conversation = session.conversation.copy()
@@ -180,5 +182,13 @@ def write_export(session: ChatSession, model: str, folder: str, dtype: str | Non
     # a folder of its own: every tab shares `folder`, and two exports in the same second must not share a file
     name = f"llava-conversation-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path = Path(tempfile.mkdtemp(prefix="export-", dir=folder)) / name
+    arrays = {}
+    for turn, (entry, record) in enumerate(zip(export["turns"], records)):
+        found, keys = export_arrays.turn_arrays(turn, record)
+        if keys:
+            entry["output"]["arrays"] = keys
+            arrays.update(found)
+    if arrays:
+        export["arrays"] = path.with_suffix(".npz").name
     path.write_text(json.dumps(export, ensure_ascii=False, indent=1))
-    return str(path)
+    return [str(path)] + ([str(export_arrays.save(path.with_suffix(".npz"), arrays))] if arrays else [])

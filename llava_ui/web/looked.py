@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from llava_ui.backends.base import Result
+from llava_ui.chat.export_arrays import attention_by_image
 from llava_ui.model.processing import prepare_images
 from llava_ui.web.heatmap import base_view, image_maps, tiles_view
 from llava_ui.web.inspector import media_labels
@@ -21,17 +22,8 @@ NOTE = ("Attention shows where each answer token's query read from (averaged ove
         "show.")
 
 
-def attention_arrays(attention: list) -> list[np.ndarray]:
-    """Result.attention ([token][layer][image] → weights) as one float32 array per image: [tokens, layers,
-    visual positions]."""
-    if not attention or not attention[0] or not attention[0][0]:
-        return []
-    return [np.asarray([[layer[k] for layer in token] for token in attention], dtype=np.float32)
-            for k in range(len(attention[0][0]))]
-
-
 def selected(arrays: list[np.ndarray], token: str, first_layer: int, last_layer: int) -> list[np.ndarray]:
-    """Per image, its weights averaged over the chosen token (an index, or WHOLE) and layers first..last
+    """`arrays`: attention_by_image's. Per image, its weights averaged over the chosen token (an index, or WHOLE) and layers first..last
     (1-based, inclusive, either order)."""
     rows = slice(None) if token in (WHOLE, None, "") else slice(int(token), int(token) + 1)
     lo, hi = sorted((int(first_layer), int(last_layer)))
