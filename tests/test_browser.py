@@ -240,3 +240,26 @@ def test_token_probabilities_shade_the_answer_and_show_alternatives(page):
     assert "rgba(220, 38, 38" in tokens.first.get_attribute("style")
     tokens.first.hover()
     shot(page, "10-token-probabilities")
+
+
+def test_where_the_model_looked_shows_a_heat_map_and_shares_for_a_chosen_token(page):
+    set_settings(page, max_new_tokens=6, temperature=0)
+    page.locator("#attention-toggle input[type=checkbox]").check()
+    page.locator("#image-effect-toggle input[type=checkbox]").check()
+    wait_for_answer(page, send(page, "compare <image> and <image>",
+                               [ROOT / "assets/stars_two.png", ROOT / "assets/stars_three.png"]))
+    heatmaps = page.locator("#heatmaps")
+    heatmaps.locator("img").first.wait_for()
+    assert heatmaps.locator("img").count() == 2  # one heat map per image
+    shares = page.locator("#attention-shares")
+    whole = shares.inner_text()
+    assert "Share of all attention per image" in whole and whole.count("%") == 3  # two images and the text
+    assert "not an explanation" in whole
+    page.locator("#look-token input").click()
+    page.get_by_role("option").nth(2).click()  # the answer's second token
+    page.wait_for_function("(before) => document.querySelector('#attention-shares').innerText !== before", arg=whole)
+    assert heatmaps.locator("img").count() == 2
+    captions = heatmaps.inner_text()
+    assert "image 1: stars_two.png" in captions and "% of the attention" in captions
+    assert page.locator("#image-effect span.token").count() == 6  # the images' effect on every token
+    shot(page, "11-where-the-model-looked")

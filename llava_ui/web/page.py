@@ -126,7 +126,7 @@ def build_demo(backend, args) -> gr.Blocks:
                                            visible=False)
                 heatmaps = gr.Gallery(label="Where the model looked (each view normalised on its own, 99th "
                                             "percentile clipped)", columns=2, height="auto", elem_id="heatmaps",
-                                      allow_preview=True, buttons=["fullscreen"], visible=False)
+                                      object_fit="contain", allow_preview=True, buttons=["fullscreen"], visible=False)
                 shares = gr.HTML("", elem_id="attention-shares", visible=False)
                 effect = gr.HTML("", elem_id="image-effect", visible=False)
                 export_button = gr.Button("Export conversation (JSON)", size="sm", elem_id="export-button")
