@@ -14,8 +14,6 @@ import tokenize
 from collections import defaultdict
 from pathlib import Path
 
-import pytest
-
 import llava_ui
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +43,6 @@ def sentences(markdown: str) -> list[str]:
     return [sentence.strip().rstrip(".") for unit in units for sentence in unit.split(". ")]
 
 
-@pytest.mark.xfail(strict=True, reason="README.md still repeats docs/ (issue 37: the restructure follows)")
 def test_no_long_sentence_stands_in_two_pages():
     pages_of = defaultdict(set)
     for page in PAGES:
@@ -108,6 +105,29 @@ def test_every_name_in_docs_docstrings_and_comments_resolves():
             dead += [f"{where}: {name}" for name in SHORT_NAME.findall(text)
                      if name.split(".")[0] in BY_BASENAME and not short_name_resolves(name)]
     assert not dead, "names that do not resolve:\n" + "\n".join(dead)
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors for a page's headings (outside code blocks)."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+
+
+def test_every_link_between_the_pages_arrives():
+    """Relative links (and their #anchors) in README.md and docs/*.md name files and headings that exist."""
+    broken = []
+    for page in PAGES:
+        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+        for target in re.findall(r"\]\(([^)\s]+)\)|src=\"([^\"]+)\"", text):
+            target = target[0] or target[1]
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s), mailto
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists() or (anchor and linked.suffix == ".md" and anchor not in anchors(linked)):
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, "links that lead nowhere:\n" + "\n".join(broken)
 
 
 def test_the_checks_catch_a_copy_and_a_dead_name():

@@ -197,7 +197,7 @@ def test_the_vllm_chat_template_in_the_docs_builds_this_apps_prompt():
     from llava_ui.backends.remote import openai_messages
     from llava_ui.chat.prompt import render_prompt
 
-    docs = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "deploy.md").read_text()
     template = jinja2.Environment().from_string(docs.split("```jinja\n")[1].split("```")[0])
     conversation = chat("two: <image> and\n<image>!", [RED, BLUE], history=[("hello", "hi")])
     messages = openai_messages(conversation, lambda image, digest: "data:,")
