@@ -255,10 +255,10 @@ def project(x, weight, transposed: bool, bias=None):
     """x [rows, in] times a part's weight, stored [in, out], (transposed) [out, in] or packed for MKL; + bias.
 
     The layouts suit different work (MKL on one thread per worker, weights read from memory): one row is a
-    matrix-vector product, a few percent faster over [in, out]; a few rows (a batched decode step) are a small
-    matrix product, for which MKL's sgemm over an [in, out] weight costs 2.4-2.9x one row at 2-8 rows (by all
-    appearances it repacks the weight on every call), while an [out, in] weight times the rows' transpose costs
-    1.1x at 2 rows and 1.7x at 4-8 (bench/batch_steps.py). Packed (packed.py), 1-8 rows cost about one row."""
+    matrix-vector product, slightly faster over [in, out]; a few rows (a batched decode step) are a small matrix
+    product, which MKL's sgemm computes far more slowly over an [in, out] weight than as an [out, in] weight times
+    the rows' transpose (bench/batch_steps.py measures both). Packed for MKL (packed.py), a few rows cost about one
+    row; oneDNN's bf16 matmul (kernels.Bf16Matrix) reads its weight once whatever the row count."""
     if isinstance(weight, Bf16Matrix):
         return weight.matmul(x, bias)
     if isinstance(weight, PackedMatrix):
@@ -462,7 +462,7 @@ class _Step:
             self.rope_row = tuple(table.reshape([dim]).contiguous() for table in (cos, sin))
             self.shapes = {}
             return
-        # per part shape, tiled once per forward (Paddle's CPU multiply broadcasting over the middle axis is ~4x
+        # per part shape, tiled once per forward (Paddle's CPU multiply broadcasting over the middle axis is much
         # slower than an elementwise one); q's heads carry the attention scale 1/sqrt(dim), v's heads get cos 1 and
         # sin 0: one rotation gives scaled q, k and v exactly as they go into attention (the fused kernel scales q
         # itself: Paddle rules its flash kernel out whenever a scale is passed)
@@ -592,8 +592,8 @@ def head_logits(lm_head, hidden, bf16_head: list | None = None):
     step: each step reads the whole head, the largest matrix) are computed with the vocabulary rows shared among
     the workers: MKL does not thread a matrix-vector product well, one worker per core reads memory faster (as
     the layers' parts do); the tied head is stored [vocab, hidden]. A few rows (a batched step) go through in
-    blocks of HEAD_BLOCK vocabulary rows on the CPU, each block · hiddenᵀ: on an AMD EPYC (Zen 3) 2 / 4 / 8 rows
-    took 53 / 52 / 49 ms that way against 64 / 80 / 80 ms as one product per worker (one row: 26 ms)."""
+    blocks of HEAD_BLOCK vocabulary rows on the CPU, each block · hiddenᵀ, which MKL computes faster than one
+    product per worker (bench/batch_steps.py)."""
     if bf16_head is not None:  # (Qwen2Runner.head) oneDNN's bf16 matmul takes any row count at one weight read
         parts = run_parts(lambda matrix: matrix.matmul(hidden), bf16_head)
         return paddle.concat(parts, axis=-1) if len(parts) > 1 else parts[0]
