@@ -69,10 +69,10 @@ class LoadState:
 
 def weight_layout(policy: DevicePolicy, batch_limit: int) -> str:
     """The language model's weight layout: as stored ("in-out") for one stream, on a GPU (its matmuls take a few
-    rows over the stored layout without the transpose a CPU's MKL wants) and for the CPU's bf16 programs (they read
-    the weights as stored); for an fp32 CPU engine that batches decode steps [out, in] (qwen2.project), or with
-    LLAVA_UI_BATCH_LAYOUT=packed, packed for MKL's sgemm (packed.py: 2-4 rows of a step at about one row's dense
-    cost, but ~0.6 GB more resident and one row slower; README, "Concurrency")."""
+    rows over the stored layout without the transpose a CPU's MKL wants) and for a CPU in bf16 (use_bf16 packs the
+    weights as stored for the bf16 kernel, and its fallback programs read them as stored); for an fp32 CPU engine
+    that batches decode steps [out, in] (qwen2.project), or with LLAVA_UI_BATCH_LAYOUT=packed, packed for MKL's
+    sgemm (packed.py says what that costs and saves)."""
     if batch_limit <= 1 or policy.on_gpu or policy.dtype == "bfloat16":
         return "in-out"
     if os.environ.get("LLAVA_UI_BATCH_LAYOUT", "") == "packed" and packed.available():

@@ -177,7 +177,7 @@ class Bf16Runner:
         if release:
             # a process's first pass through the programs does not always leave oneDNN holding their bf16 weights
             # for the passes after it (those then read the released pages: wrong features; running each program
-            # twice in one pass was not enough), so the weights are given back during a second pass
+            # twice in one pass does not help), so the weights are given back during a second pass
             self._run_vision(x, False)
         self._run_vision(x, release)
         if self.layers:

@@ -2,8 +2,9 @@
 status bar show both).
 
 A GPU computes in bf16 where the chosen device has it (compute capability 8.0 and later: Ampere, Ada, Hopper), else
-in fp16; the model was trained in bf16, whose range fp16 lacks (qwen2.check_finite guards the prefill). A CPU keeps
-fp32 weights and runs bf16 through oneDNN programs (llava_ui.model.bf16) when it has bf16 units.
+in fp16; the model was trained in bf16, whose range fp16 lacks (qwen2.check_finite guards the prefill). A CPU with
+bf16 units computes in bf16 (the language model through the bf16 linear kernel, llava_ui.model.kernels; the vision
+tower through oneDNN programs, llava_ui.model.bf16), any other CPU in fp32.
 """
 from __future__ import annotations
 

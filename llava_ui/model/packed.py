@@ -1,19 +1,18 @@
 """Weights packed once for MKL's sgemm (`cblas_sgemm_pack` / `cblas_sgemm_compute`): a batched decode step at the
 cost of one row.
 
-A decode step of a few rows is a small matrix product over weights read from memory. MKL's ordinary sgemm
-repacks the weight into its kernel's panel layout on every call, so 2-8 rows cost about twice one row; with the
-weight packed once (at load, in place of the matrix) every call streams the panels as they are. On an AMD EPYC
-(Zen 3, 2 workers; `bench/results/batch-steps-zen3.md`) a decode step's dense part took 106 / 131 / 137 / 165 ms at
-1 / 2 / 4 / 8 rows, against 116 / 209 / 243 / 229 ms with [out, in] weights. What it costs there: the server held
-0.62 GB more resident (MKL's panels are padded) and one stream decoded more slowly (`concurrent-zen3-*.md`), so an
-engine uses it only when asked (LLAVA_UI_BATCH_LAYOUT=packed, backends.local.weight_layout).
+A decode step of a few rows is a small matrix product over weights read from memory. MKL's ordinary sgemm costs
+far more for a few rows than for one (by all appearances it repacks the weight into its kernel's panel layout on
+every call); with the weight packed once (at load, in place of the matrix) every call streams the panels as they
+are, and a few rows cost about what one does. What it costs: MKL pads its panels, so the server holds more memory,
+and one stream decodes more slowly; an engine uses it only when asked (LLAVA_UI_BATCH_LAYOUT=packed,
+backends.local.weight_layout). The measurements: docs/performance.md, "Many chats at once".
 
 Packed for the prefill chunk's row count (the pack call's M hint; the layout serves any row count). Rows of one
 product do not depend on each other except through the kernel MKL picks for the row count, which rounds
-differently for some counts (on a Zen 3 EPYC at the real size: 2, 3, 6, 7, 10, 11, 14, 15). `calibrate()` finds
-those at load, on the model's own matrices, and such a count is computed as the next count that agrees (zero rows added): every row of a batched
-step is then bit for bit what it is alone.
+differently for some counts (which ones depends on the CPU and the matrix). `calibrate()` finds those at load, on
+the model's own matrices, and such a count is computed as the next count that agrees (zero rows added): every row
+of a batched step is then bit for bit what it is alone.
 """
 from __future__ import annotations
 
