@@ -97,11 +97,12 @@ def test_decode_attention_in_one_call_computes_what_the_paddle_ops_do(checkpoint
     counted = kernels.decode_attention
     monkeypatch.setattr(kernels, "decode_attention", lambda *args: calls.append(1) or counted(*args))
     for kernel in (True, False):
-        model.runner.attention_kernel = kernel
+        model.runner.attention_kernel = False  # the same prompts' caches on both sides: only decode differs
         caches, logits = [], []
         for ids in prompts:
             _, cache = prefill(model, model.embed_prompt(ids, []), room=8)
             caches.append(cache)
+        model.runner.attention_kernel = kernel
         positions = [len(ids) for ids in prompts]
         for i in range(3):  # one chat alone
             step_logits, caches[i] = decode_one_token(model, 7, caches[i], positions[i])
@@ -118,3 +119,28 @@ def test_decode_attention_in_one_call_computes_what_the_paddle_ops_do(checkpoint
     assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
     for x, y in zip(keys_a + values_a, keys_b + values_b):
         assert np.abs(x - y).max() <= 1e-5 * max(np.abs(y).max(), 1)
+
+
+@pytest.mark.parametrize("start, rows, q_heads, kv_heads", [(0, 700, 2, 2), (300, 37, 4, 2), (1000, 600, 2, 1)])
+def test_prefill_attention_is_causal_softmax_attention(start, rows, q_heads, kv_heads):
+    """A prefill chunk at positions start.. over the cache (blocks of queries and keys, across block edges, a later
+    chunk over a cached prefix, grouped kv heads) gives each row softmax attention over positions 0..its own, within
+    bf16's rounding of q, k, v and the weights."""
+    rng = np.random.default_rng(start + rows)
+    dim, capacity = 64, start + rows + 40
+    q = rng.standard_normal((q_heads, rows, dim)).astype(np.float32) * 0.3
+    keys = rng.standard_normal((kv_heads * capacity, dim)).astype(np.float32)
+    values = rng.standard_normal((kv_heads * capacity, dim)).astype(np.float32)
+    out = kernels.prefill_attention(paddle.to_tensor(q), paddle.to_tensor(keys), paddle.to_tensor(values), kv_heads,
+                                    capacity, start).numpy()
+    assert out.shape == (rows, q_heads * dim)
+    group = q_heads // kv_heads
+    for h in range(q_heads):
+        kv = h // group
+        k, v = keys[kv * capacity:kv * capacity + start + rows], values[kv * capacity:kv * capacity + start + rows]
+        scores = q[h].astype(np.float64) @ k.T.astype(np.float64)
+        visible = np.arange(start + rows)[None, :] <= np.arange(start, start + rows)[:, None]
+        scores = np.where(visible, scores, -np.inf)
+        weights = np.exp(scores - scores.max(axis=1, keepdims=True))
+        expected = (weights / weights.sum(axis=1, keepdims=True)) @ v
+        assert np.abs(out[:, h * dim:(h + 1) * dim] - expected).max() < 0.03 * np.abs(expected).max()

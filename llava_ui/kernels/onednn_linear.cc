@@ -63,6 +63,14 @@ Matmul& matmul_for(int64_t m, int64_t k, int64_t n, int threads) {
   return known.emplace(key, Matmul{pd, dnnl::matmul(pd)}).first->second;
 }
 
+// Each call runs on the calling thread alone: the engine's CPU workers each take one part of a layer at once, and
+// a oneDNN team per worker would put more threads than cores to work.
+struct OneThread {
+  int previous = omp_get_max_threads();
+  OneThread() { omp_set_num_threads(1); }
+  ~OneThread() { omp_set_num_threads(previous); }
+};
+
 inline uint16_t to_bf16(float value) {  // round to nearest even, as oneDNN's own conversion
   uint32_t bits;
   std::memcpy(&bits, &value, sizeof bits);
@@ -101,7 +109,8 @@ std::vector<paddle::Tensor> Bf16Linear(const paddle::Tensor& x, const paddle::Te
   rows.resize(static_cast<size_t>(m * k));
   const float* source = x.data<float>();
   for (int64_t i = 0; i < m * k; ++i) rows[i] = to_bf16(source[i]);
-  Matmul& mm = matmul_for(m, k, n, omp_get_max_threads());
+  OneThread one;
+  Matmul& mm = matmul_for(m, k, n, 1);
   dnnl::stream stream(cpu());
   memory src({{m, k}, dt::bf16, tag::ab}, cpu(), rows.data());
   memory weights(packed_desc(k, n), cpu(), const_cast<uint8_t*>(packed.data<uint8_t>()));
@@ -201,3 +210,148 @@ PD_BUILD_OP(decode_attention)
     .Outputs({"Out"})
     .Attrs({"q_heads: int64_t", "kv_heads: int64_t", "capacity: int64_t", "position: int64_t"})
     .SetKernelFn(PD_KERNEL(DecodeAttention));
+
+// Causal attention of a prefill chunk for one worker's heads, flash-style: blocks of queries against blocks of
+// keys, bf16 products summed in fp32 (oneDNN matmul), a running softmax per query row in fp32, key blocks past a
+// query block's last position never computed. q: [q_heads, rows, dim] (RoPE applied, times 1/sqrt(dim)), the
+// chunk's positions start..start+rows-1; keys, values: [kv_heads * capacity, dim] holding positions
+// 0..start+rows-1. Returns [rows, q_heads * dim].
+namespace {
+
+constexpr int64_t kQueryBlock = 256, kKeyBlock = 512;
+
+// exp(x) for x <= 0 to float precision, in a form the compiler vectorises (no libm call in the loop)
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits = static_cast<int32_t>(n + 127.0f) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// out[m, n] = a[m, k] · b, b given as [k, n] rows (b_rows_are_k) or as [n, k] rows (its transpose); bf16 in,
+// fp32 out. Primitives kept per shape.
+void bf16_product(const uint16_t* a, const uint16_t* b, float* out, int64_t m, int64_t k, int64_t n,
+                  bool b_rows_are_k) {
+  static std::mutex lock;
+  static std::map<std::tuple<int64_t, int64_t, int64_t, bool>, Matmul> known;
+  Matmul* mm;
+  {
+    std::lock_guard<std::mutex> hold(lock);
+    auto key = std::make_tuple(m, k, n, b_rows_are_k);
+    auto found = known.find(key);
+    if (found == known.end()) {
+      memory::desc src({m, k}, dt::bf16, tag::ab), dst({m, n}, dt::f32, tag::ab);
+      memory::desc wei({k, n}, dt::bf16, b_rows_are_k ? tag::ab : tag::ba);
+      dnnl::primitive_attr attr;
+      attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+      auto pd = dnnl::matmul::primitive_desc(cpu(), src, wei, dst, attr);
+      found = known.emplace(key, Matmul{pd, dnnl::matmul(pd)}).first;
+    }
+    mm = &found->second;
+  }
+  thread_local std::vector<uint8_t> scratch;
+  scratch.resize(std::max<size_t>(mm->desc.scratchpad_desc().get_size(), 1));
+  dnnl::stream stream(cpu());
+  memory sa({{m, k}, dt::bf16, tag::ab}, cpu(), const_cast<uint16_t*>(a));
+  memory sb({{k, n}, dt::bf16, b_rows_are_k ? tag::ab : tag::ba}, cpu(), const_cast<uint16_t*>(b));
+  memory so({{m, n}, dt::f32, tag::ab}, cpu(), out);
+  memory sp(mm->desc.scratchpad_desc(), cpu(), scratch.data());
+  mm->primitive.execute(stream, {{DNNL_ARG_SRC, sa}, {DNNL_ARG_WEIGHTS, sb}, {DNNL_ARG_DST, so},
+                                 {DNNL_ARG_SCRATCHPAD, sp}});
+  stream.wait();
+}
+
+void to_bf16_rows(const float* source, int64_t count, uint16_t* target) {
+  for (int64_t i = 0; i < count; ++i) target[i] = to_bf16(source[i]);
+}
+
+}  // namespace
+
+std::vector<paddle::Tensor> PrefillAttention(const paddle::Tensor& q, const paddle::Tensor& keys,
+                                             const paddle::Tensor& values, int64_t kv_heads, int64_t capacity,
+                                             int64_t start) {
+  PD_CHECK(q.dtype() == paddle::DataType::FLOAT32 && q.shape().size() == 3, "prefill_attention: q is float32 "
+           "[heads, rows, dim]");
+  const int64_t q_heads = q.shape()[0], rows = q.shape()[1], dim = q.shape()[2], visible = start + rows;
+  PD_CHECK(keys.numel() == kv_heads * capacity * dim && values.numel() == keys.numel() && visible <= capacity,
+           "prefill_attention: the cache rows do not match kv_heads * capacity, or hold fewer positions");
+  OneThread one;
+  auto out = paddle::empty({rows, q_heads * dim}, paddle::DataType::FLOAT32, q.place());
+  float* o = out.data<float>();
+  const float* qs = q.data<float>();
+  const float* ks = keys.data<float>();
+  const float* vs = values.data<float>();
+  const int64_t group = q_heads / kv_heads;
+  std::vector<uint16_t> k16(visible * dim), v16(visible * dim), q16(rows * dim), p16(kQueryBlock * kKeyBlock);
+  std::vector<float> scores(kQueryBlock * kKeyBlock), pv(kQueryBlock * dim), acc(kQueryBlock * dim);
+  std::vector<float> top(kQueryBlock), total(kQueryBlock);
+  int64_t converted = -1;
+  for (int64_t h = 0; h < q_heads; ++h) {
+    const int64_t kv = h / group;
+    if (kv != converted) {
+      to_bf16_rows(ks + kv * capacity * dim, visible * dim, k16.data());
+      to_bf16_rows(vs + kv * capacity * dim, visible * dim, v16.data());
+      converted = kv;
+    }
+    to_bf16_rows(qs + h * rows * dim, rows * dim, q16.data());
+    for (int64_t r0 = 0; r0 < rows; r0 += kQueryBlock) {
+      const int64_t m = std::min(kQueryBlock, rows - r0), last = start + r0 + m;  // keys < last are visible
+      std::fill(top.begin(), top.begin() + m, -3.0e38f);
+      std::fill(total.begin(), total.begin() + m, 0.0f);
+      std::fill(acc.begin(), acc.begin() + m * dim, 0.0f);
+      for (int64_t k0 = 0; k0 < last; k0 += kKeyBlock) {
+        const int64_t n = std::min(kKeyBlock, last - k0);
+        bf16_product(q16.data() + r0 * dim, k16.data() + k0 * dim, scores.data(), m, dim, n, false);
+        for (int64_t i = 0; i < m; ++i) {
+          const int64_t seen = std::min(n, start + r0 + i + 1 - k0);  // this row's visible keys in the block
+          float* row = scores.data() + i * n;
+          uint16_t* p = p16.data() + i * n;
+          if (seen <= 0) {
+            std::fill(p, p + n, 0);
+            continue;
+          }
+          float block_top = -3.0e38f;
+          for (int64_t j = 0; j < seen; ++j) block_top = std::max(block_top, row[j]);
+          const float new_top = std::max(top[i], block_top);
+          const float correction = exp_nonpositive(top[i] - new_top);
+          float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = 0; j < seen; ++j) {
+            row[j] = exp_nonpositive(row[j] - new_top);
+            sum += row[j];
+          }
+          for (int64_t j = 0; j < seen; ++j) p[j] = to_bf16(row[j]);
+          std::fill(p + seen, p + n, 0);
+          total[i] = total[i] * correction + sum;
+          top[i] = new_top;
+          float* a = acc.data() + i * dim;
+          for (int64_t d = 0; d < dim; ++d) a[d] *= correction;
+        }
+        bf16_product(p16.data(), v16.data() + k0 * dim, pv.data(), m, n, dim, true);
+        for (int64_t i = 0; i < m * dim; ++i) acc[i] += pv[i];
+      }
+      for (int64_t i = 0; i < m; ++i) {
+        const float norm = 1.0f / total[i];
+        float* target = o + (r0 + i) * q_heads * dim + h * dim;
+        for (int64_t d = 0; d < dim; ++d) target[d] = acc[i * dim + d] * norm;
+      }
+    }
+  }
+  return {out};
+}
+
+PD_BUILD_OP(prefill_attention)
+    .Inputs({"Q", "Keys", "Values"})
+    .Outputs({"Out"})
+    .Attrs({"kv_heads: int64_t", "capacity: int64_t", "start: int64_t"})
+    .SetKernelFn(PD_KERNEL(PrefillAttention));

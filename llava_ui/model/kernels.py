@@ -157,3 +157,11 @@ def decode_attention(qkv: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor,
     `position` (keys and values [kv_heads * capacity, dim], written in place) and attention over positions
     0..position; qkv [1, (q + 2 kv heads) * dim] → [1, q heads * dim]."""
     return _operator().decode_attention(qkv, cos, sin, keys, values, q_heads, kv_heads, capacity, position)
+
+
+def prefill_attention(q: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tensor, kv_heads: int, capacity: int,
+                      start: int) -> paddle.Tensor:
+    """Causal attention of a prefill chunk (onednn_linear.cc, PrefillAttention): q [q heads, rows, dim] (RoPE
+    applied, scaled) at positions start.., over the cache's positions 0..start+rows-1 ([kv heads * capacity,
+    dim] keys and values) → [rows, q heads * dim]; blocked, bf16 products, fp32 softmax."""
+    return _operator().prefill_attention(q, keys, values, kv_heads, capacity, start)

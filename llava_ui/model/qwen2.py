@@ -456,8 +456,9 @@ class _Step:
         self.rotate = runner._rotation(dtype)
         cos, sin = runner.rotary.get(start, length, dtype)  # [L, 1, dim]
         # a decode position over bf16-kernel weights: RoPE, the cache write and attention in one kernel call
-        self.kernel = (runner.layout == "bf16" and runner.attention_kernel and length == 1
-                       and cache.keys[0].place.is_cpu_place())
+        kernel = runner.layout == "bf16" and runner.attention_kernel and cache.keys[0].place.is_cpu_place()
+        self.kernel = kernel and length == 1
+        self.flash = kernel and length > 1 and not fused  # a prefill chunk's attention in one kernel call
         if self.kernel:
             self.rope_row = tuple(table.reshape([dim]).contiguous() for table in (cos, sin))
             self.shapes = {}
@@ -475,7 +476,7 @@ class _Step:
                     paddle.tile(table * scale, [1, part.q_heads, 1]), paddle.tile(table, [1, part.kv_heads, 1]),
                     paddle.full([length, part.kv_heads, dim], fill, dtype)], axis=1) for table, fill in ((cos, 1), (sin, 0))
                 ) + (cache.rows(start, length, part.kv_heads),)
-        self.masks = _block_masks(start, length, dtype) if length > 1 and not fused else None
+        self.masks = _block_masks(start, length, dtype) if length > 1 and not fused and not self.flash else None
         self.prefix_mask = _prefix_mask(start, length, cache.capacity, dtype) if fused and start > 0 else None
         if length == 1:
             mask = cache.decode_mask(dtype)
@@ -539,6 +540,9 @@ class _Step:
         per_head, keys, values = self._store(part, qkv, layer)
         if self.fused:
             return self._fused(part, qkv, keys, values)
+        if self.flash:
+            return kernels.prefill_attention(per_head[:q_heads], keys, values, kv_heads, self.cache.capacity,
+                                             self.start)
         q = per_head[:q_heads]
         group = q_heads // kv_heads
         blocks = []
