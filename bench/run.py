@@ -172,7 +172,9 @@ def summarise(runs: dict, sizes: dict, bandwidth: float) -> dict:
         if fp32 and reference and not CASES[case].temperature:
             row["same_first_tokens"] = fp32["first_ids"] == reference["first_ids"]
         table[case] = row
-    return {"cases": table, "decode_bound_tokens_per_s": bandwidth / sizes["decode_read_per_token"]}
+    return {"cases": table, "decode_bound_tokens_per_s": bandwidth / sizes["decode_read_per_token"],
+            # a step over bf16 weights reads half the bytes (the bf16 kernel path, llava_ui.model.kernels)
+            "bf16_decode_bound_tokens_per_s": 2 * bandwidth / sizes["decode_read_per_token"]}
 
 
 def markdown(report: dict) -> str:
@@ -204,7 +206,7 @@ def markdown(report: dict) -> str:
         f"fp32 weights: {sizes['model_fp32'] / gb:.2f} GB; one fp32 decode step reads "
         f"{sizes['decode_read_per_token'] / gb:.2f} GB; read bandwidth (numpy streaming sum over 2 GB, every core): "
         f"{report['bandwidth_bytes_per_s'] / gb:.1f} GB/s → fp32 decode bound {s['decode_bound_tokens_per_s']:.1f} "
-        f"tokens/s.",
+        f"tokens/s, bf16 decode bound {s.get('bf16_decode_bound_tokens_per_s', 0):.1f} tokens/s.",
         "",
         "| target | measured | met |",
         "|---|---:|:---:|",
@@ -215,7 +217,7 @@ def markdown(report: dict) -> str:
 
 
 def targets(report: dict) -> list[tuple[str, str, str, bool]]:
-    """Issue 17's targets, from the ratios of this run."""
+    """Issue 35's targets (and the fp32 ones before them), from the ratios of this run."""
     cases, out = report["summary"]["cases"], []
 
     def check(case, pair, measure, goal, at_most):
@@ -231,13 +233,19 @@ def targets(report: dict) -> list[tuple[str, str, str, bool]]:
         check(case, "paddle-fp32 / transformers", "ttft", 1.0, True)
     for case in ("answer-256", "answer-256-t0.2"):
         check(case, "paddle / transformers", "decode", 2.0, False)
-        check(case, "paddle / transformers-bf16", "decode", 1.3, False)
+        check(case, "paddle / transformers-bf16", "decode", 1.5, False)
         check(case, "paddle-fp32 / transformers", "decode", 1.3, False)
+        paddle = cases.get(case, {}).get("sides", {}).get("paddle")
+        bound = report["summary"].get("bf16_decode_bound_tokens_per_s")
+        if paddle and bound and "bf16" in str(paddle["precision"]):
+            share = paddle["decode_tokens_per_s"] / bound
+            out.append((f"decode, {case}, paddle, of the bf16 bandwidth bound", f"{share:.2f}", "≥ 0.6",
+                        share >= 0.6))
     for case, row in cases.items():
         for side in ("paddle", "paddle-fp32"):
             if side in row["sides"]:
                 r = row["sides"][side]["rss_ratio"]
-                out.append((f"peak RSS / fp32 weights, {case}, {side}", f"{r:.2f}×", "≤ 1.4×", r <= 1.4))
+                out.append((f"peak RSS / fp32 weights, {case}, {side}", f"{r:.2f}×", "≤ 1.3×", r <= 1.3))
     return out
 
 

@@ -163,8 +163,13 @@ def test_the_kernel_holds_the_language_model_in_bf16_only(checkpoints, tiny_fp32
     for layer in model.language_model.qwen2.layers:
         assert all(getattr(layer.self_attn, n).weight is None for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
         assert all(getattr(layer.mlp, n).weight is None for n in ("gate_proj", "up_proj", "down_proj"))
-    vocab = model.embed_tokens.weight.shape[0]
+    vocab = tiny_fp32.embed_tokens.weight.shape[0]
     assert sum(matrix.shape[1] for matrix in model.runner.head) == vocab
+    assert model.language_model.lm_head.weight is None and model.language_model.qwen2.embed_tokens.weight is None
+    ids = paddle.to_tensor([0, 5, vocab - 1])  # the bf16 table: the fp32 rows rounded, handed on in fp32
+    looked_up, exact = model.embed_tokens(ids), tiny_fp32.embed_tokens(ids)
+    assert looked_up.dtype == paddle.float32
+    assert np.abs(looked_up.numpy() - exact.numpy()).max() <= 2 ** -8 * np.abs(exact.numpy()).max()
 
 
 @needs_units

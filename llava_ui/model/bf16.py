@@ -106,7 +106,7 @@ def layer_programs(runner, i: int, rows: int, dims: dict) -> tuple[Program, Prog
     rest (each part's heads, residual) → (the next layer's normed input, the new residual)."""
     layers = runner.qwen2.layers
     attention, feed = runner.parts[i]
-    eps, hidden = runner.eps, runner.qwen2.embed_tokens.weight.shape[1]
+    eps, hidden = runner.eps, runner.qwen2.norm.weight.shape[0]
     following = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else runner.qwen2.norm.weight
     qkv_weights = [t for part in attention for t in (part.qkv, part.bias if part.bias is not None
                                                      else _zeros_for(part.qkv))]
@@ -181,7 +181,7 @@ class Bf16Runner:
             self._run_vision(x, False)
         self._run_vision(x, release)
         if self.layers:
-            hidden = self.runner.qwen2.embed_tokens.weight.shape[1]
+            hidden = self.runner.qwen2.norm.weight.shape[0]
             self.forward(paddle.zeros([1, CHUNK, hidden]), None, 0)
 
     def release_fp32_vision(self) -> int:

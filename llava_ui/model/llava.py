@@ -58,13 +58,19 @@ class LlavaQwen(nn.Layer):
 
     @property
     def embed_tokens(self):
-        return self.language_model.qwen2.embed_tokens
+        """ids → embeddings [.., hidden] in the activations' dtype (a bf16 table once the runner packed it)."""
+        return self.runner.embedding or self.language_model.qwen2.embed_tokens
+
+    @property
+    def dtype(self):
+        """The activations' dtype (the parameters'; on a CPU in bf16 the weights are packed, the activations fp32)."""
+        return self.language_model.qwen2.norm.weight.dtype
 
     def encode_views(self, pixel_values, should_stop=None) -> paddle.Tensor:
         """[N, 3, S, S] float pixels → [N, patches, hidden] projected features; raises errors.Stopped when
         `should_stop()` turns true between two layers."""
         self.vision_calls += 1
-        pixels = paddle.to_tensor(pixel_values, dtype=self.embed_tokens.weight.dtype)
+        pixels = paddle.to_tensor(pixel_values, dtype=self.dtype)
         if self.bf16 is not None:
             return self.bf16.encode(pixels, should_stop)
         if not self.fp32_vision:
@@ -115,7 +121,7 @@ class LlavaQwen(nn.Layer):
                 ids = paddle.to_tensor(prompt_ids[start:slot], dtype="int64")
                 pieces.append(self.embed_tokens(ids))
             if image_rows is not None:
-                pieces.append(image_rows.astype(self.embed_tokens.weight.dtype))
+                pieces.append(image_rows.astype(self.dtype))
             start = slot + 1
         return paddle.concat(pieces, axis=0).unsqueeze(0)
 

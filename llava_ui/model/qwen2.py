@@ -299,6 +299,7 @@ class Qwen2Runner:
         self.head = None  # the LM head as one Bf16Matrix per worker's share of the vocabulary (layout "bf16")
         self.layout = None  # the weights' layout (WEIGHT_LAYOUTS), once packed
         self.attention_kernel = True  # layout "bf16": decode attention in one kernel call (False: Paddle ops)
+        self.embedding = None  # layout "bf16", tied head: the token embeddings as a bf16 table (Bf16Embedding)
 
     def pack(self, layout: str = "in-out") -> None:
         """Regroup the q/k/v and gate/up weights into the workers' parts (the originals are released: the model
@@ -349,13 +350,18 @@ class Qwen2Runner:
         release_free_memory()
 
     def _bf16_head(self) -> list:
-        """The LM head's shares of the vocabulary (one per worker) as Bf16Matrix. A tied head is the embedding
-        [vocab, hidden], which token lookups keep reading in fp32; an untied one is let go once packed."""
+        """The LM head's shares of the vocabulary (one per worker) as Bf16Matrix; its fp32 matrix is let go. A tied
+        head is the embedding [vocab, hidden]: token lookups read a bf16 copy of it from then on (self.embedding)."""
         head = self.lm_head
         weight = head.weight
         if head.transpose_y:
-            return [Bf16Matrix(weight[share.start:share.stop], transposed=True) for share in shares(weight.shape[0])]
-        matrices = [Bf16Matrix(weight[:, share.start:share.stop].contiguous()) for share in shares(weight.shape[1])]
+            matrices = [Bf16Matrix(weight[share.start:share.stop], transposed=True)
+                        for share in shares(weight.shape[0])]
+            self.embedding = Bf16Embedding(weight)
+            self.qwen2.embed_tokens._parameters["weight"] = None
+        else:
+            matrices = [Bf16Matrix(weight[:, share.start:share.stop].contiguous())
+                        for share in shares(weight.shape[1])]
         head._parameters["weight"] = None
         return matrices
 
@@ -414,7 +420,7 @@ class Qwen2Runner:
         """`cache` (None: a new one), writable and with room for `positions` positions: a caller that knows how
         many it will decode asks for them up front (generate.prefill), as the cache is zero-filled memory."""
         if cache is None:
-            dtype = dtype or self.qwen2.embed_tokens.weight.dtype
+            dtype = dtype or self.qwen2.norm.weight.dtype
             return KVCache.empty(len(self.qwen2.layers), self.kv_heads, self.head_dim, _round_up(positions), dtype)
         return cache.writable(positions)
 
@@ -585,6 +591,18 @@ def _rotate(qkv, part: AttentionPart, cos, sin, rotate, dim: int):
     qkv = qkv.reshape([qkv.shape[0], part.q_heads + 2 * part.kv_heads, dim])
     turned = paddle.matmul(qkv, rotate).multiply_(sin)
     return qkv.multiply_(cos).add_(turned)  # in place: a long prompt keeps fewer copies alive
+
+
+class Bf16Embedding:
+    """Token embeddings looked up in a bf16 table [vocab, hidden] and handed on in fp32 (the activations' dtype):
+    the tied head's weights held once more at half the bytes, where the fp32 table would be held only for lookups."""
+
+    def __init__(self, weight: paddle.Tensor):
+        self.table = weight.astype("bfloat16")
+        self.shape = list(weight.shape)
+
+    def __call__(self, ids: paddle.Tensor) -> paddle.Tensor:
+        return F.embedding(ids, self.table).astype("float32")
 
 
 def _total(parts: list):
