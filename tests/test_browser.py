@@ -253,7 +253,8 @@ def test_where_the_model_looked_shows_a_heat_map_and_shares_for_a_chosen_token(p
     assert heatmaps.locator("img").count() == 2  # one heat map per image
     shares = page.locator("#attention-shares")
     whole = shares.inner_text()
-    assert "Share of all attention per image" in whole and whole.count("%") == 3  # two images and the text
+    assert "Share of all attention per image" in whole and shares.locator(".share-row").count() == 2  # one bar each
+    assert shares.locator(".share-value").count() == 3  # the two images and the text
     assert "not an explanation" in whole
     page.locator("#look-token input").click()
     page.get_by_role("option").nth(2).click()  # the answer's second token

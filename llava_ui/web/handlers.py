@@ -216,7 +216,8 @@ class ChatHandlers:
         images = answered_images(session, index, record, config)
         looked = look(selected(self._arrays[1], token, first_layer, last_layer), images,
                       config.vision.patches_per_side)
-        return (gr.update(value=looked.heatmaps, visible=True),
+        rows = -(-len(looked.heatmaps) // 2)  # two to a row: the gallery as tall as its thumbnails, scrolling past 3
+        return (gr.update(value=looked.heatmaps, visible=True, height=40 + 250 * min(rows, 3)),
                 gr.update(value=shares_html(looked, images.labels), visible=True))
 
     @staticmethod

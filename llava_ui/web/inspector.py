@@ -41,10 +41,11 @@ def media_labels(session: ChatSession, upto: int, dropped: int = 0) -> list[str]
     """A label per image in prompt order for turns dropped..upto (inclusive), e.g. "turn 2 · image 1: a.png"."""
     labels = []
     for number, turn in enumerate(session.conversation.turns[dropped:upto + 1], dropped + 1):
-        names = {p.digest: f"image {k}: {p.name or 'pasted'}" for k, p in enumerate(turn.pictures, 1)}
+        # by the image object, not its digest: two frames of a still scene share a digest
+        names = {id(p.image): f"image {k}: {p.name or 'pasted'}" for k, p in enumerate(turn.pictures, 1)}
         if turn.video is not None:
-            names.update({f.digest: frame_caption(f) for f in turn.video.frames})
-        labels += [f"turn {number} · {names.get(digest, 'image')}" for _, digest in turn.media()]
+            names.update({id(f.image): frame_caption(f) for f in turn.video.frames})
+        labels += [f"turn {number} · {names.get(id(image), 'image')}" for image, _ in turn.media()]
     return labels
 
 

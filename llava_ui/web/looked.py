@@ -13,10 +13,12 @@ from PIL import Image
 from llava_ui.backends.base import Result
 from llava_ui.chat.export_arrays import attention_by_image
 from llava_ui.model.processing import prepare_images
-from llava_ui.web.heatmap import base_view, image_maps, tiles_view
+from llava_ui.web.heatmap import CLIP_PERCENTILE, base_view, image_maps, tiles_view
 from llava_ui.web.inspector import media_labels
 
 WHOLE = "all"  # the token choice that averages over the whole answer
+MAPS = (f"Each map is normalised on its own: the brightest patches are its top {100 - CLIP_PERCENTILE:g} % "
+        "(a percentile clip), whatever the image's share.")
 NOTE = ("Attention shows where each answer token's query read from (averaged over heads), not why the model "
         "answered so: it is not an explanation, and a few \"sink\" positions take much of the weight whatever they "
         "show.")
@@ -95,7 +97,7 @@ def shares_html(looked: LookedAt, labels: list[str]) -> str:
     text = (f'<div class="share-text">The text (system prompt, question, the answer so far): '
             f'<span class="share-value">{100 * looked.text_share:.1f} %</span></div>')
     return (f'<div class="attention-shares"><div class="share-title">Share of all attention per image</div>'
-            f'{"".join(rows)}{text}<div class="attention-note">{html.escape(NOTE)}</div></div>')
+            f'{"".join(rows)}{text}<div class="attention-note">{html.escape(MAPS)} {html.escape(NOTE)}</div></div>')
 
 
 def effect_html(effect: list[float] | None, texts: list[str]) -> str:

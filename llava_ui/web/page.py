@@ -124,8 +124,7 @@ def build_demo(backend, args) -> gr.Blocks:
                                             visible=False)
                     last_layer = gr.Slider(1, 24, value=24, step=1, label="To layer", elem_id="look-last-layer",
                                            visible=False)
-                heatmaps = gr.Gallery(label="Where the model looked (each view normalised on its own, 99th "
-                                            "percentile clipped)", columns=2, height="auto", elem_id="heatmaps",
+                heatmaps = gr.Gallery(label="Where the model looked", show_label=False, columns=2, elem_id="heatmaps",
                                       object_fit="contain", allow_preview=True, buttons=["fullscreen"], visible=False)
                 shares = gr.HTML("", elem_id="attention-shares", visible=False)
                 effect = gr.HTML("", elem_id="image-effect", visible=False)
