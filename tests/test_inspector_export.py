@@ -9,7 +9,6 @@ import pytest
 
 from llava_ui.backends.local import Engine
 from llava_ui.commands.main import main
-from llava_ui.web import handlers as ui_chat
 from llava_ui.web.handlers import ChatHandlers
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"

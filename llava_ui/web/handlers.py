@@ -21,8 +21,7 @@ from llava_ui.chat.media import image_size
 from llava_ui.config import GenerationSettings
 from llava_ui.errors import UserError
 from llava_ui.web.inspector import inspector_views, probabilities_html, stats_line, status_html, write_export
-from llava_ui.web.looked import (WHOLE, answered_images, attention_by_image, effect_html, look, selected, shares_html,
-                                 token_choices, token_texts)
+from llava_ui.web.looked import WHOLE, AttentionDrawings, effect_html, shares_html, token_choices, token_texts
 from llava_ui.web.render import chat_messages, progress_text, turn_index, typed_text
 from llava_ui.web.session import ChatSession, add_message, check_files, settle
 from llava_ui.web.uploads import uploaded_paths
@@ -113,7 +112,7 @@ class ChatHandlers:
         self.max_files, self.max_upload_mb = max_files, max_upload_mb
         self.files_dir = tempfile.mkdtemp(prefix="llava_ui_")  # previews, frame sheets, exports (Gradio serves temp files)
         self.live: dict[str, ChatSession] = {}  # browser session → its chat, so a closed tab stops its answer
-        self._arrays: tuple = (None, [])  # the last answer looked at and its attention as arrays (looked.py)
+        self.drawings = AttentionDrawings()
         self._live_lock = threading.Lock()
 
     def default_frames(self) -> int:
@@ -202,23 +201,13 @@ class ChatHandlers:
     def look(self, session: ChatSession | None, token=WHOLE, first_layer=1, last_layer=1):
         """The heat maps and attention shares of the last answer for one token (or the whole answer) and a band of
         layers: (gallery, shares HTML)."""
-        nothing = gr.update(value=None, visible=False), gr.update(value="", visible=False)
-        config = getattr(self.backend, "config", None)
-        answered = [i for i, t in enumerate(session.turns) if t.record] if session else []
-        if not answered or config is None:
-            return nothing
-        index = answered[-1]
-        record = session.turns[index].record
-        if not record.attention:
-            return nothing
-        if self._arrays[0] is not record:
-            self._arrays = (record, attention_by_image(record.attention))
-        images = answered_images(session, index, record, config)
-        looked = look(selected(self._arrays[1], token, first_layer, last_layer), images,
-                      config.vision.patches_per_side)
+        drawn = self.drawings.draw(session, getattr(self.backend, "config", None), token, first_layer, last_layer)
+        if drawn is None:
+            return gr.update(value=None, visible=False), gr.update(value="", visible=False)
+        looked, labels = drawn
         rows = -(-len(looked.heatmaps) // 2)  # two to a row: the gallery as tall as its thumbnails, scrolling past 3
         return (gr.update(value=looked.heatmaps, visible=True, height=40 + 250 * min(rows, 3)),
-                gr.update(value=shares_html(looked, images.labels), visible=True))
+                gr.update(value=shares_html(looked, labels), visible=True))
 
     @staticmethod
     def streaming(session: ChatSession) -> tuple:

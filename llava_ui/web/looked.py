@@ -116,3 +116,24 @@ def effect_html(effect: list[float] | None, texts: list[str]) -> str:
     return ('<div class="token-legend">What the images changed: the greener, the more the images made a token '
             'likelier (purple: less likely); hover for the change of its log-probability.</div>'
             f'<div class="token-probs image-effect">{"".join(spans)}</div>')
+
+
+class AttentionDrawings:
+    """A session's last answer drawn for a choice of token and layers; keeps that answer's attention as arrays, so
+    a new choice only averages and draws."""
+
+    def __init__(self):
+        self._arrays: tuple = (None, [])  # (the Result, attention_by_image of it)
+
+    def draw(self, session, config, token: str, first_layer: int, last_layer: int):
+        """(LookedAt, the images' labels), or None when the last answer has no attention over images."""
+        answered = [i for i, t in enumerate(session.turns) if t.record] if session else []
+        record = session.turns[answered[-1]].record if answered else None
+        if config is None or record is None or not record.attention:
+            return None
+        arrays = self._arrays
+        if arrays[0] is not record:
+            arrays = self._arrays = (record, attention_by_image(record.attention))
+        images = answered_images(session, answered[-1], record, config)
+        looked = look(selected(arrays[1], token, first_layer, last_layer), images, config.vision.patches_per_side)
+        return looked, images.labels
