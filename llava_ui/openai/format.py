@@ -81,6 +81,8 @@ class ChatRequest(BaseModel):
     top_k: int | None = None
     repetition_penalty: float | None = None
     image_mode: Literal[IMAGE_MODES] | None = None
+    attention: bool = False  # extra: each token's attention over the images, in the `llava_ui` details
+    image_effect: bool = False  # extra: each token's log-probability with minus without the images, the same
     tools: list | None = None
     tool_choice: str | dict | None = None
     functions: list | None = None
@@ -102,7 +104,8 @@ class ChatRequest(BaseModel):
             temperature=default.temperature if self.temperature is None else self.temperature,
             top_p=default.top_p if self.top_p is None else self.top_p,
             top_k=top_k, repetition_penalty=self.repetition_penalty or default.repetition_penalty,
-            seed=self.seed, stop=stop, logprobs=self.wanted_logprobs())
+            seed=self.seed, stop=stop, logprobs=self.wanted_logprobs(), attention=self.attention,
+            image_effect=self.image_effect)
         return settings.validate()
 
     def wanted_logprobs(self) -> int | None:
@@ -192,7 +195,9 @@ def usage(final: Result) -> dict:
 def details(final: Result) -> dict:
     """What this server adds for inspection (another instance's RemoteEngine reads it); clients may ignore it."""
     record = final.to_dict()
-    return {key: record[key] for key in ("seed", "image_mode", "dropped_turns", "visual_tokens_per_image", "stats")}
+    found = {key: record[key] for key in ("seed", "image_mode", "dropped_turns", "visual_tokens_per_image", "stats")}
+    found.update({key: record[key] for key in ("attention", "image_effect") if record[key] is not None})  # asked for
+    return found
 
 
 MAX_REQUEST_IMAGES = 64
