@@ -66,21 +66,14 @@ def colours(levels: np.ndarray) -> np.ndarray:
     return np.stack([np.interp(levels, stops, rgb[:, k]) for k in range(3)], axis=-1).astype(np.uint8)
 
 
-def blend(picture: Image.Image, levels: np.ndarray, box: tuple[int, int, int, int] | None = None) -> Image.Image:
-    """The picture with `levels` (a [rows, cols] map in [0, 1]) coloured over it: the map is stretched over `box`
-    (left, top, right, bottom; default the whole picture) patch by patch (no smoothing: a patch stays a patch);
-    the more attention, the more opaque."""
+def blend(picture: Image.Image, levels: np.ndarray) -> Image.Image:
+    """The picture with `levels` (a [rows, cols] map in [0, 1]) coloured over it, stretched over the whole picture
+    patch by patch (no smoothing: a patch stays a patch); the more attention, the more opaque."""
     picture = picture.convert("RGB")
-    left, top, right, bottom = box or (0, 0, *picture.size)
-    size = (max(right - left, 1), max(bottom - top, 1))
-    level = np.asarray(Image.fromarray((levels * 255).astype(np.uint8)).resize(size, Image.NEAREST)) / 255.0
-    region = np.asarray(picture, dtype=np.float64)[top:top + size[1], left:left + size[0]]
-    level = level[:region.shape[0], :region.shape[1]]
+    level = np.asarray(Image.fromarray((levels * 255).astype(np.uint8)).resize(picture.size, Image.NEAREST)) / 255.0
     alpha = (0.2 + 0.7 * level)[..., None]
-    mixed = region * (1 - alpha) + colours(level) * alpha
-    out = np.asarray(picture).copy()
-    out[top:top + region.shape[0], left:left + region.shape[1]] = mixed.astype(np.uint8)
-    return Image.fromarray(out)
+    mixed = np.asarray(picture, dtype=np.float64) * (1 - alpha) + colours(level) * alpha
+    return Image.fromarray(mixed.astype(np.uint8))
 
 
 def shown_picture(picture: Image.Image, longest: int = DISPLAY) -> Image.Image:
