@@ -172,7 +172,8 @@ def report(record: dict, args) -> list[str]:
                      f"{costs['plain_s']:.2f} s | (none) | | | "
                      f"{costs['plain_peak_gb']:.2f} GB |")
         for view, cost in costs["views"].items():
-            lines.append(f"| | | | {view} | {cost['s']:.2f} s | {cost['extra_s']:+.2f} s | {max(cost['peak_gb'], 0):.2f} GB |")
+            lines.append(f"| | | | {view} | {cost['s']:.2f} s | {cost['extra_s']:+.2f} s | "
+                         f"{max(cost['peak_gb'], 0):.2f} GB |")
     lines += ["", "Drawing the views from an answer's attention (the inspector's work on each choice):", "",
               "| case | rows to arrays | whole answer, all layers | one token, one layer |", "|---|---:|---:|---:|"]
     for case, costs in record["cases"].items():

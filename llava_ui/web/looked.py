@@ -25,8 +25,8 @@ NOTE = ("Attention shows where each answer token's query read from (averaged ove
 
 
 def selected(arrays: list[np.ndarray], token: str, first_layer: int, last_layer: int) -> list[np.ndarray]:
-    """`arrays`: attention_by_image's. Per image, its weights averaged over the chosen token (an index, or WHOLE) and layers first..last
-    (1-based, inclusive, either order)."""
+    """`arrays`: attention_by_image's. Per image, its weights averaged over the chosen token (an index, or WHOLE)
+    and layers first..last (1-based, inclusive, either order)."""
     rows = slice(None) if token in (WHOLE, None, "") else slice(int(token), int(token) + 1)
     lo, hi = sorted((int(first_layer), int(last_layer)))
     return [a[rows, lo - 1:hi].mean(axis=(0, 1)) for a in arrays]
