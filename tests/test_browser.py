@@ -260,6 +260,12 @@ def test_where_the_model_looked_shows_a_heat_map_and_shares_for_a_chosen_token(p
     page.get_by_role("option").nth(2).click()  # the answer's second token
     page.wait_for_function("(before) => document.querySelector('#attention-shares').innerText !== before", arg=whole)
     assert heatmaps.locator("img").count() == 2
+    one_token = shares.inner_text()
+    band = page.locator("#look-last-layer input[type=number]")
+    band.fill("1")  # the band: layer 1 alone
+    band.press("Tab")
+    page.wait_for_function("(before) => document.querySelector('#attention-shares').innerText !== before",
+                           arg=one_token)
     captions = heatmaps.inner_text()
     assert "image 1: stars_two.png" in captions and "% of the attention" in captions
     assert page.locator("#image-effect span.token").count() == 6  # the images' effect on every token
