@@ -1,8 +1,9 @@
-"""Draw docs/images/performance.png from a bench/run.py result: `python bench/chart.py [RESULT.json] [--out PNG]`.
+"""Draw docs/images/performance.png from bench/run.py results: `python bench/chart.py [RESULT.json ...] [--out PNG]`.
 
-Without a file, the newest bench/results/*.json that bench/run.py wrote (by the date it records) is drawn: per case,
-the time to the first token and the decode speed of each side, with the machine and the file named under the
-title. Drawn with Pillow (already a dependency), so the chart needs nothing the project does not install.
+Per case, the time to the first token and the decode speed of each side, with the machine and the files named
+under the title. Without files, the results bench/run.py wrote in bench/results on the day and CPU of the newest
+one are drawn (a case measured twice: the later run). Drawn with Pillow (already a dependency), so the chart needs
+nothing the project does not install.
 """
 from __future__ import annotations
 
@@ -31,11 +32,29 @@ def run_results() -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def newest_session() -> list[Path]:
+    """The results of the newest result's day and CPU, oldest first."""
+    paths = run_results()
+    newest = json.loads(paths[-1].read_text())["machine"]
+    same = [path for path in paths if (lambda m: (m["date"][:10], m["cpu"], m.get("bf16_units")))(
+        json.loads(path.read_text())["machine"]) == (newest["date"][:10], newest["cpu"], newest.get("bf16_units"))]
+    return same
+
+
+def merged(paths: list[Path]) -> dict:
+    """One result holding every case of `paths` (a later file's case replaces an earlier one's)."""
+    results = [json.loads(path.read_text()) for path in paths]
+    cases = {}
+    for result in results:
+        cases.update(result["summary"]["cases"])
+    return {**results[-1], "summary": {"cases": cases}, "reps": max(result["reps"] for result in results)}
+
+
 def font(size: int):
     return ImageFont.load_default(size=size)
 
 
-def draw(result: dict, source: str, out: Path) -> None:
+def draw(result: dict, sources: str, out: Path) -> None:
     cases = result["summary"]["cases"]
     sides = sorted(dict.fromkeys(side for case in cases.values() for side in case["sides"]),
                    key=lambda side: (not side.startswith("paddle"), side))
@@ -48,7 +67,7 @@ def draw(result: dict, source: str, out: Path) -> None:
     machine = result["machine"]
     pen.text((20, 16), "LLaVA-NeXT-Interleave 0.5B at the real size, CPU", fill="black", font=font(20))
     pen.text((20, 44), f"{machine['cpu']}, {machine['cores']} cores, bf16 units: {machine.get('bf16_units') or 'none'}"
-                       f" · {machine['date'][:10]} · {result['reps']} run(s) per side, medians · bench/results/{source}",
+                       f" · {machine['date'][:10]} · {result['reps']} run(s) per side, medians · bench/results: {sources}",
              fill=(90, 90, 90), font=font(12))
     x = 20
     for side in sides:  # the legend
@@ -77,13 +96,14 @@ def draw(result: dict, source: str, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("result", nargs="?", type=Path, help="a bench/run.py result (default: the newest)")
+    parser.add_argument("results", nargs="*", type=Path, help="bench/run.py results (default: the newest day's)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images" / "performance.png")
     args = parser.parse_args()
-    path = args.result or run_results()[-1]
+    paths = args.results or newest_session()
+    names = ", ".join(path.name for path in paths)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    draw(json.loads(path.read_text()), path.name, args.out)
-    print(f"{args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out} from {path.name}")
+    draw(merged(paths), names, args.out)
+    print(f"{args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out} from {names}")
 
 
 if __name__ == "__main__":
