@@ -6,7 +6,8 @@ in the same run.
 
 Steps alternate between the variants in one process (A/B/C, then again) so that a busy machine slows all alike;
 each number is the median over rounds of the mean step of a round. The bound is the bytes a step reads
-(language-model weights once, the tied head included, plus the KV cache it attends over) divided by the read
+(language-model weights once, the tied head included, plus the KV cache it attends over: bf16 for the kernels)
+divided by the read
 bandwidth (bench/run.py's numpy streaming sum, one share per core). Writes bench/results/<name>.json and .md.
 """
 from __future__ import annotations
@@ -70,15 +71,12 @@ def main() -> None:
         variants["bf16 kernel"] = (bf16, True)
         variants["bf16 kernel, attention as Paddle ops"] = (bf16, False)
     ids = np.random.default_rng(0).integers(100, 5000, args.positions).tolist()
-    states = {}
-    for name, (model, _) in variants.items():
-        if model not in [m for m, _ in states.values()]:
-            _, cache = prefill(model, model.embed_prompt(ids, []), room=args.rounds * args.steps * len(variants) + 8)
-            states[name] = (model, cache)
-        else:
-            states[name] = next(v for v in states.values() if v[0] is model)
-    position = {id(model): args.positions for model, _ in states.values()}
-    caches = {id(model): cache for model, cache in states.values()}
+    caches, position = {}, {}
+    for name, (model, attention_kernel) in variants.items():  # each variant its own cache (bf16 for the kernels)
+        if attention_kernel is not None:
+            model.runner.attention_kernel = attention_kernel
+        _, caches[name] = prefill(model, model.embed_prompt(ids, []), room=args.rounds * args.steps + 8)
+        position[name] = args.positions
     times = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name, (model, attention_kernel) in variants.items():
@@ -86,14 +84,15 @@ def main() -> None:
                 model.runner.attention_kernel = attention_kernel
             began = time.perf_counter()
             for _ in range(args.steps):
-                _, caches[id(model)] = decode_one_token(model, 5, caches[id(model)], position[id(model)])
-                position[id(model)] += 1
+                _, caches[name] = decode_one_token(model, 5, caches[name], position[name])
+                position[name] += 1
             times[name].append((time.perf_counter() - began) / args.steps)
     bandwidth = read_bandwidth()
-    kv_per_position = 2 * fp32.runner.kv_heads * fp32.runner.head_dim * 4 * len(fp32.runner.parts)
     rows = []
     for name, (model, _) in variants.items():
         step = statistics.median(times[name])
+        cache = caches[name]
+        kv_per_position = 2 * len(cache.keys) * fp32.runner.kv_heads * fp32.runner.head_dim * cache.keys[0].element_size()
         read = weight_bytes(model, name != "fp32") + kv_per_position * (args.positions + args.rounds * args.steps)
         bound = bandwidth / read
         rows.append({"variant": name, "step_ms": step * 1e3, "tokens_per_s": 1 / step, "bytes_read": read,

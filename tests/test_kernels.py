@@ -83,26 +83,27 @@ def test_a_strided_view_is_read_as_its_values():
     assert np.array_equal(matrix.matmul(view).numpy(), matrix.matmul(view.contiguous()).numpy())
 
 
-def test_decode_attention_in_one_call_computes_what_the_paddle_ops_do(checkpoints, monkeypatch):
-    """A bf16 model's decode steps with RoPE, the cache write and attention in one kernel call give the logits and
-    the cache rows of the same steps as Paddle ops, for one chat and for a batched step of three."""
+def test_attention_kernels_over_a_bf16_cache_compute_what_the_paddle_ops_do_over_fp32(checkpoints, monkeypatch):
+    """A bf16 model with prefill and decode attention in kernel calls over a bf16 KV cache gives, within bf16's
+    rounding, the logits and cache rows of the same steps as Paddle ops over an fp32 cache, for one chat alone and
+    for a batched step of three."""
     from llava_ui.checkpoints.load import build_model
     from llava_ui.model.generate import decode_one_token, prefill
 
     model = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None)[0]
     model.runner.to_bf16()
     rng = np.random.default_rng(6)
-    prompts = [rng.integers(0, 200, n).tolist() for n in (37, 80, 5)]
+    prompts = [rng.integers(0, 200, n).tolist() for n in (37, 300, 5)]
     runs, calls = {}, []
     counted = kernels.decode_attention
     monkeypatch.setattr(kernels, "decode_attention", lambda *args: calls.append(1) or counted(*args))
     for kernel in (True, False):
-        model.runner.attention_kernel = False  # the same prompts' caches on both sides: only decode differs
+        model.runner.attention_kernel = kernel
         caches, logits = [], []
         for ids in prompts:
             _, cache = prefill(model, model.embed_prompt(ids, []), room=8)
             caches.append(cache)
-        model.runner.attention_kernel = kernel
+        assert caches[0].keys[0].dtype == (paddle.bfloat16 if kernel else paddle.float32)
         positions = [len(ids) for ids in prompts]
         for i in range(3):  # one chat alone
             step_logits, caches[i] = decode_one_token(model, 7, caches[i], positions[i])
@@ -110,35 +111,43 @@ def test_decode_attention_in_one_call_computes_what_the_paddle_ops_do(checkpoint
         for step in range(1, 4):  # the three in batched steps
             step_logits, caches = model.decode_batch([7 + step] * 3, caches, [p + step for p in positions])
             logits.extend(step_logits.numpy())
-        runs[kernel] = (np.stack(logits), [c.keys[1].numpy().copy() for c in caches],
-                        [c.values[0].numpy().copy() for c in caches])
+        runs[kernel] = (np.stack(logits), [c.keys[1].astype("float32").numpy() for c in caches],
+                        [c.values[0].astype("float32").numpy() for c in caches])
     model.runner.attention_kernel = True
     layers, parts = len(model.runner.parts), len(model.runner.parts[0][0])
     assert len(calls) == (3 + 3 * 3) * layers * parts  # every decode row of every part of every layer, kernel only
     (a, keys_a, values_a), (b, keys_b, values_b) = runs[True], runs[False]
-    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+    assert np.abs(a - b).max() <= 0.02 * np.abs(b).max()
     for x, y in zip(keys_a + values_a, keys_b + values_b):
-        assert np.abs(x - y).max() <= 1e-5 * max(np.abs(y).max(), 1)
+        assert np.abs(x - y).max() <= 0.02 * np.abs(y).max()  # (layer 1: after layer 0 in bf16)
 
 
 @pytest.mark.parametrize("start, rows, q_heads, kv_heads", [(0, 700, 2, 2), (300, 37, 4, 2), (1000, 600, 2, 1)])
 def test_prefill_attention_is_causal_softmax_attention(start, rows, q_heads, kv_heads):
-    """A prefill chunk at positions start.. over the cache (blocks of queries and keys, across block edges, a later
-    chunk over a cached prefix, grouped kv heads) gives each row softmax attention over positions 0..its own, within
-    bf16's rounding of q, k, v and the weights."""
+    """A prefill chunk at positions start.. writes its keys and values into the bf16 cache after the cached prefix
+    and gives each row softmax attention over positions 0..its own (blocks of queries and keys, across block
+    edges, a later chunk over a cached prefix, grouped kv heads), within bf16's rounding of q and the weights."""
     rng = np.random.default_rng(start + rows)
     dim, capacity = 64, start + rows + 40
-    q = rng.standard_normal((q_heads, rows, dim)).astype(np.float32) * 0.3
-    keys = rng.standard_normal((kv_heads * capacity, dim)).astype(np.float32)
-    values = rng.standard_normal((kv_heads * capacity, dim)).astype(np.float32)
-    out = kernels.prefill_attention(paddle.to_tensor(q), paddle.to_tensor(keys), paddle.to_tensor(values), kv_heads,
-                                    capacity, start).numpy()
+    heads = rng.standard_normal((q_heads + 2 * kv_heads, rows, dim)).astype(np.float32)
+    heads[:q_heads] *= 0.3
+    prefix_keys = bf16(rng.standard_normal((kv_heads, capacity, dim)).astype(np.float32)).astype(np.float32)
+    prefix_values = bf16(rng.standard_normal((kv_heads, capacity, dim)).astype(np.float32)).astype(np.float32)
+    keys = paddle.to_tensor(prefix_keys.reshape(-1, dim)).astype("bfloat16")
+    values = paddle.to_tensor(prefix_values.reshape(-1, dim)).astype("bfloat16")
+    out = kernels.prefill_attention(paddle.to_tensor(heads), keys, values, kv_heads, capacity, start).numpy()
     assert out.shape == (rows, q_heads * dim)
+    stored_keys = keys.astype("float32").numpy().reshape(kv_heads, capacity, dim)
+    stored_values = values.astype("float32").numpy().reshape(kv_heads, capacity, dim)
     group = q_heads // kv_heads
+    for kv in range(kv_heads):
+        assert np.array_equal(stored_keys[kv, :start], prefix_keys[kv, :start])  # the prefix as it was
+        assert np.array_equal(stored_keys[kv, start:start + rows], bf16(heads[q_heads + kv]))
+        assert np.array_equal(stored_values[kv, start:start + rows], bf16(heads[q_heads + kv_heads + kv]))
     for h in range(q_heads):
-        kv = h // group
-        k, v = keys[kv * capacity:kv * capacity + start + rows], values[kv * capacity:kv * capacity + start + rows]
-        scores = q[h].astype(np.float64) @ k.T.astype(np.float64)
+        k = stored_keys[h // group, :start + rows].astype(np.float64)
+        v = stored_values[h // group, :start + rows].astype(np.float64)
+        scores = heads[h].astype(np.float64) @ k.T
         visible = np.arange(start + rows)[None, :] <= np.arange(start, start + rows)[:, None]
         scores = np.where(visible, scores, -np.inf)
         weights = np.exp(scores - scores.max(axis=1, keepdims=True))

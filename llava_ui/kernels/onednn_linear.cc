@@ -136,8 +136,20 @@ PD_BUILD_OP(bf16_linear)
 // k, the new k and v written into the cache rows at `position`, then softmax attention of each q head over cache
 // positions 0..position of its kv head. One call stands in for the dozen Paddle ops (and their dispatch) this is
 // per part and layer. qkv: [1, (q_heads + 2 kv_heads) * dim]; cos, sin: [dim] for `position`; keys, values:
-// [kv_heads * capacity, dim], head-major (written in place). Returns [1, q_heads * dim].
+// [kv_heads * capacity, dim] bf16, head-major (written in place). Returns [1, q_heads * dim].
 namespace {
+
+inline float from_bf16(uint16_t bits) {
+  uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &wide, sizeof value);
+  return value;
+}
+
+uint16_t* bf16_data(const paddle::Tensor& tensor) {
+  PD_CHECK(tensor.dtype() == paddle::DataType::BFLOAT16, "the KV cache must be bfloat16");
+  return static_cast<uint16_t*>(const_cast<void*>(tensor.data()));
+}
 
 inline void rope(const float* x, const float* cos, const float* sin, float scale, int64_t dim, float* y) {
   const int64_t half = dim / 2;
@@ -154,9 +166,8 @@ std::vector<paddle::Tensor> DecodeAttention(const paddle::Tensor& qkv, const pad
                                             const paddle::Tensor& values, int64_t q_heads, int64_t kv_heads,
                                             int64_t capacity, int64_t position) {
   const int64_t dim = cos.numel();
-  PD_CHECK(qkv.dtype() == paddle::DataType::FLOAT32 && keys.dtype() == paddle::DataType::FLOAT32 &&
-               values.dtype() == paddle::DataType::FLOAT32,
-           "decode_attention takes float32 tensors");
+  PD_CHECK(qkv.dtype() == paddle::DataType::FLOAT32 && cos.dtype() == paddle::DataType::FLOAT32,
+           "decode_attention takes float32 q|k|v and tables");
   PD_CHECK(qkv.numel() == (q_heads + 2 * kv_heads) * dim, "decode_attention: qkv does not hold q|k|v of the heads");
   PD_CHECK(keys.numel() == kv_heads * capacity * dim && values.numel() == keys.numel(),
            "decode_attention: the cache rows do not match kv_heads * capacity");
@@ -164,26 +175,33 @@ std::vector<paddle::Tensor> DecodeAttention(const paddle::Tensor& qkv, const pad
   const float* in = qkv.data<float>();
   const float* c = cos.data<float>();
   const float* s = sin.data<float>();
-  float* k_cache = const_cast<float*>(keys.data<float>());
-  float* v_cache = const_cast<float*>(values.data<float>());
+  uint16_t* k_cache = bf16_data(keys);
+  uint16_t* v_cache = bf16_data(values);
   auto out = paddle::empty({1, q_heads * dim}, paddle::DataType::FLOAT32, qkv.place());
   float* o = out.data<float>();
+  std::vector<float> turned(dim);
   for (int64_t h = 0; h < kv_heads; ++h) {
-    rope(in + (q_heads + h) * dim, c, s, 1.0f, dim, k_cache + (h * capacity + position) * dim);
-    std::memcpy(v_cache + (h * capacity + position) * dim, in + (q_heads + kv_heads + h) * dim, dim * sizeof(float));
+    rope(in + (q_heads + h) * dim, c, s, 1.0f, dim, turned.data());
+    uint16_t* k_row = k_cache + (h * capacity + position) * dim;
+    uint16_t* v_row = v_cache + (h * capacity + position) * dim;
+    const float* v_new = in + (q_heads + kv_heads + h) * dim;
+    for (int64_t i = 0; i < dim; ++i) {
+      k_row[i] = to_bf16(turned[i]);
+      v_row[i] = to_bf16(v_new[i]);
+    }
   }
   const int64_t group = q_heads / kv_heads, seen = position + 1;
   std::vector<float> q(dim), weights(seen);
   for (int64_t h = 0; h < q_heads; ++h) {
     rope(in + h * dim, c, s, 1.0f / std::sqrt(static_cast<float>(dim)), dim, q.data());
-    const float* k_head = k_cache + (h / group) * capacity * dim;
-    const float* v_head = v_cache + (h / group) * capacity * dim;
+    const uint16_t* k_head = k_cache + (h / group) * capacity * dim;
+    const uint16_t* v_head = v_cache + (h / group) * capacity * dim;
     float top = -INFINITY;
     for (int64_t p = 0; p < seen; ++p) {
-      const float* k = k_head + p * dim;
+      const uint16_t* k = k_head + p * dim;
       float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t i = 0; i < dim; ++i) dot += q[i] * k[i];
+      for (int64_t i = 0; i < dim; ++i) dot += q[i] * from_bf16(k[i]);
       weights[p] = dot;
       top = std::max(top, dot);
     }
@@ -197,9 +215,9 @@ std::vector<paddle::Tensor> DecodeAttention(const paddle::Tensor& qkv, const pad
     const float norm = 1.0f / total;
     for (int64_t p = 0; p < seen; ++p) {
       const float w = weights[p] * norm;
-      const float* v = v_head + p * dim;
+      const uint16_t* v = v_head + p * dim;
 #pragma omp simd
-      for (int64_t i = 0; i < dim; ++i) row[i] += w * v[i];
+      for (int64_t i = 0; i < dim; ++i) row[i] += w * from_bf16(v[i]);
     }
   }
   return {out};
@@ -213,9 +231,9 @@ PD_BUILD_OP(decode_attention)
 
 // Causal attention of a prefill chunk for one worker's heads, flash-style: blocks of queries against blocks of
 // keys, bf16 products summed in fp32 (oneDNN matmul), a running softmax per query row in fp32, key blocks past a
-// query block's last position never computed. q: [q_heads, rows, dim] (RoPE applied, times 1/sqrt(dim)), the
-// chunk's positions start..start+rows-1; keys, values: [kv_heads * capacity, dim] holding positions
-// 0..start+rows-1. Returns [rows, q_heads * dim].
+// query block's last position never computed. heads: [q_heads + 2 kv_heads, rows, dim], q (RoPE applied, times
+// 1/sqrt(dim)), k (RoPE applied) and v of the chunk's positions start..start+rows-1; its k and v are written into
+// keys, values ([kv_heads * capacity, dim] bf16, holding positions 0..start-1 already). Returns [rows, q_heads * dim].
 namespace {
 
 constexpr int64_t kQueryBlock = 256, kKeyBlock = 512;
@@ -277,32 +295,33 @@ void to_bf16_rows(const float* source, int64_t count, uint16_t* target) {
 
 }  // namespace
 
-std::vector<paddle::Tensor> PrefillAttention(const paddle::Tensor& q, const paddle::Tensor& keys,
+std::vector<paddle::Tensor> PrefillAttention(const paddle::Tensor& heads, const paddle::Tensor& keys,
                                              const paddle::Tensor& values, int64_t kv_heads, int64_t capacity,
                                              int64_t start) {
-  PD_CHECK(q.dtype() == paddle::DataType::FLOAT32 && q.shape().size() == 3, "prefill_attention: q is float32 "
-           "[heads, rows, dim]");
-  const int64_t q_heads = q.shape()[0], rows = q.shape()[1], dim = q.shape()[2], visible = start + rows;
+  PD_CHECK(heads.dtype() == paddle::DataType::FLOAT32 && heads.shape().size() == 3,
+           "prefill_attention: heads is float32 [q + 2 kv heads, rows, dim]");
+  const int64_t q_heads = heads.shape()[0] - 2 * kv_heads, rows = heads.shape()[1], dim = heads.shape()[2];
+  const int64_t visible = start + rows;
+  PD_CHECK(q_heads > 0 && q_heads % kv_heads == 0, "prefill_attention: heads holds no q|k|v of kv_heads");
   PD_CHECK(keys.numel() == kv_heads * capacity * dim && values.numel() == keys.numel() && visible <= capacity,
            "prefill_attention: the cache rows do not match kv_heads * capacity, or hold fewer positions");
   OneThread one;
-  auto out = paddle::empty({rows, q_heads * dim}, paddle::DataType::FLOAT32, q.place());
+  auto out = paddle::empty({rows, q_heads * dim}, paddle::DataType::FLOAT32, heads.place());
   float* o = out.data<float>();
-  const float* qs = q.data<float>();
-  const float* ks = keys.data<float>();
-  const float* vs = values.data<float>();
+  const float* qs = heads.data<float>();
+  uint16_t* k_cache = bf16_data(keys);
+  uint16_t* v_cache = bf16_data(values);
+  for (int64_t h = 0; h < kv_heads; ++h) {  // the chunk's keys and values into the cache
+    to_bf16_rows(qs + (q_heads + h) * rows * dim, rows * dim, k_cache + (h * capacity + start) * dim);
+    to_bf16_rows(qs + (q_heads + kv_heads + h) * rows * dim, rows * dim, v_cache + (h * capacity + start) * dim);
+  }
   const int64_t group = q_heads / kv_heads;
-  std::vector<uint16_t> k16(visible * dim), v16(visible * dim), q16(rows * dim), p16(kQueryBlock * kKeyBlock);
+  std::vector<uint16_t> q16(rows * dim), p16(kQueryBlock * kKeyBlock);
   std::vector<float> scores(kQueryBlock * kKeyBlock), pv(kQueryBlock * dim), acc(kQueryBlock * dim);
   std::vector<float> top(kQueryBlock), total(kQueryBlock);
-  int64_t converted = -1;
   for (int64_t h = 0; h < q_heads; ++h) {
-    const int64_t kv = h / group;
-    if (kv != converted) {
-      to_bf16_rows(ks + kv * capacity * dim, visible * dim, k16.data());
-      to_bf16_rows(vs + kv * capacity * dim, visible * dim, v16.data());
-      converted = kv;
-    }
+    const uint16_t* k16 = k_cache + (h / group) * capacity * dim;
+    const uint16_t* v16 = v_cache + (h / group) * capacity * dim;
     to_bf16_rows(qs + h * rows * dim, rows * dim, q16.data());
     for (int64_t r0 = 0; r0 < rows; r0 += kQueryBlock) {
       const int64_t m = std::min(kQueryBlock, rows - r0), last = start + r0 + m;  // keys < last are visible
@@ -311,7 +330,7 @@ std::vector<paddle::Tensor> PrefillAttention(const paddle::Tensor& q, const padd
       std::fill(acc.begin(), acc.begin() + m * dim, 0.0f);
       for (int64_t k0 = 0; k0 < last; k0 += kKeyBlock) {
         const int64_t n = std::min(kKeyBlock, last - k0);
-        bf16_product(q16.data() + r0 * dim, k16.data() + k0 * dim, scores.data(), m, dim, n, false);
+        bf16_product(q16.data() + r0 * dim, k16 + k0 * dim, scores.data(), m, dim, n, false);
         for (int64_t i = 0; i < m; ++i) {
           const int64_t seen = std::min(n, start + r0 + i + 1 - k0);  // this row's visible keys in the block
           float* row = scores.data() + i * n;
@@ -337,7 +356,7 @@ std::vector<paddle::Tensor> PrefillAttention(const paddle::Tensor& q, const padd
           float* a = acc.data() + i * dim;
           for (int64_t d = 0; d < dim; ++d) a[d] *= correction;
         }
-        bf16_product(p16.data(), v16.data() + k0 * dim, pv.data(), m, n, dim, true);
+        bf16_product(p16.data(), v16 + k0 * dim, pv.data(), m, n, dim, true);
         for (int64_t i = 0; i < m * dim; ++i) acc[i] += pv[i];
       }
       for (int64_t i = 0; i < m; ++i) {
@@ -351,7 +370,7 @@ std::vector<paddle::Tensor> PrefillAttention(const paddle::Tensor& q, const padd
 }
 
 PD_BUILD_OP(prefill_attention)
-    .Inputs({"Q", "Keys", "Values"})
+    .Inputs({"Heads", "Keys", "Values"})
     .Outputs({"Out"})
     .Attrs({"kv_heads: int64_t", "capacity: int64_t", "start: int64_t"})
     .SetKernelFn(PD_KERNEL(PrefillAttention));

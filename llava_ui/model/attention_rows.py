@@ -79,7 +79,8 @@ def _attend(part, x, cos, sin, cache, layer: int, keys: int, mask, dim: int):
 
     def heads(buffers):  # the part's kv heads over the visible keys: [kv heads, keys, dim]
         rows = buffers[layer][part.kv.start * capacity:part.kv.stop * capacity]
-        return rows.reshape([kv_heads, capacity, dim])[:, :keys]
+        visible = rows.reshape([kv_heads, capacity, dim])[:, :keys]
+        return visible if visible.dtype == q.dtype else visible.astype(q.dtype)  # (the bf16 kernels' cache)
 
     # query heads of one kv head side by side: [kv heads, group * rows, dim], rows ordered (head in group, row)
     q = paddle.transpose(q, [1, 0, 2]).reshape([kv_heads, group * count, dim])

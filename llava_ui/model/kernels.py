@@ -154,14 +154,17 @@ class Bf16Matrix:
 def decode_attention(qkv: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor, keys: paddle.Tensor,
                      values: paddle.Tensor, q_heads: int, kv_heads: int, capacity: int, position: int) -> paddle.Tensor:
     """One decode position of a worker's heads (onednn_linear.cc, DecodeAttention): RoPE, the cache write at
-    `position` (keys and values [kv_heads * capacity, dim], written in place) and attention over positions
+    `position` (keys and values [kv_heads * capacity, dim] bf16, written in place) and attention over positions
     0..position; qkv [1, (q + 2 kv heads) * dim] → [1, q heads * dim]."""
+    if not qkv.is_contiguous():
+        qkv = qkv.contiguous()
     return _operator().decode_attention(qkv, cos, sin, keys, values, q_heads, kv_heads, capacity, position)
 
 
-def prefill_attention(q: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tensor, kv_heads: int, capacity: int,
-                      start: int) -> paddle.Tensor:
-    """Causal attention of a prefill chunk (onednn_linear.cc, PrefillAttention): q [q heads, rows, dim] (RoPE
-    applied, scaled) at positions start.., over the cache's positions 0..start+rows-1 ([kv heads * capacity,
-    dim] keys and values) → [rows, q heads * dim]; blocked, bf16 products, fp32 softmax."""
-    return _operator().prefill_attention(q, keys, values, kv_heads, capacity, start)
+def prefill_attention(heads: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tensor, kv_heads: int,
+                      capacity: int, start: int) -> paddle.Tensor:
+    """Causal attention of a prefill chunk (onednn_linear.cc, PrefillAttention): heads [q + 2 kv heads, rows, dim]
+    (q with RoPE and scaled, k with RoPE, v) at positions start..; their k and v are written into the bf16 cache
+    (keys, values [kv heads * capacity, dim]), then q attends over its positions 0..start+rows-1 → [rows, q heads *
+    dim]; blocked, bf16 products, fp32 softmax."""
+    return _operator().prefill_attention(heads, keys, values, kv_heads, capacity, start)

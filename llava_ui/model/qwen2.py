@@ -420,9 +420,15 @@ class Qwen2Runner:
         """`cache` (None: a new one), writable and with room for `positions` positions: a caller that knows how
         many it will decode asks for them up front (generate.prefill), as the cache is zero-filled memory."""
         if cache is None:
-            dtype = dtype or self.qwen2.norm.weight.dtype
+            dtype = "bfloat16" if self.kv_bf16 else (dtype or self.qwen2.norm.weight.dtype)
             return KVCache.empty(len(self.qwen2.layers), self.kv_heads, self.head_dim, _round_up(positions), dtype)
         return cache.writable(positions)
+
+    @property
+    def kv_bf16(self) -> bool:
+        """Whether new KV caches hold bf16 (the bf16 kernels' attention reads them: half the bytes a long-context
+        step reads), else the activations' dtype."""
+        return self.layout == "bf16" and self.attention_kernel and self.qwen2.norm.weight.place.is_cpu_place()
 
     def chunk(self, embeds) -> int:
         """Prompt positions per pass: PREFILL_CHUNK on the CPU; a GPU's fused attention takes the prompt whole."""
@@ -462,7 +468,9 @@ class _Step:
         self.rotate = runner._rotation(dtype)
         cos, sin = runner.rotary.get(start, length, dtype)  # [L, 1, dim]
         # a decode position over bf16-kernel weights: RoPE, the cache write and attention in one kernel call
-        kernel = runner.layout == "bf16" and runner.attention_kernel and cache.keys[0].place.is_cpu_place()
+        # (a bf16 cache is read by the kernels alone)
+        kernel = runner.layout == "bf16" and cache.keys[0].place.is_cpu_place() and (
+            runner.attention_kernel or cache.keys[0].dtype == paddle.bfloat16)
         self.kernel = kernel and length == 1
         self.flash = kernel and length > 1 and not fused  # a prefill chunk's attention in one kernel call
         if self.kernel:
@@ -541,14 +549,16 @@ class _Step:
 
     def _prefill(self, part: AttentionPart, qkv, layer: int):
         """Many new positions: per head and block of query rows, attend over the contiguous prefix it may see
-        (CPU), or one fused attention kernel (GPU)."""
+        (CPU), one flash-style kernel call over the bf16 cache (bf16 kernels), or one fused attention kernel
+        (GPU)."""
         q_heads, kv_heads = part.q_heads, part.kv_heads
+        if self.flash:  # the kernel writes the chunk's keys and values into the cache itself
+            keys, _, values, _ = self.cache.part_views(layer, part.kv)
+            return kernels.prefill_attention(paddle.transpose(qkv, [1, 0, 2]).contiguous(), keys, values, kv_heads,
+                                             self.cache.capacity, self.start)
         per_head, keys, values = self._store(part, qkv, layer)
         if self.fused:
             return self._fused(part, qkv, keys, values)
-        if self.flash:
-            return kernels.prefill_attention(per_head[:q_heads], keys, values, kv_heads, self.cache.capacity,
-                                             self.start)
         q = per_head[:q_heads]
         group = q_heads // kv_heads
         blocks = []
