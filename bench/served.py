@@ -247,10 +247,11 @@ def at_once(calls: list) -> list:
     return results
 
 
-def kv_bytes(stats: dict, layers: int = 24, kv_heads: int = 16, head_dim: int = 64) -> int:
-    """A chat's KV cache at the real dimensions (fp32): its positions rounded up as qwen2 reserves them."""
+def kv_bytes(stats: dict, element: int = 4, layers: int = 24, kv_heads: int = 16, head_dim: int = 64) -> int:
+    """A chat's KV cache at the real dimensions (`element` bytes a value: 2 where the bf16 kernels keep it in
+    bf16): its positions rounded up as qwen2 reserves them."""
     positions = stats["prompt_tokens"] + stats["generated_tokens"]
-    return 2 * layers * kv_heads * head_dim * 4 * (-(-positions // 64) * 64)
+    return 2 * layers * kv_heads * head_dim * element * (-(-positions // 64) * 64)
 
 
 def decode_rates(results: list) -> dict:
@@ -274,6 +275,7 @@ def concurrent_case(model: Path, work: Path, new_image, args) -> dict:
         card = status()
         out["precision"], out["weight_layout"] = card["precision"], card["weight_layout"]
         out["resident"] = proc_status(pid)["VmRSS"]
+        kv_element = 2 if card["weight_layout"] == "bf16" else 4  # the bf16 kernels keep the KV cache in bf16
         timed_request(url, [shared], "Describe this picture.", 2)  # its features and prompt prefix are cached
         ask = lambda i, tokens=args.concurrent_tokens: (
             lambda: timed_request(url, [shared], f"Describe this picture. ({i})", tokens))
@@ -282,7 +284,7 @@ def concurrent_case(model: Path, work: Path, new_image, args) -> dict:
             results = at_once([ask(i + 10 * count) for i in range(count)])
             out[f"at_once_{count}"] = {**decode_rates(results), "peak_rss": proc_status(pid)["VmHWM"],
                                        "caches": status()["caches"],
-                                       "kv_bytes": sum(kv_bytes(r["stats"]) for r in results)}
+                                       "kv_bytes": sum(kv_bytes(r["stats"], kv_element) for r in results)}
             print(f"concurrent {count}: " + json.dumps({k: v for k, v in out[f"at_once_{count}"].items()
                                                         if k != "each"}), flush=True)
         out["decode_steps"] = status()["decode_steps"]
