@@ -153,3 +153,32 @@ def test_prefill_attention_is_causal_softmax_attention(start, rows, q_heads, kv_
         weights = np.exp(scores - scores.max(axis=1, keepdims=True))
         expected = (weights / weights.sum(axis=1, keepdims=True)) @ v
         assert np.abs(out[:, h * dim:(h + 1) * dim] - expected).max() < 0.03 * np.abs(expected).max()
+
+
+CONCURRENT_FIRST_USE = """
+import sys, threading
+from llava_ui.model import kernels
+builds, barrier = [], threading.Barrier(4)
+build = kernels._build
+kernels._build = lambda: builds.append(1) or build()
+def first():
+    barrier.wait()
+    kernels.available()
+threads = [threading.Thread(target=first) for _ in range(4)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print("BUILDS", len(builds), flush=True)
+print("stderr still writes", file=sys.stderr, flush=True)
+"""
+
+
+def test_threads_asking_for_the_kernel_first_at_once_build_it_once():
+    """Two engines loading at once (a server's engine and another) ask for the kernel together: it is built and
+    loaded once, and the process's stdout and stderr are its own again afterwards (each build redirects them)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", CONCURRENT_FIRST_USE], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "BUILDS 1" in done.stdout
+    assert "stderr still writes" in done.stderr

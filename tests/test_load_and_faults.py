@@ -41,7 +41,8 @@ from llava_ui.web import handlers as ui_chat
 from llava_ui.web.handlers import ChatHandlers
 
 SESSIONS, TURNS, MAX_NEW = 8, 5, 8
-GREEDY_UI = ("", 0, 1.0, 0, 1.0, MAX_NEW, "0", "")  # respond: system, temperature, top-p/k, penalty, max, seed, mode
+GREEDY_UI = ("", 0, 1.0, 0, 1.0, MAX_NEW, "0", "", False, False, False)  # respond: system, temperature, top-p/k,
+# penalty, max, seed, mode, and the inspector's toggles (token probabilities, attention, image effect) off
 
 
 def gradient(seed: int, size=(40, 28)) -> Image.Image:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import hashlib
 import importlib.metadata
 import logging
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import paddle
@@ -103,9 +103,22 @@ def _output_to(log: Path):
             os.close(fd)
 
 
-@functools.cache
+_BUILT: list = []  # the compiled operator module (or None), once known
+_BUILDING = threading.Lock()
+
+
 def _operator():
-    """The compiled operator module, or None (the reason logged once)."""
+    """The compiled operator module, or None (the reason logged once). Built once per process: two threads that
+    ask first at once would each load the library and redirect the process's output."""
+    if _BUILT:
+        return _BUILT[0]
+    with _BUILDING:
+        if not _BUILT:
+            _BUILT.append(_first_build())
+    return _BUILT[0]
+
+
+def _first_build():
     if os.environ.get("LLAVA_UI_BF16_KERNEL", "") == "off":
         return None
     try:
@@ -118,7 +131,7 @@ def _operator():
 
 def available(progress=None) -> bool:
     """Whether the kernel runs here; `progress(message)` hears of a first-use build (tens of seconds)."""
-    if progress is not None and _operator.cache_info().currsize == 0 and not any(_folder().glob("**/*.so")):
+    if progress is not None and not _BUILT and not any(_folder().glob("**/*.so")):
         progress("compiling the bf16 linear kernel (first use only) ...")
     return _operator() is not None
 
