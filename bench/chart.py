@@ -1,9 +1,9 @@
 """Draw docs/images/performance.png from bench/run.py results: `python bench/chart.py [RESULT.json ...] [--out PNG]`.
 
 Per case, the time to the first token and the decode speed of each side, with the machine and the files named
-under the title. Without files, the results bench/run.py wrote in bench/results on the day and CPU of the newest
-one are drawn (a case measured twice: the later run). Drawn with Pillow (already a dependency), so the chart needs
-nothing the project does not install.
+under the title; several files are drawn as one (a case in two: the later file's). Without files, the newest
+result bench/run.py wrote in bench/results (by the date it records) is drawn. Drawn with Pillow (already a
+dependency), so the chart needs nothing the project does not install.
 """
 from __future__ import annotations
 
@@ -30,15 +30,6 @@ def run_results() -> list[Path]:
         if isinstance(result, dict) and "summary" in result and "machine" in result:
             found.append((result["machine"]["date"], path))
     return [path for _, path in sorted(found)]
-
-
-def newest_session() -> list[Path]:
-    """The results of the newest result's day and CPU, oldest first."""
-    paths = run_results()
-    newest = json.loads(paths[-1].read_text())["machine"]
-    same = [path for path in paths if (lambda m: (m["date"][:10], m["cpu"], m.get("bf16_units")))(
-        json.loads(path.read_text())["machine"]) == (newest["date"][:10], newest["cpu"], newest.get("bf16_units"))]
-    return same
 
 
 def merged(paths: list[Path]) -> dict:
@@ -96,10 +87,10 @@ def draw(result: dict, sources: str, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", nargs="*", type=Path, help="bench/run.py results (default: the newest day's)")
+    parser.add_argument("results", nargs="*", type=Path, help="bench/run.py results (default: the newest)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images" / "performance.png")
     args = parser.parse_args()
-    paths = args.results or newest_session()
+    paths = args.results or run_results()[-1:]
     names = ", ".join(path.name for path in paths)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     draw(merged(paths), names, args.out)
