@@ -101,7 +101,7 @@ def test_offline_hub_id_gives_a_one_sentence_error_with_the_way_out(monkeypatch,
     with pytest.raises(UserError) as err:
         resolve_model_dir("no-such-org/no-such-model")
     message = str(err.value)
-    assert "could not download no-such-org/no-such-model" in message and "--model /path/to" in message
+    assert "download no-such-org/no-such-model" in message and "--model /path/to" in message
     assert "\n" not in message
 
 
