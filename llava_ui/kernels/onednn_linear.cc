@@ -12,7 +12,7 @@
 #include <tuple>
 #include <vector>
 
-#include <omp.h>
+#include <dlfcn.h>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "paddle/extension.h"
@@ -63,12 +63,38 @@ Matmul& matmul_for(int64_t m, int64_t k, int64_t n, int threads) {
   return known.emplace(key, Matmul{pd, dnnl::matmul(pd)}).first->second;
 }
 
+// The thread count of the OpenMP runtime the oneDNN inside Paddle runs on (libgomp), asked of that library itself:
+// the process also holds Intel's OpenMP (Paddle's MKL), and a plain omp_* call may bind to that one instead, which
+// would leave oneDNN's count unchanged (a primitive made for one thread then run by more overflows its scratchpad).
+struct Gomp {
+  void (*set)(int) = nullptr;
+  int (*get)() = nullptr;
+  Gomp() {
+    void* library = dlopen("libgomp.so.1", RTLD_NOW | RTLD_NOLOAD);
+    if (library == nullptr) library = dlopen("libgomp.so.1", RTLD_NOW);
+    if (library != nullptr) {
+      set = reinterpret_cast<void (*)(int)>(dlsym(library, "omp_set_num_threads"));
+      get = reinterpret_cast<int (*)()>(dlsym(library, "omp_get_max_threads"));
+    }
+  }
+};
+
+Gomp& gomp() {
+  static Gomp runtime;
+  return runtime;
+}
+
 // Each call runs on the calling thread alone: the engine's CPU workers each take one part of a layer at once, and
 // a oneDNN team per worker would put more threads than cores to work.
 struct OneThread {
-  int previous = omp_get_max_threads();
-  OneThread() { omp_set_num_threads(1); }
-  ~OneThread() { omp_set_num_threads(previous); }
+  int previous;
+  OneThread() {
+    PD_CHECK(gomp().set != nullptr && gomp().get != nullptr, "libgomp (the OpenMP of Paddle's oneDNN) not found");
+    previous = gomp().get();
+    gomp().set(1);
+    PD_CHECK(gomp().get() == 1, "could not run oneDNN on one thread");
+  }
+  ~OneThread() { gomp().set(previous); }
 };
 
 inline uint16_t to_bf16(float value) {  // round to nearest even, as oneDNN's own conversion

@@ -72,8 +72,8 @@ def _build():
         from paddle.utils.cpp_extension import load
 
         return load(name="llava_onednn_linear", sources=[str(SOURCE)], build_directory=str(folder),
-                extra_include_paths=[str(_headers())], extra_cxx_cflags=["-O3", "-fopenmp", "-march=native"],
-                    extra_ldflags=[f"-L{libs}", "-l:libdnnl.so.3", f"-Wl,-rpath,{libs}", "-lgomp"], verbose=False)
+                extra_include_paths=[str(_headers())], extra_cxx_cflags=["-O3", "-fopenmp-simd", "-march=native"],
+                    extra_ldflags=[f"-L{libs}", "-l:libdnnl.so.3", f"-Wl,-rpath,{libs}", "-ldl"], verbose=False)
 
 
 @contextlib.contextmanager
