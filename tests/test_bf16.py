@@ -150,7 +150,7 @@ def test_the_kernel_holds_the_language_model_in_bf16_only(checkpoints, tiny_fp32
     if not kernels.available():
         pytest.skip("the bf16 linear kernel cannot be built here")
     model, _, _ = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None)
-    model.use_bf16()
+    model.use_bf16(kernel=True)
     assert model.runner.layout == "bf16" and not model.bf16.layers
     fp32_parts = tiny_fp32.runner.parts
     for (attention, feed), (exact_attention, exact_feed) in zip(model.runner.parts, fp32_parts):

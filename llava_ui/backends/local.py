@@ -69,8 +69,8 @@ class LoadState:
 
 def weight_layout(policy: DevicePolicy, batch_limit: int) -> str:
     """The language model's weight layout: as stored ("in-out") for one stream, on a GPU (its matmuls take a few
-    rows over the stored layout without the transpose a CPU's MKL wants) and for a CPU in bf16 (use_bf16 packs the
-    weights as stored for the bf16 kernel, and its fallback programs read them as stored); for an fp32 CPU engine
+    rows over the stored layout without the transpose a CPU's MKL wants) and for a CPU in bf16 (its oneDNN programs
+    read the weights as stored, and the opt-in bf16 kernel packs them from there); for an fp32 CPU engine
     that batches decode steps [out, in] (qwen2.project), or with LLAVA_UI_BATCH_LAYOUT=packed, packed for MKL's
     sgemm (packed.py says what that costs and saves)."""
     if batch_limit <= 1 or policy.on_gpu or policy.dtype == "bfloat16":

@@ -39,15 +39,15 @@ class LlavaQwen(nn.Layer):
 
     def use_bf16(self, progress=None, release_fp32: bool = False, kernel: bool | None = None) -> None:
         """Compute in bf16 on a CPU with bf16 units: the language model's weights packed once in bf16 for the bf16
-        linear kernel (kernels.Bf16Matrix; `kernel` None: where it can be built), else oneDNN programs over its fp32
-        weights (prefill only); the vision tower through oneDNN programs.
+        linear kernel (kernels.Bf16Matrix; `kernel` None: where LLAVA_UI_BF16_KERNEL=on asks for it and it builds),
+        else oneDNN programs over its fp32 weights (prefill only); the vision tower through oneDNN programs.
         release_fp32: give back the fp32 vision matrices' memory once converted (Bf16Runner._run_vision); the fp32
         vision path (bf16 set back to None) then refuses to run."""
         from llava_ui.model import kernels
         from llava_ui.model.bf16 import Bf16Runner
 
         if kernel is None:
-            kernel = kernels.available(progress)
+            kernel = kernels.on_by_default() and kernels.available(progress)
         if kernel:  # first: the language model's fp32 matrices are gone before the vision programs convert theirs
             if progress:
                 progress("packing the language model's weights in bf16 ...")
