@@ -92,3 +92,28 @@ def test_a_remote_engine_refuses_attention():
     conversation.add_user("Hi", [])
     with pytest.raises(UserError, match="local engine"):
         RemoteEngine("http://127.0.0.1:9/v1").generate(conversation, GenerationSettings(attention=True))
+
+
+def test_attention_that_could_exhaust_memory_is_refused_before_any_compute(tiny_dir, monkeypatch):
+    """Tokens x layers x visual positions beyond the bound: a message naming the token count that fits, the model
+    not run; within the bound the answer carries its attention."""
+    from llava_ui.backends import local
+    from llava_ui.backends.base import Result
+    from llava_ui.chat.conversation import Conversation
+    from llava_ui.config import GenerationSettings
+    from llava_ui.errors import UserError
+    from PIL import Image
+
+    engine = local.Engine(str(tiny_dir), dtype="float32").load()
+    conversation = Conversation()
+    conversation.add_user("What is in <image>?", [Image.new("RGB", (64, 48), (200, 30, 30))])
+    plan = engine.plan(conversation, max_new_tokens=4)
+    layers = engine.config.text["num_hidden_layers"]
+    monkeypatch.setattr(local, "ATTENTION_VALUES", 4 * layers * plan.visual_tokens)
+    calls = engine.model.vision_calls
+    with pytest.raises(UserError, match="at most 4 new tokens"):
+        list(engine.stream(conversation, GenerationSettings(max_new_tokens=5, temperature=0, attention=True)))
+    assert engine.model.vision_calls == calls
+    final = [e for e in engine.stream(conversation, GenerationSettings(max_new_tokens=4, temperature=0,
+                                                                         attention=True)) if isinstance(e, Result)]
+    assert final and len(final[0].attention) == final[0].stats.generated_tokens

@@ -303,6 +303,8 @@ class Engine:
         plan = self.plan(conversation, image_mode, settings.max_new_tokens)
         seed = settings.seed if settings.seed is not None else random.randrange(2**31)
         run = GenerationSettings(**{**asdict(settings), "max_new_tokens": plan.max_new_tokens, "seed": seed})
+        if run.attention:
+            check_attention_size(plan.visual_tokens, run.max_new_tokens, self.config.text["num_hidden_layers"])
         turn = conversation.pending()
         items, sizes = _items(plan)
         rows = [None] * len(plan.images)
@@ -442,6 +444,20 @@ def _result(plan: Plan, text: str, token_ids: list[int], reason: str, seed: int,
     return Result(text=text, finish_reason=reason, seed=seed, token_ids=token_ids, prompt=plan.prompt,
                   image_mode=plan.image_mode, dropped_turns=plan.dropped_turns,
                   visual_tokens_per_image=[p.tokens for p in plan.images], stats=stats, logprobs=logprobs)
+
+
+ATTENTION_VALUES = 10_000_000  # attention values one answer may hold (kept as Python floats: a few hundred MB)
+
+
+def check_attention_size(visual_tokens: int, max_new_tokens: int, layers: int) -> None:
+    """Refuse, before any compute, an attention request whose rows (tokens x layers x visual positions) could
+    exhaust the server's memory."""
+    values = max_new_tokens * layers * visual_tokens
+    if values > ATTENTION_VALUES:
+        most = ATTENTION_VALUES // max(layers * visual_tokens, 1)
+        raise UserError(f"attention over {visual_tokens} visual positions for up to {max_new_tokens} new tokens "
+                        f"would hold {values / 1e6:.0f} M values: with attention on, ask for at most {most} new "
+                        "tokens, or use fewer images or frames")
 
 
 def _items(plan: Plan) -> tuple[list, list[int]]:
