@@ -9,8 +9,15 @@ import pytest
 from cpu_kinds import needs_bf16_units
 from llava_ui.model import kernels
 
-pytestmark = [needs_bf16_units,
-              pytest.mark.skipif(not kernels.available(), reason="the bf16 linear kernel cannot be built here")]
+# slow: the kernels are opt-in (docs/limits.md): long test processes that used them died of a heap corruption not
+# yet found, so they run with `-m slow`, not in the default suite
+pytestmark = [needs_bf16_units, pytest.mark.slow]
+
+
+@pytest.fixture(autouse=True)
+def _kernel_built():
+    if not kernels.available():
+        pytest.skip("the bf16 linear kernel cannot be built here")
 
 
 def bf16(values: np.ndarray) -> np.ndarray:
