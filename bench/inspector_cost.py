@@ -70,8 +70,8 @@ def main(argv=None) -> int:
     from llava_ui.backends.local import Engine
 
     model = args.model or ensure_checkpoints(args.checkpoints)["paddle"]
-    engine = Engine(str(model), dtype=args.dtype, image_mode="flat").load()
-    engine.compute.batch_limit = 1  # one stream, as the command line runs
+    engine = Engine(str(model), dtype=args.dtype, image_mode="flat", batch_slots=1).load()  # one stream, as
+    # the command line runs
     record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "cpu": cpu_model(), "model": str(model), "dtype": args.dtype, "tokens": args.tokens,
               "precision": engine.status().get("precision"), "resident_after_load_gb": memory_kb("VmRSS") / 1e6}

@@ -15,3 +15,13 @@ needs_bf16_units = pytest.mark.skipif(bf16_units() is None, reason="this CPU has
 def machine_precisions() -> list[str]:
     """The CPU precisions an engine can be built in here: float32 everywhere, bfloat16 where bf16 units are."""
     return ["float32"] + (["bfloat16"] if bf16_units() else [])
+
+
+def machine_engines() -> list:
+    """Engine options for each path this CPU can run, named: fp32 everywhere; where bf16 units are, bf16 through
+    the bf16 kernels and bf16 through oneDNN programs (the path where the kernels cannot be built)."""
+    paths = [pytest.param({"dtype": "float32"}, id="fp32")]
+    if bf16_units():
+        paths += [pytest.param({"dtype": "bfloat16", "bf16_kernel": True}, id="bf16-kernel"),
+                  pytest.param({"dtype": "bfloat16", "bf16_kernel": False}, id="bf16-programs")]
+    return paths

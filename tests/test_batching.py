@@ -118,9 +118,9 @@ def test_the_engine_lays_the_weights_out_for_what_it_runs(tiny_dir, engine, monk
     at a time (the command line, eval --parallel 1) keeps the weights as stored, the faster layout for one
     stream."""
     assert engine.status()["weight_layout"] == "out-in"
-    one = Engine(str(tiny_dir), dtype="float32", feature_cache_mb=1)
-    one.compute.batch_limit = 1
+    one = Engine(str(tiny_dir), dtype="float32", feature_cache_mb=1, batch_slots=1)
     assert one.load().status()["weight_layout"] == "in-out"
+    assert one.status()["options"]["batch_slots"] == 1 and one.compute.batch_limit == 1
     monkeypatch.setenv("LLAVA_UI_BATCH_LAYOUT", "packed")
     asked = Engine(str(tiny_dir), dtype="float32", feature_cache_mb=1)
     assert asked.load().status()["weight_layout"] == "packed"

@@ -28,8 +28,7 @@ from cpu_kinds import needs_bf16_units
 from llava_ui.model import kernels
 
 needs_units = needs_bf16_units
-# slow: the opt-in bf16 kernels (docs/limits.md) run with `-m slow`, not in the default suite
-needs_kernel = [needs_bf16_units, pytest.mark.slow]
+needs_kernel = needs_bf16_units
 
 
 def kernel_or_skip():
@@ -132,8 +131,9 @@ def tiny_bf16(checkpoints, request):
     once), and oneDNN programs over fp32 weights (where the kernel cannot be built)."""
     if request.param:
         kernel_or_skip()
-    model, _, _ = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None)
-    model.use_bf16(kernel=request.param)
+    model, _, _ = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None,
+                              "bf16" if request.param else "in-out")
+    model.use_bf16()
     assert (model.runner.layout == "bf16") == request.param
     return model
 
@@ -151,14 +151,13 @@ def test_tiny_bf16_agrees_with_fp32(tiny_fp32, tiny_bf16, text_tokens, images):
 
 
 @needs_units
-@pytest.mark.slow
 def test_the_kernel_holds_the_language_model_in_bf16_only(checkpoints, tiny_fp32):
     """With the kernel, every layer weight and the head are oneDNN's packed bf16 (half the fp32 bytes), no fp32
     matrix of the layers is left, and no oneDNN program is made for the language model."""
     if not kernels.available():
         pytest.skip("the bf16 linear kernel cannot be built here")
-    model, _, _ = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None)
-    model.use_bf16(kernel=True)
+    model, _, _ = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None, "bf16")
+    model.use_bf16()
     assert model.runner.layout == "bf16" and not model.bf16.layers
     fp32_parts = tiny_fp32.runner.parts
     for (attention, feed), (exact_attention, exact_feed) in zip(model.runner.parts, fp32_parts):
@@ -375,8 +374,8 @@ FIRST_IN_PROCESS = """
 import sys, numpy as np
 from llava_ui.checkpoints.load import build_model
 quiet = lambda *a, **k: None
-model = build_model(sys.argv[1], "float32", quiet)[0]
-model.use_bf16(release_fp32=True, kernel=sys.argv[2] == "kernel")
+model = build_model(sys.argv[1], "float32", quiet, "bf16" if sys.argv[2] == "kernel" else "in-out")[0]
+model.use_bf16(release_fp32=True)
 exact = build_model(sys.argv[1], "float32", quiet)[0]
 side = model.config.vision.image_size
 pixels = np.random.default_rng(3).uniform(-1, 1, (2, 3, side, side)).astype("float32")

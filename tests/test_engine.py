@@ -6,13 +6,13 @@ import paddle
 import pytest
 from PIL import Image
 
-from cpu_kinds import machine_precisions
+from cpu_kinds import machine_engines
 from llava_ui.backends.base import Delta, Result
 from llava_ui.backends.local import Engine
 from llava_ui.chat.conversation import Conversation
 from llava_ui.config import GenerationSettings
 from llava_ui.errors import UserError
-from llava_ui.model.generate import IncrementalDecoder, generate_ids
+from llava_ui.model.generate import Decoding, IncrementalDecoder, generate_ids
 
 GREEDY = GenerationSettings(max_new_tokens=24, temperature=0)
 
@@ -25,11 +25,11 @@ def picture(seed, size=(96, 64)):
     return Image.fromarray((pixels % 256).astype(np.uint8))
 
 
-@pytest.fixture(scope="module", params=machine_precisions())
+@pytest.fixture(scope="module", params=machine_engines())
 def engine(tiny_dir, request):
-    """The engine in each precision this CPU can run (bf16 only where it has bf16 units), named, not the host's
-    default."""
-    return Engine(str(tiny_dir), dtype=request.param).load()
+    """The engine on each path this CPU can run (bf16 only where it has bf16 units: through the kernels and
+    through oneDNN programs), named, not the host's default."""
+    return Engine(str(tiny_dir), **request.param).load()
 
 
 def chat(text="Describe <image> and <image>.", images=(1, 2)):
@@ -187,9 +187,9 @@ class ScriptedModel:
 def test_generation_stops_at_im_end_and_endoftext_without_yielding_them():
     for stop in (7, 8):
         model = ScriptedModel([3, 4, stop, 5])
-        state = {}
+        state = Decoding()
         out = list(generate_ids(model, paddle.zeros([1, 5, 2]), GREEDY, {7, 8}, state=state))
-        assert out == [3, 4] and state["finish"] == "stop"
+        assert out == [3, 4] and state.finish == "stop"
 
 
 def test_incremental_decoder_never_splits_multibyte_characters(engine):
@@ -274,3 +274,18 @@ def test_incremental_decoder_streams_invalid_bytes_instead_of_holding_them_forev
     released = [decoder.push(t) for t in invalid]
     assert sum(1 for piece in released if piece) >= 2
     assert "".join(released) + decoder.finish() == engine.tokenizer.decode(invalid)
+
+
+def test_the_engine_reports_the_options_it_computes_with(engine):
+    """One typed options object, chosen at load, is what status(), /v1/models and each answer's stats report; on
+    the bf16 kernel path the language model is held packed in bf16 and the KV cache is bf16."""
+    options = engine.status()["options"]
+    kernel = engine.bf16_kernel is True
+    assert options["dtype"] == engine.options.dtype and options["batch_slots"] == engine.compute.batch_limit == 8
+    assert options["weight_layout"] == engine.model.runner.layout == ("bf16" if kernel else "out-in" if
+                                                                      options["dtype"] == "float32" else "in-out")
+    cache = engine.run(engine.model.reserve, None, 16)
+    assert str(cache.keys[0].dtype).endswith("bfloat16" if kernel else "float32") and options["kv_cache"] == (
+        "bfloat16" if kernel else "float32")
+    final = list(engine.stream(chat(), GenerationSettings(max_new_tokens=2, temperature=0)))[-1]
+    assert final.stats.weights == f"{options['weights']}; KV cache {options['kv_cache']}"

@@ -157,15 +157,32 @@ def test_without_a_gpu_the_cpu_precision_follows_its_bf16_units(monkeypatch):
         device.choose("cpu", "float16")
 
 
-def test_a_gpu_keeps_the_stored_weight_layout_whatever_the_batch_limit(monkeypatch):
-    from llava_ui.backends.local import weight_layout
-    from llava_ui.model.device import DevicePolicy
+def test_a_gpu_keeps_the_stored_weight_layout_whatever_the_batch_slots(monkeypatch):
+    """The options an engine loads with, on each device kind (the CUDA queries mocked, the CPU's bf16 units and
+    the kernel's availability set): one typed object, the layout picked once from device, dtype and slots."""
+    import llava_ui.model.device as device
+    from llava_ui.errors import UserError
+    from llava_ui.model import kernels
 
+    FakeGpus(monkeypatch, A10G)
     for dtype in ("bfloat16", "float16", "float32"):
-        assert weight_layout(DevicePolicy("gpu:0", dtype, ""), batch_limit=4) == "in-out"
-    assert weight_layout(DevicePolicy("cpu", "float32", ""), batch_limit=4) == "out-in"
-    assert weight_layout(DevicePolicy("cpu", "bfloat16", ""), batch_limit=4) == "in-out"
-    assert weight_layout(DevicePolicy("cpu", "float32", ""), batch_limit=1) == "in-out"
+        chosen = device.options("gpu", dtype, batch_slots=4)
+        assert (chosen.device, chosen.layout, chosen.kv_dtype) == ("gpu:0", "in-out", dtype)
+    FakeGpus(monkeypatch, compiled=False)
+    monkeypatch.setattr(device, "bf16_units", lambda: "AVX-512 BF16")
+    assert device.options("cpu", "float32", batch_slots=4).layout == "out-in"
+    assert device.options("cpu", "float32", batch_slots=1).layout == "in-out"
+    for built in (True, False):  # bf16 on the CPU: packed for the kernel where it builds, else as stored
+        monkeypatch.setattr(kernels, "enabled", lambda: True)
+        monkeypatch.setattr(kernels, "available", lambda progress=None, built=built: built)
+        chosen = device.options("cpu", "bfloat16", batch_slots=4)
+        assert chosen.layout == ("bf16" if built else "in-out")
+        assert chosen.kv_dtype == ("bfloat16" if built else "float32") and chosen.bf16_programs
+        summary = chosen.summary()
+        assert summary["batch_slots"] == 4 and summary["weight_layout"] == chosen.layout
+        assert summary["weights"].startswith("bf16" if built else "float32")
+    with pytest.raises(UserError, match="batch slots"):
+        device.options("cpu", "float32", batch_slots=0)
 
 
 def _prefill_and_turn(model, embeds, split: int):

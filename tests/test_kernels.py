@@ -9,9 +9,7 @@ import pytest
 from cpu_kinds import needs_bf16_units
 from llava_ui.model import kernels
 
-# slow: the kernels are opt-in (docs/limits.md): long test processes that used them died of a heap corruption not
-# yet found, so they run with `-m slow`, not in the default suite
-pytestmark = [needs_bf16_units, pytest.mark.slow]
+pytestmark = needs_bf16_units
 
 
 @pytest.fixture(autouse=True)
@@ -181,7 +179,7 @@ print("stderr still writes", file=sys.stderr, flush=True)
 
 def test_threads_asking_for_the_kernel_first_at_once_build_it_once():
     """Two engines loading at once (a server's engine and another) ask for the kernel together: it is built and
-    loaded once, and the process's stdout and stderr are its own again afterwards (each build redirects them)."""
+    loaded once, and the process's stdout and stderr still write afterwards."""
     import subprocess
     import sys
 

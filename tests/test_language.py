@@ -12,7 +12,7 @@ from llava_ui.config import GenerationSettings
 from llava_ui.model import cpu as parallel
 from llava_ui.model import qwen2 as language
 from llava_ui.model.cpu import configure_cpu
-from llava_ui.model.generate import generate_ids, prefill
+from llava_ui.model.generate import Decoding, generate_ids, prefill
 from cpu_kinds import needs_avx512
 
 LENGTH = 41
@@ -138,11 +138,11 @@ def test_prefill_reserves_the_answer_up_front_so_decoding_never_copies_the_cache
         return writable(self, needed)
 
     monkeypatch.setattr(language.KVCache, "writable", recording)
-    state = {}
+    state = Decoding()
     tokens = list(generate_ids(model, embeds, GenerationSettings(max_new_tokens=new_tokens, temperature=0), set(),
                                state=state))
     assert len(tokens) == new_tokens and grown == []
-    assert LENGTH + new_tokens <= state["cache"].capacity == language._round_up(LENGTH + new_tokens)
+    assert LENGTH + new_tokens <= state.cache.capacity == language._round_up(LENGTH + new_tokens)
 
 
 def test_a_cache_grows_in_place_and_a_prefix_view_made_before_keeps_its_buffers(tiny):

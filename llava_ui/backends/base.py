@@ -78,6 +78,7 @@ class Stats:
     images_from_cache: int | None = None
     total_s: float | None = None
     precision: str | None = None  # e.g. "bf16 on oneDNN (AMX)"
+    weights: str | None = None  # how the language model's weights and KV cache were held (EngineOptions)
     decode_batch_mean: float | None = None  # how many chats shared this answer's decode steps, on average
     decode_batch_max: int | None = None
 

@@ -30,11 +30,10 @@ from llava_ui.checkpoints.hub import model_source
 from llava_ui.checkpoints.load import build_model, load_tokenizer, resolve_model_dir
 from llava_ui.config import GenerationSettings
 from llava_ui.errors import Stopped, UserError
-from llava_ui.model import packed
-from llava_ui.model.device import DevicePolicy, choose
+from llava_ui.model.device import EngineOptions, options as choose_options
 from llava_ui.model.attention_rows import attention_rows
 from llava_ui.model.image_effect import image_effect, logprobs_without_images
-from llava_ui.model.generate import IncrementalDecoder, decode_room, decode_tokens, prefill_chunks
+from llava_ui.model.generate import Decoding, IncrementalDecoder, Prefilled, decode_room, decode_tokens, prefill_chunks
 from llava_ui.model.processing import check_image_mode, default_image_mode, pixel_views, prepare_images
 
 
@@ -67,26 +66,19 @@ class LoadState:
     weight_layout: str = ""  # the language model's: "in-out" (one stream), "packed" or "out-in" (batched steps)
 
 
-def weight_layout(policy: DevicePolicy, batch_limit: int) -> str:
-    """The language model's weight layout: as stored ("in-out") for one stream, on a GPU (its matmuls take a few
-    rows over the stored layout without the transpose a CPU's MKL wants) and for a CPU in bf16 (its oneDNN programs
-    read the weights as stored, and the opt-in bf16 kernel packs them from there); for an fp32 CPU engine
-    that batches decode steps [out, in] (qwen2.project), or with LLAVA_UI_BATCH_LAYOUT=packed, packed for MKL's
-    sgemm (packed.py says what that costs and saves)."""
-    if batch_limit <= 1 or policy.on_gpu or policy.dtype == "bfloat16":
-        return "in-out"
-    if os.environ.get("LLAVA_UI_BATCH_LAYOUT", "") == "packed" and packed.available():
-        return "packed"
-    return "out-in"
-
-
 class Engine:
     def __init__(self, model: str = DEFAULT_MODEL, hub: str | None = None, device: str | None = None,
                  dtype: str | None = None,
                  image_mode: str | None = None, context_length: int | None = None,
-                 feature_cache_mb: int = 256, prefix_cache_mb: int = 1024, prefix_cache_entries: int = 4):
+                 feature_cache_mb: int = 256, prefix_cache_mb: int = 1024, prefix_cache_entries: int = 4,
+                 batch_slots: int = 8, bf16_kernel: bool | None = None):
+        """`batch_slots`: the most chats one decode step carries (1: one stream, e.g. the command line); with the
+        device and dtype it decides how the weights are held (device.options, which says what `bf16_kernel`
+        does)."""
         self.model_id, self.hub = model, hub
         self.requested = (device, dtype, image_mode, context_length)
+        self.batch_slots, self.bf16_kernel = batch_slots, bf16_kernel
+        self.options: EngineOptions | None = None  # how this engine computes, once loaded
         self.load_state = LoadState()
         self.features = FeatureCache(feature_cache_mb << 20)
         self.prefixes = PrefixCache(prefix_cache_mb << 20, prefix_cache_entries)
@@ -95,7 +87,7 @@ class Engine:
         self.model_dir = None  # the resolved checkpoint folder, once loaded
         self.rates: Rates | None = None  # this machine's measured speed per stage, once loaded
         self._load_lock = threading.Lock()
-        self.compute = ComputeThread()  # every model step runs there (grad off, the CPU set up once)
+        self.compute = ComputeThread(batch_slots)  # every model step runs there (grad off, the CPU set up once)
         self.admission = Admission()  # answers at once and waiting, for every front end (serve sets the sizes)
         self.run = self.compute.run
 
@@ -106,6 +98,7 @@ class Engine:
                 "device": s.device, "dtype": s.dtype, "precision": s.precision, "device_reason": s.device_reason,
                 "layout": s.layout,
                 "weight_layout": s.weight_layout,
+                "options": self.options.summary() if self.options is not None else None,
                 "random_weights": s.random_weights,
                 "image_mode": self.image_mode if s.state == "ready" else None,
                 "unpad_rounding": self.config.unpad_rounding if s.state == "ready" else None,
@@ -148,17 +141,12 @@ class Engine:
 
     def _load(self) -> None:
         device_req, dtype_req, mode_req, context_req = self.requested
-        policy = choose(device_req, dtype_req)
-        device, dtype = policy.device, policy.dtype
-        paddle.set_device(device)
+        options = choose_options(device_req, dtype_req, self.batch_slots, self._progress, self.bf16_kernel)
+        paddle.set_device(options.device)
         model_dir = resolve_model_dir(self.model_id, self._progress, self.hub)
         self.model_dir = model_dir
-        on_cpu = not policy.on_gpu
-        # on the CPU the weights stay fp32 (today's exact path); bf16 runs them through oneDNN programs
-        bf16_programs = on_cpu and dtype == "bfloat16"
-        layout_of_weights = weight_layout(policy, self.compute.batch_limit)
-        model, config, layout = build_model(model_dir, policy.weights_dtype, self._progress, layout_of_weights)
-        if bf16_programs:
+        model, config, layout = build_model(model_dir, options.policy.weights_dtype, self._progress, options.layout)
+        if options.bf16_programs:  # the vision tower (and without the bf16 kernel the prefill) as oneDNN programs
             model.use_bf16(self._progress, release_fp32=True)
             self._progress(f"bf16 programs ready in {model.bf16.prepare_seconds:.0f} s "
                            f"(exported in {model.bf16.export_seconds:.0f} s)")
@@ -168,12 +156,14 @@ class Engine:
         self.image_mode = check_image_mode(mode_req, has_newline) if mode_req else default_image_mode(config, has_newline)
         self.context_length = min(context_req or config.context_length, config.context_length)
         self.model, self.config = model, config
-        self.load_state.device, self.load_state.dtype, self.load_state.layout = device, dtype, layout
+        self.options = options
+        policy = options.policy
+        self.load_state.device, self.load_state.dtype, self.load_state.layout = policy.device, policy.dtype, layout
         self.load_state.precision, self.load_state.device_reason = policy.precision, policy.reason
         self.load_state.random_weights = bool(config.raw.get("random_weights"))
-        self.load_state.weight_layout = model.runner.layout  # "bf16" once use_bf16 packed them for its kernel
+        self.load_state.weight_layout = options.layout
         self._progress("measuring this machine's speed ...")
-        self.rates = Rates(Workload.of(config), calibrate("float32" if on_cpu else dtype))
+        self.rates = Rates(Workload.of(config), calibrate("float32" if options.on_cpu else policy.dtype))
 
     def default_frames(self) -> int:
         """Video frames by default: 16 on a GPU; on a CPU as many (up to 16) as answer within about a minute at
@@ -321,14 +311,14 @@ class Engine:
         encoded = len(fresh)
         if stop_event.is_set():  # stopped before the prompt was computed: nothing to say
             turn.answer = ""
-            yield _result(plan, "", [], "stopped", seed, started, None, 0, encoded, self.load_state.precision)
+            yield _result(plan, "", [], "stopped", seed, started, None, 0, encoded, self.options)
             return
         matched, cached_positions, kv = self.prefixes.match(items)
         rest_ids = plan.prompt_ids[matched:]
         rest_rows = rows[sum(1 for t in plan.prompt_ids[:matched] if t == IMAGE_MARKER):]
         embeds = self.run(self.model.embed_prompt, rest_ids, rest_rows)
         length = embeds.shape[1]
-        result = {}
+        result = Prefilled()
         for done, total, chunk_start, chunk_length, seconds in prefill_chunks(
                 self.model, embeds, kv, cached_positions, room=decode_room(run), run=self.run,
                 should_stop=stop_event.is_set, result=result):
@@ -338,7 +328,7 @@ class Engine:
         del embeds
         decoder = IncrementalDecoder(self.tokenizer.decode)
         stops = StopStrings(settings.stop)
-        state, token_ids, times, shared = {"finish": "stopped"}, [], [], []
+        state, token_ids, times, shared = Decoding(), [], [], []
         reason = "length"
         # asked for: each token's scores, named (TokenLogprob), and how many of them the Deltas carried so far
         scores, named, sent = ([], [], 0) if run.logprobs is not None else (None, None, 0)
@@ -346,14 +336,14 @@ class Engine:
             scores, seen_logprobs = [] if scores is None else scores, []
             if run.logprobs is None:
                 run = replace(run, logprobs=0)
-        if result["logits"] is None:  # stopped between two prefill chunks
+        if result.logits is None:  # stopped between two prefill chunks
             tokens = _no_tokens()
         else:
-            tokens = decode_tokens(self.model, result["logits"], result["cache"], cached_positions + length, run,
+            tokens = decode_tokens(self.model, result.logits, result.cache, cached_positions + length, run,
                                    self.tokenizer.stop_ids, seen=[t for t in plan.prompt_ids if t >= 0],
                                    should_stop=stop_event.is_set, run=self.run, state=state,
                                    decode_step=lambda *step: self.compute.decode(*step, shared), scores=scores)
-        result.clear()
+        del result  # the decode loop holds the cache from here (state.cache)
         with self.compute.decoding():  # while it decodes, the batched step waits for this chat's steps
             try:
                 for token in tokens:
@@ -373,7 +363,7 @@ class Engine:
                         reason = "stop"
                         break
                 else:
-                    reason = "stopped" if stop_event.is_set() else state.get("finish", "length")
+                    reason = "stopped" if stop_event.is_set() else state.finish
                 if reason != "stop":
                     delta, _ = stops.feed(decoder.finish(), final=True)
                     if delta:
@@ -384,11 +374,11 @@ class Engine:
             finally:
                 tokens.close()
                 turn.answer = stops.text
-                if state.get("cache") is not None:
-                    fed = state["fed"]
-                    self.prefixes.store(items + token_ids[:fed], sizes + [1] * fed, state["cache"])
+                if state.cache is not None:
+                    fed = state.fed
+                    self.prefixes.store(items + token_ids[:fed], sizes + [1] * fed, state.cache)
         final = _result(plan, stops.text, token_ids, reason, seed, started, times, cached_positions, encoded,
-                        self.load_state.precision, shared, named)
+                        self.options, shared, named)
         if run.attention and not stop_event.is_set():
             final.attention = self.run(self._attention, plan, rows, token_ids) if token_ids else []
         if run.image_effect and not stop_event.is_set():
@@ -420,13 +410,13 @@ class Engine:
         prefix cache, no text. Ends at a stop id (not yielded) or max_new_tokens."""
         rows, _ = self.image_rows(plan)
         embeds = self.run(self.model.embed_prompt, plan.prompt_ids, rows)
-        result = {}
+        result = Prefilled()
         for _ in prefill_chunks(self.model, embeds, None, 0, room=decode_room(settings), run=self.run, result=result):
             pass
         length = embeds.shape[1]
         del embeds
         with self.compute.decoding():  # batched with every other request decoding (eval --parallel)
-            yield from decode_tokens(self.model, result["logits"], result["cache"], length, settings,
+            yield from decode_tokens(self.model, result.logits, result.cache, length, settings,
                                      set(stop_ids), seen=list(seen), run=self.run, decode_step=self.compute.decode)
 
     def generate(self, conversation: Conversation, settings: GenerationSettings | None = None, **kwargs) -> Result:
@@ -434,11 +424,12 @@ class Engine:
 
 
 def _result(plan: Plan, text: str, token_ids: list[int], reason: str, seed: int, started: float, times,
-            cached_positions: int, encoded: int, precision: str, shared: list | None = None,
+            cached_positions: int, encoded: int, options: EngineOptions, shared: list | None = None,
             logprobs: list | None = None) -> Result:
     stats = timed_stats(started, times or [], generated_tokens=len(token_ids), prompt_tokens=plan.prompt_tokens,
                         visual_tokens=plan.visual_tokens, cached_prefix_tokens=cached_positions,
-                        images_encoded=encoded, images_from_cache=len(plan.images) - encoded, precision=precision,
+                        images_encoded=encoded, images_from_cache=len(plan.images) - encoded,
+                        precision=options.policy.precision, weights=f"{options.weights}; KV cache {options.kv_dtype}",
                         decode_batch_mean=sum(shared) / len(shared) if shared else None,
                         decode_batch_max=max(shared) if shared else None)
     return Result(text=text, finish_reason=reason, seed=seed, token_ids=token_ids, prompt=plan.prompt,

@@ -147,8 +147,8 @@ def vision_layers_in(state: dict) -> int:
 
 def build_model(model_dir: Path, dtype: str = "float32", progress=None, weight_layout: str = "in-out"):
     """Read config + weights, build LlavaQwen in `dtype`, load every weight; fail loudly on any mismatch.
-    `weight_layout`: how the language model's weights are laid out (qwen2.Qwen2Runner.pack: "in-out" as
-    stored, "out-in" or "packed" for batched decode steps)."""
+    `weight_layout`: how the language model's weights are held (qwen2.Qwen2Runner.pack: "in-out" as stored,
+    "out-in" or "packed" for batched decode steps, "bf16" for the bf16 kernel; device.options picks it)."""
     no_init_weights = paddlenlp_module("paddlenlp.transformers.model_utils").no_init_weights
 
     progress = progress or _stderr
@@ -180,6 +180,8 @@ def build_model(model_dir: Path, dtype: str = "float32", progress=None, weight_l
     finally:
         paddle.set_default_dtype(previous)
     load_state(model, state, progress)
+    if weight_layout == "bf16":
+        progress("packing the language model's weights in bf16 (once) ...")
     model.runner.pack(weight_layout)  # the language model's weights regrouped per CPU worker (each held once)
     model.eval()
     for param in model.parameters():  # no thread can record autograd history on them, whatever its grad mode

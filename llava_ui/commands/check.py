@@ -101,8 +101,7 @@ def run_model(model: str, device: str | None, dtype: str | None, max_new_tokens:
 
     _reset_peak_memory()
     began = time.perf_counter()
-    engine = Engine(model, device=device, dtype=dtype, image_mode="eval")
-    engine.compute.batch_limit = 1
+    engine = Engine(model, device=device, dtype=dtype, image_mode="eval", batch_slots=1)
     engine.load()
     load_s = time.perf_counter() - began
     picture = Image.new("RGB", (96, 64), (200, 40, 40))

@@ -151,9 +151,10 @@ def settings_from(args) -> GenerationSettings:
                                           args.max_new_tokens, args.seed)
 
 
-def make_backend(args, on_progress=None):
+def make_backend(args, on_progress=None, batch_slots: int = 8):
     """The backend the flags ask for: the process-wide local engine, or a remote one. Loading progress goes to
-    `on_progress(message, done, total)`, by default progress bars on stderr."""
+    `on_progress(message, done, total)`, by default progress bars on stderr. `batch_slots`: the most chats one
+    decode step of a local engine carries (1 for one stream: its weights are then held for one)."""
     if getattr(args, "backend", "local") == "remote":
         from llava_ui.backends.remote import RemoteEngine  # deferred: a local run never needs httpx's client
 
@@ -163,7 +164,8 @@ def make_backend(args, on_progress=None):
     from llava_ui.backends.local import get_engine  # deferred: a remote front end starts without Paddle
 
     engine = get_engine(args.model, hub=args.hub, device=args.device, dtype=args.dtype,
-                        image_mode=getattr(args, "image_mode", None), context_length=args.context_length)
+                        image_mode=getattr(args, "image_mode", None), context_length=args.context_length,
+                        batch_slots=batch_slots)
     engine.on_progress = on_progress or ProgressBars().load
     return engine
 

@@ -27,10 +27,8 @@ def add_eval_command(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    backend = make_backend(args)
+    backend = make_backend(args, batch_slots=max(1, args.parallel))
     compute = getattr(backend, "compute", None)  # the local engine's compute thread (None for a remote one)
-    if compute is not None:  # before loading: the weights' layout follows it (one stream, or batched steps)
-        compute.batch_limit = args.parallel
     backend.load()
     os.makedirs(args.out, exist_ok=True)
     penalty = checkpoint_repetition_penalty(args.model) if args.backend == "local" else 1.0

@@ -39,9 +39,7 @@ def add_generate_command(sub) -> None:
 
 def cmd_generate(args) -> int:
     bars = ProgressBars("frame" if args.video else "image")
-    backend = make_backend(args, on_progress=bars.load)
-    if hasattr(backend, "compute"):  # one request: nothing to batch, the weights laid out for one stream
-        backend.compute.batch_limit = 1
+    backend = make_backend(args, on_progress=bars.load, batch_slots=1)  # one request: nothing to batch
     frames = args.frames
     if args.video and frames is None:  # the default follows this machine's speed: load first
         backend.load()

@@ -74,6 +74,6 @@ def cmd_replay(args) -> int:
     if export.get("arrays") and arrays is None:
         print(f"{export['arrays']} (the attention and image effect arrays) is not beside {args.export}: they are "
               f"computed again but not compared", file=sys.stderr)
-    backend = make_backend(args)
+    backend = make_backend(args, batch_slots=1)  # one conversation at a time
     backend.load()
     return 0 if all(replay(export, backend, arrays=arrays)) else 1

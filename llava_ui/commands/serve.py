@@ -61,8 +61,8 @@ def api_router(backend, args):
 
 
 def serving_backend(args):
-    try:
-        return make_backend(args)
+    try:  # a decode step carries up to --concurrency chats
+        return make_backend(args, batch_slots=max(1, args.concurrency))
     except UserError as err:
         sys.exit(f"error: {err}")
 
@@ -70,7 +70,6 @@ def serving_backend(args):
 def _backend_and_demo(args):
     backend = serving_backend(args)
     if hasattr(backend, "admission"):  # the local engine: one admission queue and batch limit for every front end
-        backend.compute.batch_limit = max(1, args.concurrency)
         backend.admission.configure(args.concurrency, args.queue_size)
     if args.eager:
         backend.load_in_background()

@@ -1,10 +1,17 @@
-// Linear layers with bf16 weights for CPUs with bf16 units, over the oneDNN that ships inside Paddle's wheel.
+// Linear layers with bf16 weights and attention over a bf16 KV cache for CPUs with bf16 units, over the oneDNN
+// that ships inside Paddle's wheel. A plain C library (llava_ui/model/kernels.py loads it with ctypes): every
+// function takes raw pointers to buffers the caller (Python, Paddle tensors) allocated and keeps alive, allocates
+// no tensor and touches no Paddle state, so any thread may call any function at any time.
 //
-// bf16_pack reorders an fp32 weight ONCE into the blocked bf16 layout oneDNN's matmul reads fastest; the result is
-// an ordinary Paddle uint8 tensor that the model holds in place of the fp32 weight. bf16_linear multiplies rows of
-// fp32 activations by such a weight (activations rounded to bf16, products summed in fp32, fp32 out, + bias).
-// Nothing converts a weight again after the pack, whatever the row count or the calling thread.
+// llava_bf16_pack reorders an fp32 weight ONCE into the blocked bf16 layout oneDNN's matmul reads fastest; the
+// caller holds the bytes (a uint8 tensor) in place of the fp32 weight. llava_bf16_linear multiplies rows of fp32
+// activations by such a weight (activations rounded to bf16, products summed in fp32, fp32 out, + bias). Nothing
+// converts a weight again after the pack, whatever the row count or the calling thread.
+//
+// Every function returns 0, or -1 with the reason in llava_last_error() (a oneDNN error: the caller raises it).
 #include <algorithm>
+#include <exception>
+#include <string>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -14,8 +21,9 @@
 
 #include <dlfcn.h>
 
+#include <stdexcept>
+
 #include "oneapi/dnnl/dnnl.hpp"
-#include "paddle/extension.h"
 
 namespace {
 
@@ -89,10 +97,11 @@ Gomp& gomp() {
 struct OneThread {
   int previous;
   OneThread() {
-    PD_CHECK(gomp().set != nullptr && gomp().get != nullptr, "libgomp (the OpenMP of Paddle's oneDNN) not found");
+    if (gomp().set == nullptr || gomp().get == nullptr)
+      throw std::runtime_error("libgomp (the OpenMP of Paddle's oneDNN) not found");
     previous = gomp().get();
     gomp().set(1);
-    PD_CHECK(gomp().get() == 1, "could not run oneDNN on one thread");
+    if (gomp().get() != 1) throw std::runtime_error("could not run oneDNN on one thread");
   }
   ~OneThread() { gomp().set(previous); }
 };
@@ -104,65 +113,78 @@ inline uint16_t to_bf16(float value) {  // round to nearest even, as oneDNN's ow
   return static_cast<uint16_t>(bits >> 16);
 }
 
+thread_local std::string last_error;
+
+// Runs `body`, turning an exception into -1 and llava_last_error()'s text.
+template <typename Body>
+int guarded(Body body) {
+  try {
+    body();
+    return 0;
+  } catch (const std::exception& err) {
+    last_error = err.what();
+  } catch (...) {
+    last_error = "unknown error";
+  }
+  return -1;
+}
+
 }  // namespace
 
-// weight: fp32 [k, n] (transposed=false) or [n, k] (transposed=true, e.g. a tied head stored as the embedding).
-std::vector<paddle::Tensor> Bf16Pack(const paddle::Tensor& weight, bool transposed) {
-  PD_CHECK(weight.dtype() == paddle::DataType::FLOAT32, "bf16_pack takes a float32 weight");
-  PD_CHECK(weight.shape().size() == 2, "bf16_pack takes a 2-D weight");
-  int64_t k = transposed ? weight.shape()[1] : weight.shape()[0];
-  int64_t n = transposed ? weight.shape()[0] : weight.shape()[1];
-  memory::desc target = packed_desc(k, n);
-  auto out = paddle::empty({static_cast<int64_t>(target.get_size())}, paddle::DataType::UINT8, weight.place());
-  dnnl::stream stream(cpu());
-  memory source({{k, n}, dt::f32, transposed ? tag::ba : tag::ab}, cpu(), const_cast<float*>(weight.data<float>()));
-  memory packed(target, cpu(), out.data<uint8_t>());
-  dnnl::reorder(source, packed).execute(stream, source, packed);
-  stream.wait();
-  return {out};
+extern "C" {
+
+const char* llava_last_error() { return last_error.c_str(); }
+
+// Bytes of a packed [k, n] weight (llava_bf16_pack's output).
+int64_t llava_bf16_packed_size(int64_t k, int64_t n) {
+  int64_t size = -1;
+  guarded([&] { size = static_cast<int64_t>(packed_desc(k, n).get_size()); });
+  return size;
 }
 
-std::vector<paddle::Tensor> Bf16Linear(const paddle::Tensor& x, const paddle::Tensor& packed,
-                                       const paddle::Tensor& bias, int64_t n) {
-  PD_CHECK(x.dtype() == paddle::DataType::FLOAT32 && x.shape().size() == 2, "bf16_linear takes float32 [rows, k]");
-  PD_CHECK(bias.dtype() == paddle::DataType::FLOAT32 && bias.numel() == n, "bf16_linear: bias must be float32 [n]");
-  int64_t m = x.shape()[0], k = x.shape()[1];
-  PD_CHECK(static_cast<size_t>(packed.numel()) == packed_desc(k, n).get_size(),
-           "bf16_linear: the packed weight does not have the shape [k, n] it is used with");
-  auto out = paddle::empty({m, n}, paddle::DataType::FLOAT32, x.place());
-  if (m == 0) return {out};
-  thread_local std::vector<uint16_t> rows;
-  rows.resize(static_cast<size_t>(m * k));
-  const float* source = x.data<float>();
-  for (int64_t i = 0; i < m * k; ++i) rows[i] = to_bf16(source[i]);
-  OneThread one;
-  Matmul& mm = matmul_for(m, k, n, 1);
-  dnnl::stream stream(cpu());
-  memory src({{m, k}, dt::bf16, tag::ab}, cpu(), rows.data());
-  memory weights(packed_desc(k, n), cpu(), const_cast<uint8_t*>(packed.data<uint8_t>()));
-  memory b({{1, n}, dt::f32, tag::ab}, cpu(), const_cast<float*>(bias.data<float>()));
-  memory dst({{m, n}, dt::f32, tag::ab}, cpu(), out.data<float>());
-  thread_local std::vector<uint8_t> scratch;
-  scratch.resize(std::max<size_t>(mm.desc.scratchpad_desc().get_size(), 1));
-  memory scratchpad(mm.desc.scratchpad_desc(), cpu(), scratch.data());
-  mm.primitive.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_BIAS, b},
-                                {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
-  stream.wait();
-  return {out};
+// weight: fp32 [k, n] rows (transposed = 0) or [n, k] rows (transposed = 1, e.g. a tied head stored as the
+// embedding); packed: llava_bf16_packed_size(k, n) bytes.
+int llava_bf16_pack(const float* weight, int64_t k, int64_t n, int transposed, uint8_t* packed) {
+  return guarded([&] {
+    dnnl::stream stream(cpu());
+    memory source({{k, n}, dt::f32, transposed ? tag::ba : tag::ab}, cpu(), const_cast<float*>(weight));
+    memory target(packed_desc(k, n), cpu(), packed);
+    dnnl::reorder(source, target).execute(stream, source, target);
+    stream.wait();
+  });
 }
 
-PD_BUILD_OP(bf16_pack).Inputs({"Weight"}).Outputs({"Packed"}).Attrs({"transposed: bool"}).SetKernelFn(PD_KERNEL(Bf16Pack));
-PD_BUILD_OP(bf16_linear)
-    .Inputs({"X", "Packed", "Bias"})
-    .Outputs({"Out"})
-    .Attrs({"n: int64_t"})
-    .SetKernelFn(PD_KERNEL(Bf16Linear));
+// out [m, n] = x [m, k] · packed weight [k, n] + bias [n]: x rounded to bf16, products summed in fp32.
+int llava_bf16_linear(const float* x, int64_t m, int64_t k, const uint8_t* packed, const float* bias, int64_t n,
+                      float* out) {
+  if (m == 0) return 0;
+  return guarded([&] {
+    thread_local std::vector<uint16_t> rows;
+    rows.resize(static_cast<size_t>(m * k));
+    for (int64_t i = 0; i < m * k; ++i) rows[i] = to_bf16(x[i]);
+    OneThread one;
+    Matmul& mm = matmul_for(m, k, n, 1);
+    dnnl::stream stream(cpu());
+    memory src({{m, k}, dt::bf16, tag::ab}, cpu(), rows.data());
+    memory weights(packed_desc(k, n), cpu(), const_cast<uint8_t*>(packed));
+    memory b({{1, n}, dt::f32, tag::ab}, cpu(), const_cast<float*>(bias));
+    memory dst({{m, n}, dt::f32, tag::ab}, cpu(), out);
+    thread_local std::vector<uint8_t> scratch;
+    scratch.resize(std::max<size_t>(mm.desc.scratchpad_desc().get_size(), 1));
+    memory scratchpad(mm.desc.scratchpad_desc(), cpu(), scratch.data());
+    mm.primitive.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_BIAS, b},
+                                  {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
+    stream.wait();
+  });
+}
+
+}  // extern "C"
 
 // One decode position of one worker's attention heads, after its q|k|v product: RoPE on q (times 1/sqrt(dim)) and
 // k, the new k and v written into the cache rows at `position`, then softmax attention of each q head over cache
 // positions 0..position of its kv head. One call stands in for the dozen Paddle ops (and their dispatch) this is
-// per part and layer. qkv: [1, (q_heads + 2 kv_heads) * dim]; cos, sin: [dim] for `position`; keys, values:
-// [kv_heads * capacity, dim] bf16, head-major (written in place). Returns [1, q_heads * dim].
+// per part and layer. qkv: [(q_heads + 2 kv_heads) * dim]; cos, sin: [dim] for `position`; keys, values:
+// [kv_heads * capacity, dim] bf16 bits, head-major (written in place); out: [q_heads * dim].
 namespace {
 
 inline float from_bf16(uint16_t bits) {
@@ -170,11 +192,6 @@ inline float from_bf16(uint16_t bits) {
   float value;
   std::memcpy(&value, &wide, sizeof value);
   return value;
-}
-
-uint16_t* bf16_data(const paddle::Tensor& tensor) {
-  PD_CHECK(tensor.dtype() == paddle::DataType::BFLOAT16, "the KV cache must be bfloat16");
-  return static_cast<uint16_t*>(const_cast<void*>(tensor.data()));
 }
 
 inline void rope(const float* x, const float* cos, const float* sin, float scale, int64_t dim, float* y) {
@@ -185,26 +202,9 @@ inline void rope(const float* x, const float* cos, const float* sin, float scale
   }
 }
 
-}  // namespace
-
-std::vector<paddle::Tensor> DecodeAttention(const paddle::Tensor& qkv, const paddle::Tensor& cos,
-                                            const paddle::Tensor& sin, const paddle::Tensor& keys,
-                                            const paddle::Tensor& values, int64_t q_heads, int64_t kv_heads,
-                                            int64_t capacity, int64_t position) {
-  const int64_t dim = cos.numel();
-  PD_CHECK(qkv.dtype() == paddle::DataType::FLOAT32 && cos.dtype() == paddle::DataType::FLOAT32,
-           "decode_attention takes float32 q|k|v and tables");
-  PD_CHECK(qkv.numel() == (q_heads + 2 * kv_heads) * dim, "decode_attention: qkv does not hold q|k|v of the heads");
-  PD_CHECK(keys.numel() == kv_heads * capacity * dim && values.numel() == keys.numel(),
-           "decode_attention: the cache rows do not match kv_heads * capacity");
-  PD_CHECK(0 <= position && position < capacity, "decode_attention: position outside the cache");
-  const float* in = qkv.data<float>();
-  const float* c = cos.data<float>();
-  const float* s = sin.data<float>();
-  uint16_t* k_cache = bf16_data(keys);
-  uint16_t* v_cache = bf16_data(values);
-  auto out = paddle::empty({1, q_heads * dim}, paddle::DataType::FLOAT32, qkv.place());
-  float* o = out.data<float>();
+// The body of llava_decode_attention (its arguments checked).
+void decode(const float* in, const float* c, const float* s, int64_t dim, uint16_t* k_cache, uint16_t* v_cache,
+            int64_t q_heads, int64_t kv_heads, int64_t capacity, int64_t position, float* o) {
   std::vector<float> turned(dim);
   for (int64_t h = 0; h < kv_heads; ++h) {
     rope(in + (q_heads + h) * dim, c, s, 1.0f, dim, turned.data());
@@ -246,20 +246,26 @@ std::vector<paddle::Tensor> DecodeAttention(const paddle::Tensor& qkv, const pad
       for (int64_t i = 0; i < dim; ++i) row[i] += w * from_bf16(v[i]);
     }
   }
-  return {out};
 }
 
-PD_BUILD_OP(decode_attention)
-    .Inputs({"QKV", "Cos", "Sin", "Keys", "Values"})
-    .Outputs({"Out"})
-    .Attrs({"q_heads: int64_t", "kv_heads: int64_t", "capacity: int64_t", "position: int64_t"})
-    .SetKernelFn(PD_KERNEL(DecodeAttention));
+}  // namespace
+
+extern "C" int llava_decode_attention(const float* qkv, const float* cos, const float* sin, int64_t dim,
+                                      uint16_t* keys, uint16_t* values, int64_t q_heads, int64_t kv_heads,
+                                      int64_t capacity, int64_t position, float* out) {
+  if (q_heads <= 0 || kv_heads <= 0 || q_heads % kv_heads != 0 || position < 0 || position >= capacity) {
+    last_error = "decode_attention: heads or position outside the cache";
+    return -1;
+  }
+  return guarded([&] { decode(qkv, cos, sin, dim, keys, values, q_heads, kv_heads, capacity, position, out); });
+}
 
 // Causal attention of a prefill chunk for one worker's heads, flash-style: blocks of queries against blocks of
 // keys, bf16 products summed in fp32 (oneDNN matmul), a running softmax per query row in fp32, key blocks past a
 // query block's last position never computed. heads: [q_heads + 2 kv_heads, rows, dim], q (RoPE applied, times
 // 1/sqrt(dim)), k (RoPE applied) and v of the chunk's positions start..start+rows-1; its k and v are written into
-// keys, values ([kv_heads * capacity, dim] bf16, holding positions 0..start-1 already). Returns [rows, q_heads * dim].
+// keys, values ([kv_heads * capacity, dim] bf16 bits, holding positions 0..start-1 already); out: [rows, q_heads *
+// dim].
 namespace {
 
 constexpr int64_t kQueryBlock = 256, kKeyBlock = 512;
@@ -319,24 +325,10 @@ void to_bf16_rows(const float* source, int64_t count, uint16_t* target) {
   for (int64_t i = 0; i < count; ++i) target[i] = to_bf16(source[i]);
 }
 
-}  // namespace
-
-std::vector<paddle::Tensor> PrefillAttention(const paddle::Tensor& heads, const paddle::Tensor& keys,
-                                             const paddle::Tensor& values, int64_t kv_heads, int64_t capacity,
-                                             int64_t start) {
-  PD_CHECK(heads.dtype() == paddle::DataType::FLOAT32 && heads.shape().size() == 3,
-           "prefill_attention: heads is float32 [q + 2 kv heads, rows, dim]");
-  const int64_t q_heads = heads.shape()[0] - 2 * kv_heads, rows = heads.shape()[1], dim = heads.shape()[2];
-  const int64_t visible = start + rows;
-  PD_CHECK(q_heads > 0 && q_heads % kv_heads == 0, "prefill_attention: heads holds no q|k|v of kv_heads");
-  PD_CHECK(keys.numel() == kv_heads * capacity * dim && values.numel() == keys.numel() && visible <= capacity,
-           "prefill_attention: the cache rows do not match kv_heads * capacity, or hold fewer positions");
+// The body of llava_prefill_attention (its arguments checked).
+void prefill(const float* qs, int64_t q_heads, int64_t kv_heads, int64_t rows, int64_t dim, uint16_t* k_cache,
+             uint16_t* v_cache, int64_t capacity, int64_t start, float* o) {
   OneThread one;
-  auto out = paddle::empty({rows, q_heads * dim}, paddle::DataType::FLOAT32, heads.place());
-  float* o = out.data<float>();
-  const float* qs = heads.data<float>();
-  uint16_t* k_cache = bf16_data(keys);
-  uint16_t* v_cache = bf16_data(values);
   for (int64_t h = 0; h < kv_heads; ++h) {  // the chunk's keys and values into the cache
     to_bf16_rows(qs + (q_heads + h) * rows * dim, rows * dim, k_cache + (h * capacity + start) * dim);
     to_bf16_rows(qs + (q_heads + kv_heads + h) * rows * dim, rows * dim, v_cache + (h * capacity + start) * dim);
@@ -392,11 +384,16 @@ std::vector<paddle::Tensor> PrefillAttention(const paddle::Tensor& heads, const 
       }
     }
   }
-  return {out};
 }
 
-PD_BUILD_OP(prefill_attention)
-    .Inputs({"Heads", "Keys", "Values"})
-    .Outputs({"Out"})
-    .Attrs({"kv_heads: int64_t", "capacity: int64_t", "start: int64_t"})
-    .SetKernelFn(PD_KERNEL(PrefillAttention));
+}  // namespace
+
+extern "C" int llava_prefill_attention(const float* qs, int64_t q_heads, int64_t kv_heads, int64_t rows,
+                                       int64_t dim, uint16_t* k_cache, uint16_t* v_cache, int64_t capacity,
+                                       int64_t start, float* o) {
+  if (q_heads <= 0 || kv_heads <= 0 || q_heads % kv_heads != 0 || start < 0 || start + rows > capacity) {
+    last_error = "prefill_attention: heads or positions outside the cache";
+    return -1;
+  }
+  return guarded([&] { prefill(qs, q_heads, kv_heads, rows, dim, k_cache, v_cache, capacity, start, o); });
+}

@@ -9,6 +9,7 @@ llava_ui.model.kernels), any other CPU in fp32.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -137,3 +138,81 @@ def precision_label(device: str, dtype: str) -> str:
             return f"bf16 on oneDNN ({units})"
         return "fp32" + ("" if units else " (this CPU has no bf16 units)")
     return {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "fp32")
+
+
+WEIGHT_LAYOUTS = ("in-out", "out-in", "packed", "bf16")  # qwen2.Qwen2Runner.pack says what each is
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Everything that decides how the engine computes, chosen once at load (`options()`) and read from here
+    alone: where and in which precision (the DevicePolicy), how the language model's weights are held, how many
+    chats one decode step may carry. status(), the status bar, the inspector and `llava-ui check` report it."""
+
+    policy: DevicePolicy
+    layout: str  # the language model's weight layout, WEIGHT_LAYOUTS
+    batch_slots: int  # the most chats one batched decode step takes
+
+    @property
+    def device(self) -> str:
+        return self.policy.device
+
+    @property
+    def dtype(self) -> str:
+        return self.policy.dtype
+
+    @property
+    def on_cpu(self) -> bool:
+        return not self.policy.on_gpu
+
+    @property
+    def bf16_programs(self) -> bool:
+        """oneDNN bf16 programs run the vision tower (and, without the bf16 kernel, the language model's prefill)."""
+        return self.on_cpu and self.dtype == "bfloat16"
+
+    @property
+    def kv_dtype(self) -> str:
+        """The KV cache's dtype: bf16 where the bf16 kernels attend, else the weights'."""
+        return "bfloat16" if self.layout == "bf16" else self.policy.weights_dtype
+
+    @property
+    def weights(self) -> str:
+        """The language model's weights in words, e.g. "bf16, packed once for oneDNN"."""
+        return {"bf16": "bf16, packed once for oneDNN's matmul",
+                "packed": "fp32, packed for MKL's sgemm",
+                "out-in": "fp32, stored [out, in] for batched steps"}.get(
+            self.layout, f"{self.policy.weights_dtype} as stored" + (
+                " (bf16 prefill programs over them)" if self.bf16_programs else ""))
+
+    def summary(self) -> dict:
+        return {"device": self.device, "dtype": self.dtype, "precision": self.policy.precision,
+                "reason": self.policy.reason, "weight_layout": self.layout, "weights": self.weights,
+                "kv_cache": self.kv_dtype, "batch_slots": self.batch_slots}
+
+
+def options(device: str | None = None, dtype: str | None = None, batch_slots: int = 8, progress=None,
+            bf16_kernel: bool | None = None) -> EngineOptions:
+    """The engine's options for a load: the device and precision (choose()), then the weight layout that suits
+    them and the batch slots. On a CPU with bf16 units the language model is packed for the bf16 kernel wherever
+    it builds (kernels.available; LLAVA_UI_BF16_KERNEL=off turns it off), else its bf16 prefill runs as oneDNN
+    programs over fp32 weights. An fp32 CPU engine that batches decode steps holds them [out, in]
+    (qwen2.project), or with LLAVA_UI_BATCH_LAYOUT=packed packed for MKL's sgemm (packed.py); one stream and a
+    GPU keep them as stored. `bf16_kernel` False keeps a bf16 CPU engine off the kernel (True: on it, or an error
+    where it cannot build)."""
+    from llava_ui.model import kernels, packed  # deferred: both load native libraries
+
+    if batch_slots < 1:
+        raise UserError(f"batch slots {batch_slots}: at least 1")
+    policy = choose(device, dtype)
+    if policy.on_gpu:
+        layout = "in-out"
+    elif policy.dtype == "bfloat16":
+        if bf16_kernel and not kernels.available(progress):
+            raise UserError("the bf16 kernels cannot be built on this machine (the log says why)")
+        wanted = kernels.enabled() if bf16_kernel is None else bf16_kernel
+        layout = "bf16" if wanted and kernels.available(progress) else "in-out"
+    elif batch_slots > 1:
+        layout = "packed" if os.environ.get("LLAVA_UI_BATCH_LAYOUT", "") == "packed" and packed.available() else "out-in"
+    else:
+        layout = "in-out"
+    return EngineOptions(policy, layout, batch_slots)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import paddle
@@ -18,21 +19,39 @@ def _call(fn, *args):
     return fn(*args)
 
 
+@dataclass
+class Prefilled:
+    """What a prefill leaves: the last position's logits (None when stopped before the end) and the KV cache."""
+
+    logits: Any = None
+    cache: Any = None
+
+
+@dataclass
+class Decoding:
+    """What a decode loop leaves: the KV cache, how many yielded tokens it holds (`fed`) and why it ended
+    (`finish`: stop | length | stopped)."""
+
+    cache: Any = None
+    fed: int = 0
+    finish: str = "stopped"
+
+
 def prefill_chunks(model, embeds, cache=None, start: int = 0, *, room: int = 0, run=_call,
-                   should_stop: Callable[[], bool] = lambda: False, result: dict | None = None) -> Iterator[tuple]:
+                   should_stop: Callable[[], bool] = lambda: False, result: Prefilled | None = None) -> Iterator[tuple]:
     """Run the prompt (or the new part after a cached prefix) one prefill chunk at a time, yielding
     (positions done, positions in all, start of the chunk, its length, seconds it took) after each; `result` gets
     the logits of the last position and the cache. The cache gets room for the prompt + `room` positions.
 
     Each chunk is one model step through `run` (the engine's compute thread): other requests' steps run between
     them, and when `should_stop()` turns true the prefill ends between two layers of the current chunk
-    (`result["logits"]` stays None)."""
-    result = {} if result is None else result
-    result["logits"] = None
+    (`result.logits` stays None)."""
+    result = Prefilled() if result is None else result
+    result.logits = None
     length = embeds.shape[1]
     chunk = model.prefill_chunk(embeds)
     # room for the whole prompt up front: chunks never regrow the cache
-    cache = result["cache"] = run(model.reserve, cache, start + length + room)
+    cache = result.cache = run(model.reserve, cache, start + length + room)
     hidden = None
 
     def step(lo):
@@ -41,7 +60,7 @@ def prefill_chunks(model, embeds, cache=None, start: int = 0, *, room: int = 0, 
         began = time.perf_counter()
         release_free_memory()
         try:
-            out = model.forward_hidden(embeds[:, lo:lo + chunk], result["cache"], start + lo, should_stop)
+            out = model.forward_hidden(embeds[:, lo:lo + chunk], result.cache, start + lo, should_stop)
         except Stopped:
             return None, 0.0
         return out, time.perf_counter() - began
@@ -52,7 +71,7 @@ def prefill_chunks(model, embeds, cache=None, start: int = 0, *, room: int = 0, 
         out, seconds = run(step, lo)
         if out is None:  # stopped between two layers of this chunk
             return
-        hidden, result["cache"] = out
+        hidden, result.cache = out
         done = min(lo + chunk, length)
         yield done, length, start + lo, done - lo, seconds
 
@@ -61,17 +80,17 @@ def prefill_chunks(model, embeds, cache=None, start: int = 0, *, room: int = 0, 
         release_free_memory()
         return logits
 
-    result["logits"] = run(last)
+    result.logits = run(last)
 
 
 def prefill(model, embeds, cache=None, start: int = 0, *, room: int = 0, run=_call,
             should_stop: Callable[[], bool] = lambda: False):
     """The whole prefill at once: (logits of the last position, cache), or (None, the partly filled cache) when
     stopped between two chunks."""
-    result = {}
+    result = Prefilled()
     for _ in prefill_chunks(model, embeds, cache, start, room=room, run=run, should_stop=should_stop, result=result):
         pass
-    return result["logits"], result["cache"]
+    return result.logits, result.cache
 
 
 def decode_one_token(model, token: int, cache, position: int):
@@ -129,18 +148,16 @@ def sampling_distribution(logits: np.ndarray, settings: GenerationSettings) -> t
 
 def generate_ids(model, embeds, settings: GenerationSettings, stop_ids: set[int], *, cache=None, start: int = 0,
                  seen: list[int] | None = None, should_stop: Callable[[], bool] = lambda: False,
-                 run=_call, state: dict | None = None, decode_step=None) -> Iterator[int]:
+                 run=_call, state: Decoding | None = None, decode_step=None) -> Iterator[int]:
     """Prefill, then yield generated token ids (see decode_tokens); `state` and `decode_step` as there."""
-    state = {} if state is None else state
-    state.update(finish="stopped", fed=0)
     if should_stop():
         return
-    result = {}
+    result = Prefilled()
     for _ in prefill_chunks(model, embeds, cache, start, room=decode_room(settings), run=run, should_stop=should_stop,
                             result=result):
         pass
-    if result["logits"] is not None:  # else stopped between two chunks of a long prompt
-        yield from decode_tokens(model, result["logits"], result["cache"], start + embeds.shape[1], settings,
+    if result.logits is not None:  # else stopped between two chunks of a long prompt
+        yield from decode_tokens(model, result.logits, result.cache, start + embeds.shape[1], settings,
                                  stop_ids, seen=seen, should_stop=should_stop, run=run, state=state,
                                  decode_step=decode_step)
 
@@ -153,14 +170,13 @@ def decode_room(settings: GenerationSettings) -> int:
 
 def decode_tokens(model, logits, cache, position: int, settings: GenerationSettings, stop_ids: set[int], *,
                   seen: list[int] | None = None, should_stop: Callable[[], bool] = lambda: False, run=_call,
-                  state: dict | None = None, decode_step=None, scores: list | None = None) -> Iterator[int]:
+                  state: Decoding | None = None, decode_step=None, scores: list | None = None) -> Iterator[int]:
     """From the prompt's last logits, yield generated token ids; ends at a stop id (not yielded), at
     max_new_tokens, or when should_stop() is true.
 
     `should_stop` is checked before every model step, so a stop request costs at most one decode step. Each step
     runs through `run` (the engine's compute thread; by default here) and nothing is computed between yields.
-    `state` receives the KV cache, how many yielded tokens it holds ("fed") and why generation ended ("finish":
-    stop | length | stopped). `decode_step(model, token, cache, position)` → (logits, cache) is the decode step (the
+    `state` (a Decoding) receives the KV cache, how many yielded tokens it holds and why generation ended. `decode_step(model, token, cache, position)` → (logits, cache) is the decode step (the
     engine's batches the steps of concurrent chats; by default decode_one_token through `run`).
     With settings.logprobs set, `scores` gets each yielded token's StepScores (logprobs.py) before it is yielded.
     """
@@ -168,29 +184,29 @@ def decode_tokens(model, logits, cache, position: int, settings: GenerationSetti
         def decode_step(model, token, cache, position):
             return run(decode_one_token, model, token, cache, position)
 
-    state = {} if state is None else state
+    state = Decoding() if state is None else state
     seen = list(seen or [])
     rng = np.random.default_rng(settings.seed)
-    state.update(finish="stopped", fed=0, cache=cache)
+    state.finish, state.fed, state.cache = "stopped", 0, cache
     for step in range(settings.max_new_tokens):
         # sampled in the caller's thread: the compute thread meanwhile runs the other chats' steps (a batched
         # decode step waits for every decoding chat's next token)
         token = sample_next(logits, settings, seen, rng)
         if token in stop_ids:
-            state["finish"] = "stop"
+            state.finish = "stop"
             return
         seen.append(token)
         if settings.logprobs is not None and scores is not None:
             scores.append(step_scores(logits, token, settings.logprobs))
         yield token
         if step + 1 == settings.max_new_tokens:
-            state["finish"] = "length"
+            state.finish = "length"
             return
         if should_stop():
             return
         logits, cache = decode_step(model, token, cache, position)
         position += 1
-        state["cache"], state["fed"] = cache, step + 1
+        state.cache, state.fed = cache, step + 1
 
 
 class IncrementalDecoder:

@@ -1,29 +1,30 @@
-"""Linear kernels over bf16 weights for CPUs with bf16 units: a Paddle custom C++ operator
-(llava_ui/kernels/onednn_linear.cc) over the oneDNN inside Paddle's own wheel.
+"""Linear and attention kernels over bf16 for CPUs with bf16 units: a small C++ library
+(llava_ui/kernels/onednn_linear.cc) over the oneDNN inside Paddle's own wheel, called through ctypes.
 
 Each weight is reordered once, at load, into the blocked bf16 layout oneDNN's matmul reads, and held only in that
-form (a `Bf16Matrix`); a decode step, a batched step and a prefill chunk all multiply by the same bytes. Paddle's
-own bf16 route (static programs) keys its cache of converted weights by the shapes of every input, so a step whose
-shapes change converts again; this kernel never does.
+form (a `Bf16Matrix`, its bytes a Paddle uint8 tensor); a decode step, a batched step and a prefill chunk all
+multiply by the same bytes. Paddle's own bf16 route (static programs) keys its cache of converted weights by the
+shapes of every input, so a step whose shapes change converts again; this kernel never does.
 
-The operator is compiled on first use (a C++ compiler and the oneDNN headers from the `onednn-devel` package) into
-the app's cache, once per Paddle version and source. Where it cannot be built, `available()` is False, the reason is
+The library takes raw pointers to buffers allocated here (Paddle tensors the caller keeps alive for the call) and
+touches no Paddle state: any thread may call it, and ctypes lets go of the GIL meanwhile, so the engine's CPU
+workers run their parts of a layer at once. (It was a Paddle custom operator at first; long test runs that called
+it from several threads died of a heap corruption inside Paddle, docs/limits.md.)
+
+The library is compiled on first use (g++ and the oneDNN headers of the `onednn-devel` package) into the app's
+cache, once per CPU kind, Paddle version and source. Where it cannot be built, `available()` is False, the reason is
 logged once, and the engine keeps the path without it.
-
-Engines use it only when asked (LLAVA_UI_BF16_KERNEL=on, `on_by_default()`): full test-suite runs with it as the
-default died of a heap corruption at random points, not yet found (docs/limits.md); the tests of the kernels and
-of the engine over them ask for it explicitly.
 """
 from __future__ import annotations
 
-import contextlib
+import ctypes
 import fcntl
 import hashlib
 import importlib.metadata
 import logging
 import os
 import shutil
-import sys
+import subprocess
 import threading
 from pathlib import Path
 
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "onednn_linear.cc"
 HEADERS_PACKAGE = "onednn-devel"  # the headers of the oneDNN release Paddle's wheel ships (3.6)
+LIBRARY = "libllava_onednn.so"
 
 
 def _headers() -> Path:
@@ -52,7 +54,7 @@ def _headers() -> Path:
 def _folder() -> Path:
     # built for this CPU (-march=native): a cache shared with another kind of CPU builds its own
     digest = hashlib.sha256(SOURCE.read_bytes() + paddle.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
-    return app_home() / "kernels" / f"onednn_linear-{digest}"
+    return app_home() / "kernels" / f"onednn-{digest}"
 
 
 def _cpu_flags() -> str:
@@ -62,58 +64,55 @@ def _cpu_flags() -> str:
         return ""
 
 
-def _build():
-    if shutil.which(os.environ.get("CXX", "g++")) is None:
-        raise RuntimeError("no C++ compiler (g++) on this machine")
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler ({compiler}) on this machine")
     libs = Path(paddle.__file__).parent / "libs"
     if not (libs / "libdnnl.so.3").exists():
         raise RuntimeError(f"this Paddle wheel has no oneDNN library ({libs / 'libdnnl.so.3'})")
     folder = _folder()
     folder.mkdir(parents=True, exist_ok=True)
+    library = folder / LIBRARY
     # one build at a time per folder (several processes may start at once: a server and its tests, two workers)
-    with open(folder / "lock", "w") as lock, _output_to(folder / "build.log"):
+    with open(folder / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        from paddle.utils.cpp_extension import load
-
-        return load(name="llava_onednn_linear", sources=[str(SOURCE)], build_directory=str(folder),
-                extra_include_paths=[str(_headers())], extra_cxx_cflags=["-O3", "-fopenmp-simd", "-march=native"],
-                    extra_ldflags=[f"-L{libs}", "-l:libdnnl.so.3", f"-Wl,-rpath,{libs}", "-ldl"], verbose=False)
-
-
-@contextlib.contextmanager
-def _output_to(log: Path):
-    """This process's stdout and stderr (the file descriptors: the compiler and Paddle's C++ print too) into `log`
-    meanwhile; a failure's message carries the log's end."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    try:
-        with open(log, "w") as target:
-            os.dup2(target.fileno(), 1)
-            os.dup2(target.fileno(), 2)
-            try:
-                with contextlib.redirect_stdout(target), contextlib.redirect_stderr(target):  # Python's own
-                    yield
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os.dup2(saved[0], 1)
-                os.dup2(saved[1], 2)
-    except Exception as err:
-        tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
-        raise RuntimeError(f"{err}; the build's output ends: {tail}") from None
-    finally:
-        for fd in saved:
-            os.close(fd)
+        if not library.exists():
+            partial = folder / f"build-{os.getpid()}.so"
+            command = [compiler, "-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-Wall",
+                       f"-I{_headers()}", str(SOURCE), f"-L{libs}", "-l:libdnnl.so.3", f"-Wl,-rpath,{libs}", "-ldl",
+                       "-o", str(partial)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            (folder / "build.log").write_text(" ".join(command) + "\n" + done.stdout + done.stderr)
+            if done.returncode != 0:
+                raise RuntimeError(f"the compiler failed; its output ends: {(done.stdout + done.stderr)[-800:]}")
+            partial.rename(library)  # whole or absent: a build killed midway leaves no library behind
+    return _bind(ctypes.CDLL(str(library)))
 
 
-_BUILT: list = []  # the compiled operator module (or None), once known
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """The library's C signatures (pointers as integers: Paddle's data_ptr())."""
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    signatures = {
+        "llava_last_error": ([], ctypes.c_char_p),
+        "llava_bf16_packed_size": ([i64, i64], i64),
+        "llava_bf16_pack": ([ptr, i64, i64, ctypes.c_int, ptr], ctypes.c_int),
+        "llava_bf16_linear": ([ptr, i64, i64, ptr, ptr, i64, ptr], ctypes.c_int),
+        "llava_decode_attention": ([ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, ptr], ctypes.c_int),
+        "llava_prefill_attention": ([ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr], ctypes.c_int),
+    }
+    for name, (arguments, result) in signatures.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = arguments, result
+    return lib
+
+
+_BUILT: list = []  # the loaded library (or None), once known
 _BUILDING = threading.Lock()
 
 
-def _operator():
-    """The compiled operator module, or None (the reason logged once). Built once per process: two threads that
-    ask first at once would each load the library and redirect the process's output."""
+def _library() -> ctypes.CDLL | None:
+    """The compiled library, or None (the reason logged once). Built and loaded once per process."""
     if _BUILT:
         return _BUILT[0]
     with _BUILDING:
@@ -122,27 +121,42 @@ def _operator():
     return _BUILT[0]
 
 
-def _first_build():
-    if os.environ.get("LLAVA_UI_BF16_KERNEL", "") == "off":
+def _first_build() -> ctypes.CDLL | None:
+    if not enabled():
         return None
     try:
         return _build()
     except Exception as err:  # a missing compiler or header, a failed build: run without the kernel
-        logger.warning("the bf16 linear kernel could not be built (%s: %s); the language model keeps its "
-                       "slower bf16 path", type(err).__name__, err)
+        logger.warning("the bf16 kernels could not be built (%s: %s); the language model keeps its slower bf16 "
+                       "path", type(err).__name__, err)
         return None
 
 
-def on_by_default() -> bool:
-    """Whether bf16 engines use the kernels unless told otherwise (LLAVA_UI_BF16_KERNEL=on)."""
-    return os.environ.get("LLAVA_UI_BF16_KERNEL", "").strip().lower() in ("on", "1", "yes")
+def enabled() -> bool:
+    """Whether bf16 engines use the kernels where they build: yes, unless LLAVA_UI_BF16_KERNEL=off (the oneDNN
+    programs path then runs the language model's bf16 prefill and fp32 decode, as before the kernels)."""
+    return os.environ.get("LLAVA_UI_BF16_KERNEL", "").strip().lower() not in ("off", "0", "no")
 
 
 def available(progress=None) -> bool:
-    """Whether the kernel runs here; `progress(message)` hears of a first-use build (tens of seconds)."""
-    if progress is not None and not _BUILT and not any(_folder().glob("**/*.so")):
-        progress("compiling the bf16 linear kernel (first use only) ...")
-    return _operator() is not None
+    """Whether the kernels run here; `progress(message)` hears of a first-use build (several seconds)."""
+    if progress is not None and not _BUILT and not (_folder() / LIBRARY).exists():
+        progress("compiling the bf16 kernels (first use only) ...")
+    return _library() is not None
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise RuntimeError(f"bf16 kernel: {_library().llava_last_error().decode(errors='replace')}")
+
+
+def _pointer(tensor: paddle.Tensor, dtype) -> int:
+    """The address of a CPU tensor's first element, checked to hold `dtype` contiguously (the C side reads rows as
+    they lie in memory)."""
+    if tensor.dtype != dtype or not tensor.place.is_cpu_place() or not tensor.is_contiguous():
+        raise ValueError(f"bf16 kernel: a contiguous CPU {dtype} tensor is needed, not {tensor.dtype} "
+                         f"{'contiguous' if tensor.is_contiguous() else 'strided'} on {tensor.place}")
+    return tensor.data_ptr()
 
 
 class Bf16Matrix:
@@ -150,13 +164,20 @@ class Bf16Matrix:
     `matmul(x, bias)` gives x [rows, in] · weight (+ bias) in fp32, products of bf16 values summed in fp32."""
 
     def __init__(self, weight: paddle.Tensor, transposed: bool = False):
-        operator = _operator()
-        if operator is None:
-            raise RuntimeError("the bf16 linear kernel is not available on this machine")
+        lib = _library()
+        if lib is None:
+            raise RuntimeError("the bf16 kernels are not available on this machine")
+        if len(weight.shape) != 2:
+            raise ValueError(f"bf16 kernel: a weight is 2-D, not {list(weight.shape)}")
+        weight = weight.contiguous()
         self.inputs, self.outputs = (weight.shape[1], weight.shape[0]) if transposed else tuple(weight.shape)
-        self.packed = operator.bf16_pack(weight, transposed)
+        size = lib.llava_bf16_packed_size(self.inputs, self.outputs)
+        if size <= 0:
+            _check(-1)
+        self.packed = paddle.empty([size], "uint8")
+        _check(lib.llava_bf16_pack(_pointer(weight, paddle.float32), self.inputs, self.outputs, int(transposed),
+                                   self.packed.data_ptr()))
         self.zeros = paddle.zeros([self.outputs], "float32")
-        self._linear = operator.bf16_linear
 
     @property
     def shape(self) -> list[int]:
@@ -168,25 +189,55 @@ class Bf16Matrix:
         return int(self.packed.shape[0])
 
     def matmul(self, x: paddle.Tensor, bias: paddle.Tensor | None = None) -> paddle.Tensor:
-        if not x.is_contiguous():  # the kernel reads rows of memory as they lie
-            x = x.contiguous()
-        return self._linear(x, self.packed, self.zeros if bias is None else bias, self.outputs)
+        if len(x.shape) != 2 or x.shape[1] != self.inputs:
+            raise ValueError(f"bf16 kernel: rows of {self.inputs} values are needed, not {list(x.shape)}")
+        bias = self.zeros if bias is None else bias
+        if list(bias.shape) != [self.outputs]:
+            raise ValueError(f"bf16 kernel: a bias of {self.outputs} values is needed, not {list(bias.shape)}")
+        x = x.contiguous()
+        out = paddle.empty([x.shape[0], self.outputs], "float32")
+        _check(_library().llava_bf16_linear(_pointer(x, paddle.float32), x.shape[0], self.inputs,
+                                            self.packed.data_ptr(), _pointer(bias, paddle.float32), self.outputs,
+                                            out.data_ptr()))
+        return out
+
+
+def _cache_pointers(keys: paddle.Tensor, values: paddle.Tensor, kv_heads: int, capacity: int, dim: int):
+    for rows in (keys, values):
+        if list(rows.shape) != [kv_heads * capacity, dim]:
+            raise ValueError(f"bf16 kernel: cache rows [{kv_heads * capacity}, {dim}] are needed, not "
+                             f"{list(rows.shape)}")
+    return _pointer(keys, paddle.bfloat16), _pointer(values, paddle.bfloat16)
 
 
 def decode_attention(qkv: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor, keys: paddle.Tensor,
                      values: paddle.Tensor, q_heads: int, kv_heads: int, capacity: int, position: int) -> paddle.Tensor:
-    """One decode position of a worker's heads (onednn_linear.cc, DecodeAttention): RoPE, the cache write at
+    """One decode position of a worker's heads (onednn_linear.cc, llava_decode_attention): RoPE, the cache write at
     `position` (keys and values [kv_heads * capacity, dim] bf16, written in place) and attention over positions
     0..position; qkv [1, (q + 2 kv heads) * dim] → [1, q heads * dim]."""
-    if not qkv.is_contiguous():
-        qkv = qkv.contiguous()
-    return _operator().decode_attention(qkv, cos, sin, keys, values, q_heads, kv_heads, capacity, position)
+    dim = cos.shape[-1]
+    if qkv.size != (q_heads + 2 * kv_heads) * dim or cos.size != dim or sin.size != dim:
+        raise ValueError("bf16 kernel: qkv and the RoPE rows do not match the heads")
+    qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
+    k, v = _cache_pointers(keys, values, kv_heads, capacity, dim)
+    out = paddle.empty([1, q_heads * dim], "float32")
+    _check(_library().llava_decode_attention(
+        _pointer(qkv, paddle.float32), _pointer(cos, paddle.float32), _pointer(sin, paddle.float32), dim, k, v,
+        q_heads, kv_heads, capacity, position, out.data_ptr()))
+    return out
 
 
 def prefill_attention(heads: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tensor, kv_heads: int,
                       capacity: int, start: int) -> paddle.Tensor:
-    """Causal attention of a prefill chunk (onednn_linear.cc, PrefillAttention): heads [q + 2 kv heads, rows, dim]
-    (q with RoPE and scaled, k with RoPE, v) at positions start..; their k and v are written into the bf16 cache
-    (keys, values [kv heads * capacity, dim]), then q attends over its positions 0..start+rows-1 → [rows, q heads *
-    dim]; blocked, bf16 products, fp32 softmax."""
-    return _operator().prefill_attention(heads, keys, values, kv_heads, capacity, start)
+    """Causal attention of a prefill chunk (onednn_linear.cc, llava_prefill_attention): heads [q + 2 kv heads,
+    rows, dim] (q with RoPE and scaled, k with RoPE, v) at positions start..; their k and v are written into the
+    bf16 cache (keys, values [kv heads * capacity, dim]), then q attends over its positions 0..start+rows-1 →
+    [rows, q heads * dim]; blocked, bf16 products, fp32 softmax."""
+    count, rows, dim = heads.shape
+    q_heads = count - 2 * kv_heads
+    k, v = _cache_pointers(keys, values, kv_heads, capacity, dim)
+    heads = heads.contiguous()
+    out = paddle.empty([rows, q_heads * dim], "float32")
+    _check(_library().llava_prefill_attention(_pointer(heads, paddle.float32), q_heads, kv_heads, rows, dim, k, v,
+                                              capacity, start, out.data_ptr()))
+    return out

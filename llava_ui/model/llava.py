@@ -37,22 +37,14 @@ class LlavaQwen(nn.Layer):
         self.bf16 = None  # bf16.Bf16Runner once use_bf16() ran: the CPU's bf16 programs over these weights
         self.fp32_vision = True  # False once the bf16 programs alone hold the vision weights (use_bf16)
 
-    def use_bf16(self, progress=None, release_fp32: bool = False, kernel: bool | None = None) -> None:
-        """Compute in bf16 on a CPU with bf16 units: the language model's weights packed once in bf16 for the bf16
-        linear kernel (kernels.Bf16Matrix; `kernel` None: where LLAVA_UI_BF16_KERNEL=on asks for it and it builds),
-        else oneDNN programs over its fp32 weights (prefill only); the vision tower through oneDNN programs.
-        release_fp32: give back the fp32 vision matrices' memory once converted (Bf16Runner._run_vision); the fp32
-        vision path (bf16 set back to None) then refuses to run."""
-        from llava_ui.model import kernels
+    def use_bf16(self, progress=None, release_fp32: bool = False) -> None:
+        """Compute in bf16 on a CPU with bf16 units: the vision tower through oneDNN programs, and the language
+        model's prefill too unless its weights are packed for the bf16 kernel already (layout "bf16",
+        Qwen2Runner.pack). release_fp32: give back the fp32 vision matrices' memory once converted
+        (Bf16Runner._run_vision); the fp32 vision path (bf16 set back to None) then refuses to run."""
         from llava_ui.model.bf16 import Bf16Runner
 
-        if kernel is None:
-            kernel = kernels.on_by_default() and kernels.available(progress)
-        if kernel:  # first: the language model's fp32 matrices are gone before the vision programs convert theirs
-            if progress:
-                progress("packing the language model's weights in bf16 ...")
-            self.runner.to_bf16()
-        self.bf16 = Bf16Runner(self, progress, release_fp32, language=not kernel)
+        self.bf16 = Bf16Runner(self, progress, release_fp32, language=self.runner.layout != "bf16")
         if self.bf16.released and progress:
             progress(f"gave back the fp32 vision weights ({self.bf16.released / 1e9:.2f} GB): oneDNN keeps them in bf16")
 

@@ -195,7 +195,7 @@ def model_card(status: dict, created: int) -> dict:
         card["max_model_len"] = status["context_length"]
     card["llava_ui"] = {key: status.get(key) for key in ("state", "message", "error", "image_mode", "random_weights",
                                                          "context_length", "device", "dtype", "precision", "layout",
-                                                         "weight_layout", "caches", "rates", "admission",
+                                                         "weight_layout", "options", "caches", "rates", "admission",
                                                          "last_decode_batch", "decode_steps")}
     return card
 

@@ -84,6 +84,8 @@ def summary(record: Result, context_length: int | None, image_rows: list[str]) -
     ]
     if s.precision:
         lines.append(f"| Precision | {s.precision} |")
+    if s.weights:
+        lines.append(f"| Weights | {s.weights} |")
     if s.decode_batch_max:
         lines.append(f"| Batching | each decode step shared with {s.decode_batch_mean - 1:.1f} other chats on "
                      f"average (at most {s.decode_batch_max - 1}) |")
@@ -147,6 +149,8 @@ def status_html(status: dict) -> str:
     if state == "ready":
         details = " · ".join(html.escape(str(status[k])) for k in ("device", "precision" if status.get("precision")
                                                                     else "dtype") if status.get(k))
+        if (status.get("options") or {}).get("weights"):
+            details += f" · weights {html.escape(status['options']['weights'])}"
         if status.get("device_reason"):  # the same words as `llava-ui check` prints
             details += f" <small>({html.escape(status['device_reason'])})</small>"
         badge = (' <span class="badge-random" title="a test model: its answers are noise">random weights — '
