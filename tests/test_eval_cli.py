@@ -191,7 +191,7 @@ class FakeRemote:
 
 def test_remote_backend_is_asked_the_same_questions(bench_dir, tmp_path, monkeypatch):
     remote = FakeRemote()
-    monkeypatch.setattr(eval_command, "make_backend", lambda args: remote if args.backend == "remote" else None)
+    monkeypatch.setattr(eval_command, "make_backend", lambda args, **_: remote if args.backend == "remote" else None)
     code = cli.main(["eval", "--backend", "remote", "--base-url", "http://remote.invalid/v1", "--data", str(bench_dir),
                      "--split", SPLIT, "--out", str(tmp_path), "--limit", "3"])
     assert code == 0

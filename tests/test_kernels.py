@@ -187,3 +187,44 @@ def test_threads_asking_for_the_kernel_first_at_once_build_it_once():
     assert done.returncode == 0, done.stderr[-2000:]
     assert "BUILDS 1" in done.stdout
     assert "stderr still writes" in done.stderr
+
+
+NO_REORDER = """
+import sys
+import paddle
+from llava_ui.checkpoints.load import build_model
+from llava_ui.model.generate import decode_one_token, prefill
+
+model = build_model(sys.argv[1], "float32", lambda *a, **k: None, "bf16")[0]
+assert model.runner.layout == "bf16"
+embeds = model.embed_tokens(paddle.to_tensor([[5, 6, 7, 8, 9, 10, 11, 12]]))
+logits, cache = prefill(model, embeds, room=40)
+position = embeds.shape[1]
+for token in (3, 4, 5):  # warm-up: the one-row primitives made
+    logits, cache = decode_one_token(model, token, cache, position)
+    position += 1
+print("STEADY STATE", flush=True)
+for token in range(6, 30):
+    logits, cache = decode_one_token(model, token, cache, position)
+    position += 1
+print("DONE", flush=True)
+"""
+
+
+def test_decode_steps_never_convert_a_weight_again(tiny_dir):
+    """ONEDNN_VERBOSE=1 lists every primitive oneDNN runs: after the load packed the weights (reorders) and a
+    warm-up step, decode steps run matmuls only, no reorder of any weight, whatever the row count or position."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ONEDNN_VERBOSE": "1"}
+    done = subprocess.run([sys.executable, "-c", NO_REORDER, str(tiny_dir)], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, _, steady = done.stdout.partition("STEADY STATE")
+    assert "DONE" in steady
+    executed = [line for line in steady.splitlines() if line.startswith("onednn_verbose") and ",exec," in line]
+    assert any(",reorder," in line for line in before.splitlines())  # verbose works: the load's packing shows
+    assert sum(",matmul," in line for line in executed) >= 24 * 2  # 24 steps, each several products
+    assert not [line for line in executed if ",reorder," in line]

@@ -179,21 +179,44 @@ def build_model(model_dir: Path, dtype: str = "float32", progress=None, weight_l
             model = LlavaQwen(config, has_image_newline="image_newline" in state)
     finally:
         paddle.set_default_dtype(previous)
-    load_state(model, state, progress)
     if weight_layout == "bf16":
-        progress("packing the language model's weights in bf16 (once) ...")
-    model.runner.pack(weight_layout)  # the language model's weights regrouped per CPU worker (each held once)
+        progress("packing the language model's weights in bf16 as they load ...")
+    # the language model first, each layer regrouped per CPU worker (and in bf16 packed) as soon as its weights are
+    # in: the load never holds the whole language model in fp32 beside anything else
+    load_state(model, state, progress, first="language_model.", loaded=_packing(model.runner, weight_layout))
+    model.runner.finish_pack(weight_layout)
     model.eval()
     for param in model.parameters():  # no thread can record autograd history on them, whatever its grad mode
         param.stop_gradient = True
     return model, config, layout
 
 
-def load_state(model, state: dict, progress=None) -> None:
+def _packing(runner, layout: str):
+    """loaded(name) for load_state: packs a language-model layer (Qwen2Runner.pack_layer) once its last weight is in."""
+    left: dict[int, int] = {}
+    for name, _ in runner.qwen2.named_parameters():
+        found = re.match(r"layers\.(\d+)\.", name)
+        if found:
+            left[int(found.group(1))] = left.get(int(found.group(1)), 0) + 1
+
+    def loaded(name: str) -> None:
+        found = re.match(r"language_model\.qwen2\.layers\.(\d+)\.", name)
+        if found:
+            layer = int(found.group(1))
+            left[layer] -= 1
+            if left[layer] == 0:
+                runner.pack_layer(layer, layout)
+
+    return loaded
+
+
+def load_state(model, state: dict, progress=None, first: str = "", loaded=None) -> None:
     """Load numpy arrays or weights.StoredArray into the parameters, one at a time, dropping each from `state`
-    once loaded: peak memory is the model plus its largest weight. `progress(message, done=, total=)` hears how
-    many weights are in."""
+    once loaded: peak memory is the model plus its largest weight. Parameters named `first`... load first;
+    `loaded(name)` hears of each one in. `progress(message, done=, total=)` hears how many weights are in."""
     params = dict(model.named_parameters())
+    if first:
+        params = {**{k: v for k, v in params.items() if k.startswith(first)}, **params}
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))
     if missing or unexpected:
@@ -207,7 +230,8 @@ def load_state(model, state: dict, progress=None) -> None:
                             f"{param.shape}")
     in_place = paddle.get_device() == "cpu"
     total = len(params)
-    for done, (name, param) in enumerate(params.items()):
+    for done, name in enumerate(list(params)):
+        param = params.pop(name)  # held here no longer than its load: `loaded` may let it go (pack_layer)
         if progress is not None and done % max(total // 20, 1) == 0:
             progress("loading the weights", done=done, total=total)
         array = state.pop(name)
@@ -216,6 +240,9 @@ def load_state(model, state: dict, progress=None) -> None:
             array.read_into(_writable_view(param))  # the file's bytes go straight into the parameter
         else:
             param.set_value(rounded(np.ascontiguousarray(array, dtype=np.float32), param.dtype))
+        del param, array
+        if loaded is not None:
+            loaded(name)
 
 
 def _writable_view(tensor) -> np.ndarray:

@@ -306,28 +306,44 @@ class Qwen2Runner:
         holds each weight once; paddlenlp's own forward is not usable afterwards). `layout` (WEIGHT_LAYOUTS):
         every part's weights as stored ("in-out"), as [out, in] ("out-in"), packed for MKL's sgemm ("packed",
         CPU float32 only) or as oneDNN's packed bf16 ("bf16", CPU with bf16 units: every product of the layers and
-        the head reads bf16 weights); project() says what each suits."""
+        the head reads bf16 weights); project() says what each suits. The load calls pack_layer() for each layer
+        as soon as its weights are in (build_model), then finish_pack()."""
+        for i in range(len(self.qwen2.layers)):
+            self.pack_layer(i, layout)
+        self.finish_pack(layout)
+
+    def pack_layer(self, i: int, layout: str) -> None:
+        """Layer i's weights into its parts, in `layout` (see pack); its fp32 matrices are let go at once, so a
+        load that packs each layer as it arrives never holds the whole language model in fp32."""
         if layout not in WEIGHT_LAYOUTS:
             raise ValueError(f"weight layout {layout!r}: one of {', '.join(WEIGHT_LAYOUTS)}")
+        if self.parts is None:
+            self.parts = [None] * len(self.qwen2.layers)
+        layer = self.qwen2.layers[i]
+        attn, mlp = layer.self_attn, layer.mlp
+        attention = [AttentionPart(kv, self.heads // self.kv_heads, self.head_dim, attn) for kv in shares(self.kv_heads)]
+        feed = [MLPPart(cols, mlp) for cols in shares(mlp.gate_proj.weight.shape[1])]
+        owners = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]
+        if layout != "in-out":
+            for part in attention + feed:
+                if layout == "out-in":
+                    part.transpose()
+                else:
+                    part.pack_bf16() if layout == "bf16" else part.pack_for_mkl()
+            owners += [attn.o_proj, mlp.down_proj]  # the parts now hold their rows as copies
+        for owner in owners:
+            owner._parameters["weight"] = None
+            if owner._parameters.get("bias") is not None:
+                owner._parameters["bias"] = None
+        self.parts[i] = (attention, feed)
+        release_free_memory()  # this layer's fp32 pages go back before the next layer's are taken
+
+    def finish_pack(self, layout: str) -> None:
+        """After the last pack_layer: the bf16 head (layout "bf16"), MKL's row-count calibration ("packed")."""
+        if any(part is None for part in self.parts or [None]):
+            raise ValueError("finish_pack before every layer was packed")
         if layout == "bf16":
-            self.pack("in-out")
-            return self.to_bf16()
-        group = self.heads // self.kv_heads
-        self.parts = []
-        for layer in self.qwen2.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            attention = [AttentionPart(kv, group, self.head_dim, attn) for kv in shares(self.kv_heads)]
-            feed = [MLPPart(cols, mlp) for cols in shares(mlp.gate_proj.weight.shape[1])]
-            owners = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]
-            if layout != "in-out":
-                for part in attention + feed:
-                    part.transpose() if layout == "out-in" else part.pack_for_mkl()
-                owners += [attn.o_proj, mlp.down_proj]  # the parts now hold their rows as copies
-            for owner in owners:
-                owner._parameters["weight"] = None
-                if owner._parameters.get("bias") is not None:
-                    owner._parameters["bias"] = None
-            self.parts.append((attention, feed))
+            self.head = self._bf16_head()
         self.layout = layout
         if layout == "packed":
             attention, feed = self.parts[0]
@@ -335,8 +351,8 @@ class Qwen2Runner:
         release_free_memory()
 
     def to_bf16(self) -> None:
-        """The layers' weights, as stored, and the LM head to oneDNN's packed bf16 (kernels.Bf16Matrix), each held
-        once from here on: decode steps, batched steps and prefill chunks all read them in bf16."""
+        """An in-out runner's layers and LM head to oneDNN's packed bf16 (kernels.Bf16Matrix), each held once from
+        here on: decode steps, batched steps and prefill chunks all read them in bf16."""
         if self.layout != "in-out":
             raise ValueError(f"the bf16 kernel packs the weights as stored (in-out), not {self.layout}")
         for layer, (attention, feed) in zip(self.qwen2.layers, self.parts):
@@ -344,10 +360,8 @@ class Qwen2Runner:
                 part.pack_bf16()
             for owner in (layer.self_attn.o_proj, layer.mlp.down_proj):  # the parts held views of their rows
                 owner._parameters["weight"] = None
-            release_free_memory()  # each layer's fp32 pages go back before the next layer's bf16 ones are taken
-        self.head = self._bf16_head()
-        self.layout = "bf16"
-        release_free_memory()
+            release_free_memory()
+        self.finish_pack("bf16")
 
     def _bf16_head(self) -> list:
         """The LM head's shares of the vocabulary (one per worker) as Bf16Matrix; its fp32 matrix is let go. A tied
