@@ -77,7 +77,10 @@ def bf16_units(cpuinfo: str | None = None) -> str | None:
 
 
 def configure_cpu() -> int:
-    """Use every allowed core for Paddle's CPU kernels; returns the thread count."""
+    """Use every allowed core for Paddle's CPU kernels and the share workers; returns the thread count. Once per
+    process is enough (the load calls it; shares() does on first use otherwise)."""
+    global _configured
+    _configured = True
 
     if is_amd():
         os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
@@ -141,6 +144,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 _pool: ThreadPoolExecutor | None = None
 _workers = 1
+_configured = False
 _lock = threading.Lock()
 
 
@@ -176,6 +180,8 @@ def use_threads(count: int) -> None:
 
 def shares(count: int) -> list[range]:
     """`count` items (heads, rows) cut into one contiguous range per worker."""
+    if not _configured:  # the workers follow the CPU setup, whoever asks first
+        configure_cpu()
     parts = min(_workers, count)
     bounds = [count * i // parts for i in range(parts + 1)]
     return [range(bounds[i], bounds[i + 1]) for i in range(parts)]

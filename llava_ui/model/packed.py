@@ -27,7 +27,6 @@ from llava_ui.model.cpu import mkl_library
 _ROW_MAJOR, _NO_TRANS, _PACKED, _B_MATRIX = 101, 111, 151, 162
 PACK_ROWS = 256  # the M the layout is packed for: qwen2.PREFILL_CHUNK
 MOST_ROWS = 16  # the row counts calibrate() checks
-_ALONE_AS: dict[int, int] = {}  # row counts whose kernel rounds differently from one row's -> what they run as
 
 
 def available() -> bool:
@@ -55,6 +54,7 @@ class PackedMatrix:
     """A float32 [in, out] CPU weight in MKL's packed layout; `matmul(x)` = x @ weight for x [rows, in]."""
 
     def __init__(self, weight: paddle.Tensor):
+        self.alone_as: dict[int, int] = {}  # row counts run as a larger count that rounds as one row (calibrate)
         if weight.dtype != paddle.float32 or not weight.place.is_cpu_place() or weight.ndim != 2:
             raise ValueError(f"packs float32 CPU matrices, not {weight.dtype} {list(weight.shape)} on {weight.place}")
         self._lib = _library()
@@ -74,7 +74,7 @@ class PackedMatrix:
             raise ValueError(f"[rows, {k}] times a packed {k}x{n} matrix, not {list(x.shape)}")
         if x.dtype != paddle.float32:
             raise ValueError(f"packed matrices multiply float32, not {x.dtype}")
-        padded = _ALONE_AS.get(rows, rows)
+        padded = self.alone_as.get(rows, rows)
         if padded != rows:
             x = paddle.concat([x, paddle.zeros([padded - rows, k], dtype=x.dtype)])
         x = x.contiguous()
@@ -91,9 +91,8 @@ class PackedMatrix:
 
 def calibrate(matrices: list[PackedMatrix], most: int = MOST_ROWS) -> dict[int, int]:
     """Find the row counts (2..most) whose product rounds some row differently from that row alone, on these
-    matrices, and have each computed as the next count that agrees with one row (zero rows added). Returns the
-    mapping (empty: every count agrees)."""
-    _ALONE_AS.clear()
+    matrices: returns each such count → the next count that agrees with one row (empty: every count agrees), for
+    the caller to give its matrices (PackedMatrix.alone_as; zero rows added)."""
     rows = paddle.to_tensor(np.random.default_rng(0).standard_normal((most, max(m.shape[0] for m in matrices)),
                                                                       dtype=np.float32))
 
@@ -106,9 +105,10 @@ def calibrate(matrices: list[PackedMatrix], most: int = MOST_ROWS) -> dict[int, 
         return True
 
     good = [count for count in range(2, most + 1) if agrees(count)]
+    alone_as = {}
     for count in range(2, most + 1):
         if count not in good:
             better = [g for g in good if g > count]
             if better:
-                _ALONE_AS[count] = better[0]
-    return dict(_ALONE_AS)
+                alone_as[count] = better[0]
+    return alone_as

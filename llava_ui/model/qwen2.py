@@ -345,9 +345,14 @@ class Qwen2Runner:
         if layout == "bf16":
             self.head = self._bf16_head()
         self.layout = layout
-        if layout == "packed":
+        if layout == "packed":  # measured on one layer's matrices, held by every packed matrix of the model
             attention, feed = self.parts[0]
-            packed.calibrate([getattr(part, name) for part in (attention[0], feed[0]) for name in part.WEIGHTS])
+            alone_as = packed.calibrate([getattr(part, name) for part in (attention[0], feed[0])
+                                         for name in part.WEIGHTS])
+            for attention, feed in self.parts:
+                for part in attention + feed:
+                    for name in part.WEIGHTS:
+                        getattr(part, name).alone_as = alone_as
         release_free_memory()
 
     def to_bf16(self) -> None:
