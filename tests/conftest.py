@@ -37,6 +37,21 @@ def tiny_dir(checkpoints):
     return checkpoints("paddlenlp", vocab="bytes")
 
 
+@pytest.fixture(scope="module")
+def hf_dir(checkpoints):
+    """The llava-hf layout with the real Qwen vocabulary: transformers loads the very same folder."""
+    return checkpoints("hf")
+
+
+@pytest.fixture(scope="module")
+def hf_engine(hf_dir):
+    """A recording engine over hf_dir, fp32 named (the host default is bf16 on CPUs with bf16 units), in the flat
+    image mode: transformers' image path, computed exactly."""
+    from servers import RecordingEngine
+
+    return RecordingEngine(str(hf_dir), dtype="float32", image_mode="flat").load()
+
+
 @pytest.fixture(scope="session")
 def real_checkpoint():
     """LLAVA_UI_REAL_CHECKPOINT, else the benchmark's real-size checkpoint (written once if missing)."""

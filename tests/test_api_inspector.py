@@ -9,7 +9,7 @@ import numpy as np
 import openai
 import pytest
 from PIL import Image
-from servers import RecordingEngine, serve_api
+from servers import serve_api
 from test_attention import IMAGES, reference_rows
 from test_image_effect import reference_logprobs
 
@@ -26,13 +26,8 @@ LOOKING = {"attention": True, "image_effect": True}
 
 
 @pytest.fixture(scope="module")
-def hf_dir(checkpoints):
-    return checkpoints("hf")
-
-
-@pytest.fixture(scope="module")
-def engine(hf_dir):
-    return RecordingEngine(str(hf_dir), dtype="float32", image_mode="flat").load()
+def engine(hf_engine):
+    return hf_engine
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,6 @@ QUESTION = "What changed between <image> and <image>?"
 STEPS = 6
 
 
-@pytest.fixture(scope="module")
-def hf_dir(checkpoints):
-    return checkpoints("hf")
-
-
 def reference_rows(hf_dir, prompt_ids: list[int], image_token: int, generated: list[int]) -> list:
     """transformers' (eager) head-mean attention rows of the queries that produced `generated`, per layer:
     [layers] of [tokens, keys]."""
@@ -51,7 +46,7 @@ def test_command_line_attention_equals_transformers_eager_rows(hf_dir, capsys, m
     assert len(attention) == len(generated) == STEPS
     from llava_ui.backends.local import get_engine
 
-    engine = get_engine(str(hf_dir), hub=None, device=None, dtype="float32", image_mode="flat", context_length=None)
+    engine = get_engine(str(hf_dir), hub=None, device=None, dtype="float32", image_mode="flat", context_length=None, batch_slots=1)
     conversation = Conversation()
     conversation.add_user_files(QUESTION, IMAGES)
     plan = engine.plan(conversation, "flat")

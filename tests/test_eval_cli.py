@@ -115,7 +115,7 @@ def test_prompts_are_rendered_as_model_vqa_renders_them(first_run, tiny_dir):
 
 
 def test_greedy_answers_equal_engine_generate_on_the_same_conversation(first_run, tiny_dir, bench_dir):
-    engine = get_engine(str(tiny_dir), device=None, dtype=None, image_mode="eval", context_length=None).load()
+    engine = get_engine(str(tiny_dir), device=None, dtype=None, image_mode="eval", context_length=None, batch_slots=1).load()
     rows = read_jsonl(first_run / "result.jsonl")
     for entry, row in zip(BENCH[:3], rows[:3]):  # the single-turn samples and the first turn of the multi-turn one
         question = entry["conversations"][0]["value"]
@@ -220,7 +220,7 @@ def test_repetition_penalty_of_the_checkpoint_generation_config_is_applied_to_ge
     [row] = read_jsonl(tmp_path / "out" / "result.jsonl")
     assert trace["repetition_penalty"] == 1.3
 
-    engine = get_engine(str(model_dir), device=None, dtype=None, image_mode="eval", context_length=None).load()
+    engine = get_engine(str(model_dir), device=None, dtype=None, image_mode="eval", context_length=None, batch_slots=1).load()
     conversation = Conversation()
     conversation.add_user("<image>\n<image>\nWhat changed?",
                           [Image.open(bench_dir / p).convert("RGB") for p in BENCH[0]["image"]])

@@ -123,7 +123,7 @@ def test_image_shares_and_the_text_share_are_all_the_attention(checkpoints, caps
     from llava_ui.config import GenerationSettings
 
     hf_dir = checkpoints("hf")
-    engine = get_engine(str(hf_dir), hub=None, device=None, dtype="float32", image_mode="flat", context_length=None)
+    engine = get_engine(str(hf_dir), hub=None, device=None, dtype="float32", image_mode="flat", context_length=None, batch_slots=1)
     conversation = Conversation()
     conversation.add_user_files(QUESTION, IMAGES)
     plan = engine.plan(conversation, "flat")

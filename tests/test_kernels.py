@@ -228,3 +228,28 @@ def test_decode_steps_never_convert_a_weight_again(tiny_dir):
     assert any(",reorder," in line for line in before.splitlines())  # verbose works: the load's packing shows
     assert sum(",matmul," in line for line in executed) >= 24 * 2  # 24 steps, each several products
     assert not [line for line in executed if ",reorder," in line]
+
+
+def test_the_kernels_never_change_a_strided_input_the_workers_share():
+    """The head's shares all read one hidden row, `hidden[:, -1]`, which Paddle keeps strided. Paddle's
+    Tensor.contiguous() would swap that tensor's storage in place (the GIL let go): two workers doing it at once
+    freed each other's storage, and long test runs died of heap corruption. The kernels read a contiguous copy
+    and leave the shared tensor as it was; the products are the contiguous row's."""
+    from llava_ui.model.cpu import run_parts
+
+    rng = np.random.default_rng(5)
+    hidden = paddle.to_tensor(rng.standard_normal((1, 7, 64)).astype(np.float32))
+    row = hidden[:, -1]
+    assert not row.is_contiguous()  # (what makes the case)
+    address = row.data_ptr()
+    shares = [kernels.Bf16Matrix(paddle.to_tensor(rng.standard_normal((64, 48)).astype(np.float32)))
+              for _ in range(2)]
+    expected = [share.matmul(paddle.to_tensor(row.numpy())).numpy() for share in shares]
+    for _ in range(200):
+        outs = run_parts(lambda share: share.matmul(row), shares)
+        assert all(np.array_equal(out.numpy(), want) for out, want in zip(outs, expected))
+    assert not row.is_contiguous() and row.data_ptr() == address
+    weight = paddle.to_tensor(rng.standard_normal((48, 64)).astype(np.float32)).T  # a strided weight, packed
+    address = weight.data_ptr()
+    kernels.Bf16Matrix(weight)
+    assert not weight.is_contiguous() and weight.data_ptr() == address

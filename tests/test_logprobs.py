@@ -28,15 +28,8 @@ STEPS, K, TOLERANCE = 8, 3, 1e-4
 
 
 @pytest.fixture(scope="module")
-def hf_dir(checkpoints):
-    """The llava-hf layout with the real Qwen vocabulary: transformers loads the very same folder."""
-    return checkpoints("hf")
-
-
-@pytest.fixture(scope="module")
-def engine(hf_dir):
-    # fp32 explicitly (the host default is bf16 on CPUs with bf16 units); flat: transformers' image path
-    return RecordingEngine(str(hf_dir), dtype="float32", image_mode="flat").load()
+def engine(hf_engine):
+    return hf_engine
 
 
 @pytest.fixture(scope="module")

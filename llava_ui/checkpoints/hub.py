@@ -88,6 +88,19 @@ def _complete(folder) -> bool:
     return folder is not None and (Path(folder) / "config.json").exists() and bool(weight_files(Path(folder)))
 
 
+def cached_if_unreachable(endpoint: str, repo_id: str, hub: str, find_copy, place: str, progress) -> Path | None:
+    """None when `endpoint` answers; otherwise the complete cached copy of `repo_id` (find_copy(repo_id)), said
+    through `progress`, or the UserError that names what to do when there is none."""
+    why = unreachable(endpoint)
+    if why is None:
+        return None
+    copy = find_copy(repo_id)
+    if copy is None:
+        raise unreachable_error(repo_id, hub, why)
+    progress(f"{place} cannot be reached ({why}): using the cached copy of {repo_id}")
+    return copy
+
+
 def hf_download(repo_id: str, progress) -> Path:
     """The snapshot folder of `repo_id` in huggingface_hub's cache, downloading what is missing (with its own
     progress bars on stderr). When the Hub cannot be reached, a complete cached copy is used as it is."""
@@ -96,12 +109,8 @@ def hf_download(repo_id: str, progress) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     if not constants.HF_HUB_OFFLINE:
-        why = unreachable(constants.ENDPOINT)
-        if why is not None:
-            copy = _hf_copy(repo_id)
-            if copy is None:
-                raise unreachable_error(repo_id, "hf", why)
-            progress(f"the Hugging Face Hub cannot be reached ({why}): using the cached copy of {repo_id}")
+        copy = cached_if_unreachable(constants.ENDPOINT, repo_id, "hf", _hf_copy, "the Hugging Face Hub", progress)
+        if copy is not None:
             return copy
     progress(f"downloading {repo_id} from the Hugging Face Hub (about 1.8 GB on first use, cached in "
              f"{constants.HF_HUB_CACHE}) ...")

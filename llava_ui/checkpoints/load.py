@@ -15,7 +15,7 @@ import numpy as np
 import paddle
 
 from llava_ui.chat.prompt import PromptTokenizer
-from llava_ui.checkpoints.hub import hf_download, paddlenlp_copy, split_model_id, unreachable, unreachable_error
+from llava_ui.checkpoints.hub import cached_if_unreachable, hf_download, paddlenlp_copy, split_model_id
 from llava_ui.checkpoints.random import tiny_random_dir
 from llava_ui.checkpoints.weights import StoredArray, open_weights, weight_files
 from llava_ui.config import read_config
@@ -50,12 +50,9 @@ def _download(repo_id: str, progress) -> Path:
     """`repo_id`'s folder in PaddleNLP's cache, downloading what is missing; when the storage cannot be reached,
     a complete cached copy is used as it is."""
     resolve_file_path = paddlenlp_module("paddlenlp.utils.download").resolve_file_path
-    why = unreachable(paddlenlp_module("paddlenlp.utils.download.bos_download").ENDPOINT)
-    if why is not None:
-        copy = paddlenlp_copy(repo_id)
-        if copy is None:
-            raise unreachable_error(repo_id, "paddlenlp", why)
-        progress(f"PaddleNLP's community storage cannot be reached ({why}): using the cached copy of {repo_id}")
+    copy = cached_if_unreachable(paddlenlp_module("paddlenlp.utils.download.bos_download").ENDPOINT, repo_id,
+                                 "paddlenlp", paddlenlp_copy, "PaddleNLP's community storage", progress)
+    if copy is not None:
         return copy
 
     def fetch(names, required=True):

@@ -17,7 +17,7 @@ import ctypes
 import functools
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import paddle
@@ -94,6 +94,16 @@ def configure_cpu() -> int:
     paddle.base.core.set_num_threads(threads)
     use_threads(threads)
     return threads
+
+
+def dense(tensor):
+    """`tensor` if its elements lie contiguously, else a contiguous copy; `tensor` itself is never changed.
+
+    Paddle's Tensor.contiguous() makes a strided tensor contiguous IN PLACE (it swaps the tensor's storage, with
+    the GIL let go): two CPU workers doing it at once to one shared tensor (the head's shares of the same hidden
+    row, `hidden[:, -1]`, which Paddle keeps strided) freed each other's storage, and long runs died of heap
+    corruption. Code that workers run gets its inputs through this instead."""
+    return tensor if tensor.is_contiguous() else tensor.clone()
 
 
 def _glibc():
@@ -203,6 +213,9 @@ def run_parts(fn, parts: list) -> list:
         first = fn(parts[0])
     finally:
         _mkl_threads_here(previous)
+        # every part has ended before this returns or raises: a worker still running would read and write
+        # tensors (a KV cache, a kernel's output) that the caller lets go of once this returns
+        wait(others)
     return [first] + [future.result() for future in others]
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import paddle
 
 from llava_ui.config import app_home
+from llava_ui.model.cpu import dense
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ class Bf16Matrix:
             raise RuntimeError("the bf16 kernels are not available on this machine")
         if len(weight.shape) != 2:
             raise ValueError(f"bf16 kernel: a weight is 2-D, not {list(weight.shape)}")
-        weight = weight.contiguous()
+        weight = dense(weight)
         self.inputs, self.outputs = (weight.shape[1], weight.shape[0]) if transposed else tuple(weight.shape)
         size = lib.llava_bf16_packed_size(self.inputs, self.outputs)
         if size <= 0:
@@ -194,7 +195,7 @@ class Bf16Matrix:
         bias = self.zeros if bias is None else bias
         if list(bias.shape) != [self.outputs]:
             raise ValueError(f"bf16 kernel: a bias of {self.outputs} values is needed, not {list(bias.shape)}")
-        x = x.contiguous()
+        x = dense(x)
         out = paddle.empty([x.shape[0], self.outputs], "float32")
         _check(_library().llava_bf16_linear(_pointer(x, paddle.float32), x.shape[0], self.inputs,
                                             self.packed.data_ptr(), _pointer(bias, paddle.float32), self.outputs,
@@ -218,7 +219,7 @@ def decode_attention(qkv: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor,
     dim = cos.shape[-1]
     if qkv.size != (q_heads + 2 * kv_heads) * dim or cos.size != dim or sin.size != dim:
         raise ValueError("bf16 kernel: qkv and the RoPE rows do not match the heads")
-    qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
+    qkv, cos, sin = dense(qkv), dense(cos), dense(sin)
     k, v = _cache_pointers(keys, values, kv_heads, capacity, dim)
     out = paddle.empty([1, q_heads * dim], "float32")
     _check(_library().llava_decode_attention(
@@ -236,7 +237,7 @@ def prefill_attention(heads: paddle.Tensor, keys: paddle.Tensor, values: paddle.
     count, rows, dim = heads.shape
     q_heads = count - 2 * kv_heads
     k, v = _cache_pointers(keys, values, kv_heads, capacity, dim)
-    heads = heads.contiguous()
+    heads = dense(heads)
     out = paddle.empty([rows, q_heads * dim], "float32")
     _check(_library().llava_prefill_attention(_pointer(heads, paddle.float32), q_heads, kv_heads, rows, dim, k, v,
                                               capacity, start, out.data_ptr()))

@@ -22,7 +22,7 @@ import functools
 import numpy as np
 import paddle
 
-from llava_ui.model.cpu import mkl_library
+from llava_ui.model.cpu import dense, mkl_library
 
 _ROW_MAJOR, _NO_TRANS, _PACKED, _B_MATRIX = 101, 111, 151, 162
 PACK_ROWS = 256  # the M the layout is packed for: qwen2.PREFILL_CHUNK
@@ -60,7 +60,7 @@ class PackedMatrix:
         self._lib = _library()
         self.shape = [int(n) for n in weight.shape]
         k, n = self.shape
-        weight = weight.contiguous()
+        weight = dense(weight)
         self._buffer = self._lib.cblas_sgemm_alloc(_B_MATRIX, PACK_ROWS, n, k)
         if not self._buffer:
             raise MemoryError(f"MKL could not allocate a packed {k}x{n} matrix")
@@ -77,7 +77,7 @@ class PackedMatrix:
         padded = self.alone_as.get(rows, rows)
         if padded != rows:
             x = paddle.concat([x, paddle.zeros([padded - rows, k], dtype=x.dtype)])
-        x = x.contiguous()
+        x = dense(x)
         out = paddle.empty([padded, n], dtype=paddle.float32)
         self._lib.cblas_sgemm_compute(_ROW_MAJOR, _NO_TRANS, _PACKED, padded, n, k, x.data_ptr(), k,
                                       self._buffer, n, 0.0, out.data_ptr(), n)

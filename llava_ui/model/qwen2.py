@@ -19,7 +19,7 @@ import paddle.nn.functional as F
 from paddle.incubate.nn.functional import fused_rms_norm
 
 from llava_ui.errors import UserError, check_stop
-from llava_ui.model.cpu import has_avx512, map_shares, release_free_memory, run_parts, shares
+from llava_ui.model.cpu import dense, has_avx512, map_shares, release_free_memory, run_parts, shares
 from llava_ui.model import packed
 from llava_ui.model import kernels
 from llava_ui.model.kernels import Bf16Matrix
@@ -646,6 +646,7 @@ def head_logits(lm_head, hidden, bf16_head: list | None = None):
     blocks of HEAD_BLOCK vocabulary rows on the CPU, each block · hiddenᵀ, which MKL computes faster than one
     product per worker (bench/batch_steps.py)."""
     if bf16_head is not None:  # (Qwen2Runner.head) oneDNN's bf16 matmul takes any row count at one weight read
+        hidden = dense(hidden)  # once, here: `hidden[:, -1]` is strided, and every share reads it
         parts = run_parts(lambda matrix: matrix.matmul(hidden), bf16_head)
         return paddle.concat(parts, axis=-1) if len(parts) > 1 else parts[0]
     rows = hidden.shape[0]
