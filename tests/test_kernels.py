@@ -100,8 +100,10 @@ def test_attention_kernels_over_a_bf16_cache_compute_what_the_paddle_ops_do_over
     rng = np.random.default_rng(6)
     prompts = [rng.integers(0, 200, n).tolist() for n in (37, 300, 5)]
     runs, calls = {}, []
-    counted = kernels.decode_attention
+    counted, counted_rows = kernels.decode_attention, kernels.decode_attention_rows
     monkeypatch.setattr(kernels, "decode_attention", lambda *args: calls.append(1) or counted(*args))
+    monkeypatch.setattr(kernels, "decode_attention_rows",  # a batched step's rows: one call per part and layer
+                        lambda *args: calls.extend([1] * len(args[3])) or counted_rows(*args))
     for kernel in (True, False):
         model.runner.attention_kernel = kernel
         caches, logits = [], []

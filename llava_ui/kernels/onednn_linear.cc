@@ -202,6 +202,24 @@ inline void rope(const float* x, const float* cos, const float* sin, float scale
   }
 }
 
+// exp(x) for x <= 0 to float precision, in a form the compiler vectorises (no libm call in the loop)
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits = static_cast<int32_t>(n + 127.0f) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
 // The body of llava_decode_attention (its arguments checked).
 void decode(const float* in, const float* c, const float* s, int64_t dim, uint16_t* k_cache, uint16_t* v_cache,
             int64_t q_heads, int64_t kv_heads, int64_t capacity, int64_t position, float* o) {
@@ -232,8 +250,9 @@ void decode(const float* in, const float* c, const float* s, int64_t dim, uint16
       top = std::max(top, dot);
     }
     float total = 0.0f;
-    for (int64_t p = 0; p < seen; ++p) {
-      weights[p] = std::exp(weights[p] - top);
+#pragma omp simd reduction(+ : total)
+    for (int64_t p = 0; p < seen; ++p) {  // (no libm call: the loop vectorises, and no denormal comes out)
+      weights[p] = exp_nonpositive(weights[p] - top);
       total += weights[p];
     }
     float* row = o + h * dim;
@@ -260,6 +279,21 @@ extern "C" int llava_decode_attention(const float* qkv, const float* cos, const 
   return guarded([&] { decode(qkv, cos, sin, dim, keys, values, q_heads, kv_heads, capacity, position, out); });
 }
 
+// llava_decode_attention for `rows` sequences of a batched decode step in one call, each over its own cache
+// (keys[r], values[r], capacities[r]) at its own position: qkv [rows, (q_heads + 2 kv_heads) * dim], cos and sin
+// [rows, dim], out [rows, q_heads * dim].
+extern "C" int llava_decode_attention_rows(const float* qkv, const float* cos, const float* sin, int64_t dim,
+                                           int64_t rows, uint16_t* const* keys, uint16_t* const* values,
+                                           const int64_t* capacities, const int64_t* positions, int64_t q_heads,
+                                           int64_t kv_heads, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (llava_decode_attention(qkv + r * (q_heads + 2 * kv_heads) * dim, cos + r * dim, sin + r * dim, dim, keys[r],
+                               values[r], q_heads, kv_heads, capacities[r], positions[r], out + r * q_heads * dim))
+      return -1;
+  }
+  return 0;
+}
+
 // Causal attention of a prefill chunk for one worker's heads, flash-style: blocks of queries against blocks of
 // keys, bf16 products summed in fp32 (oneDNN matmul), a running softmax per query row in fp32, key blocks past a
 // query block's last position never computed. heads: [q_heads + 2 kv_heads, rows, dim], q (RoPE applied, times
@@ -270,23 +304,6 @@ namespace {
 
 constexpr int64_t kQueryBlock = 256, kKeyBlock = 512;
 
-// exp(x) for x <= 0 to float precision, in a form the compiler vectorises (no libm call in the loop)
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t bits = static_cast<int32_t>(n + 127.0f) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
 
 // out[m, n] = a[m, k] · b, b given as [k, n] rows (b_rows_are_k) or as [n, k] rows (its transpose); bf16 in,
 // fp32 out. Primitives kept per shape.

@@ -101,6 +101,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         "llava_bf16_linear": ([ptr, i64, i64, ptr, ptr, i64, ptr], ctypes.c_int),
         "llava_decode_attention": ([ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, ptr], ctypes.c_int),
         "llava_prefill_attention": ([ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr], ctypes.c_int),
+        "llava_decode_attention_rows": ([ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr], ctypes.c_int),
     }
     for name, (arguments, result) in signatures.items():
         function = getattr(lib, name)
@@ -225,6 +226,27 @@ def decode_attention(qkv: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor,
     _check(_library().llava_decode_attention(
         _pointer(qkv, paddle.float32), _pointer(cos, paddle.float32), _pointer(sin, paddle.float32), dim, k, v,
         q_heads, kv_heads, capacity, position, out.data_ptr()))
+    return out
+
+
+def decode_attention_rows(qkv: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor, caches: list,
+                          q_heads: int, kv_heads: int) -> paddle.Tensor:
+    """decode_attention for the rows of a batched decode step in one call: qkv [rows, (q + 2 kv heads) * dim],
+    cos and sin [rows, dim], caches one (keys, values, capacity, position) per row (each its own cache) →
+    [rows, q heads * dim]."""
+    rows, dim = len(caches), cos.shape[-1]
+    if list(qkv.shape) != [rows, (q_heads + 2 * kv_heads) * dim] or list(cos.shape) != [rows, dim] or list(
+            sin.shape) != [rows, dim]:
+        raise ValueError("bf16 kernel: qkv and the RoPE rows do not match the heads and rows")
+    qkv, cos, sin = dense(qkv), dense(cos), dense(sin)
+    pointers = [_cache_pointers(keys, values, kv_heads, capacity, dim) for keys, values, capacity, _ in caches]
+    addresses = ctypes.c_void_p * rows
+    numbers = ctypes.c_int64 * rows
+    out = paddle.empty([rows, q_heads * dim], "float32")
+    _check(_library().llava_decode_attention_rows(
+        _pointer(qkv, paddle.float32), _pointer(cos, paddle.float32), _pointer(sin, paddle.float32), dim, rows,
+        addresses(*(k for k, _ in pointers)), addresses(*(v for _, v in pointers)),
+        numbers(*(c[2] for c in caches)), numbers(*(c[3] for c in caches)), q_heads, kv_heads, out.data_ptr()))
     return out
 
 

@@ -412,13 +412,16 @@ class Qwen2Runner:
         # every row's RoPE at once: each row's tables stacked ([B, q + 2 kv heads, dim] per part shape)
         tables = {key: tuple(paddle.concat([step.shapes[key][t] for step in steps]) for t in (0, 1))
                   for key in steps[0].shapes} if len(steps) > 1 else None
+        # the kernel's RoPE rows, one per sequence ([B, dim] each)
+        rope = tuple(paddle.stack([step.rope_row[t] for step in steps]) for t in (0, 1)) if steps[0].kernel else None
 
         def attention(part, x, i):
             qkv = project(x, part.qkv, part.transposed, part.bias)
             if tables is None:
                 heads = steps[0].attend(part, qkv, i)
-            elif steps[0].kernel:  # each row's own cache
-                heads = paddle.concat([step.attend(part, qkv[b:b + 1], i) for b, step in enumerate(steps)])
+            elif steps[0].kernel:  # every row over its own cache, in one kernel call
+                caches = [step.cache.part_views(i, part.kv)[0::2] + (step.cache.capacity, step.start) for step in steps]
+                heads = kernels.decode_attention_rows(qkv, *rope, caches, part.q_heads, part.kv_heads)
             else:
                 turned = _rotate(qkv, part, *tables[part.q_heads, part.kv_heads], steps[0].rotate, steps[0].dim)
                 heads = paddle.concat([step._decode(part, turned[b], i) for b, step in enumerate(steps)])
