@@ -177,7 +177,8 @@ def chat_request(url: str, pid: int, files: list[Path], frames: int, question: s
     client = Client(url, verbose=False)
     reset_peak(pid)
     client.predict({"text": question, "files": [handle_file(str(f)) for f in files]}, frames, api_name="/send")
-    outputs = client.predict("", 0, 1.0, 0, 1.0, max_tokens, "0", "", api_name="/respond")
+    outputs = client.predict("", 0, 1.0, 0, 1.0, max_tokens, "0", "", False, False, False,  # no inspector views
+                             api_name="/respond")
     line = next(o for o in outputs if isinstance(o, str) and "first token" in o)
     client.close()
     return {"stats": parse_stats_line(line), "peak_rss": proc_status(pid)["VmHWM"],
