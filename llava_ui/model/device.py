@@ -3,9 +3,10 @@ status bar show both).
 
 A GPU computes in bf16 where the chosen device has it (compute capability 8.0 and later: Ampere, Ada, Hopper), else
 in fp16; the model was trained in bf16, whose range fp16 lacks (qwen2.check_finite guards the prefill). A CPU with
-bf16 units computes in bf16 (the vision tower and the language model's prefill through oneDNN programs,
-llava_ui.model.bf16, or, with LLAVA_UI_BF16_KERNEL=on, the language model through the bf16 kernels,
-llava_ui.model.kernels), any other CPU in fp32.
+bf16 units computes in bf16 (the language model through the bf16 kernels, llava_ui.model.kernels, where they
+build; the vision tower, and without the kernels the language model's prefill, through oneDNN programs,
+llava_ui.model.bf16), any other CPU in fp32. `options()` adds how the weights are held and the batch slots: one
+typed EngineOptions per load.
 """
 from __future__ import annotations
 

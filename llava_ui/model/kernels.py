@@ -8,8 +8,8 @@ shapes of every input, so a step whose shapes change converts again; this kernel
 
 The library takes raw pointers to buffers allocated here (Paddle tensors the caller keeps alive for the call) and
 touches no Paddle state: any thread may call it, and ctypes lets go of the GIL meanwhile, so the engine's CPU
-workers run their parts of a layer at once. (It was a Paddle custom operator at first; long test runs that called
-it from several threads died of a heap corruption inside Paddle, docs/limits.md.)
+workers run their parts of a layer at once. Inputs go through cpu.dense(), never Tensor.contiguous(): that one
+changes a shared tensor in place (docs/limits.md, the heap corruption it caused).
 
 The library is compiled on first use (g++ and the oneDNN headers of the `onednn-devel` package) into the app's
 cache, once per CPU kind, Paddle version and source. Where it cannot be built, `available()` is False, the reason is
