@@ -66,8 +66,7 @@ def main() -> None:
     fp32 = build_model(model_dir, "float32", quiet)[0]
     variants["fp32"] = (fp32, None)
     if bf16_units():
-        bf16 = build_model(model_dir, "float32", quiet)[0]
-        bf16.runner.to_bf16()
+        bf16 = build_model(model_dir, "float32", quiet, "bf16")[0]
         variants["bf16 kernel"] = (bf16, True)
         variants["bf16 kernel, attention as Paddle ops"] = (bf16, False)
     ids = np.random.default_rng(0).integers(100, 5000, args.positions).tolist()

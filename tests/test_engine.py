@@ -114,7 +114,7 @@ def test_second_turn_reuses_image_features_and_the_kv_prefix(tiny_dir):
     assert second.stats.cached_prefix_tokens > second.stats.visual_tokens
     again = conversation.copy()
     again.edit(len(again.turns) - 1, again.turns[-1].text)  # the last answer cleared, as Regenerate does
-    fresh = Engine(str(tiny_dir), dtype=engine.load_state.dtype).load()  # no caches: the same answer, computed from scratch
+    fresh = Engine(str(tiny_dir), dtype=engine.options.dtype).load()  # no caches: the same answer, computed from scratch
     assert fresh.generate(again, GREEDY).token_ids == second.token_ids
 
 

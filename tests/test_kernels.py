@@ -95,8 +95,7 @@ def test_attention_kernels_over_a_bf16_cache_compute_what_the_paddle_ops_do_over
     from llava_ui.checkpoints.load import build_model
     from llava_ui.model.generate import decode_one_token, prefill
 
-    model = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None)[0]
-    model.runner.to_bf16()
+    model = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None, "bf16")[0]
     rng = np.random.default_rng(6)
     prompts = [rng.integers(0, 200, n).tolist() for n in (37, 300, 5)]
     runs, calls = {}, []

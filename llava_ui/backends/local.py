@@ -57,13 +57,8 @@ class LoadState:
     state: str = "not_loaded"  # not_loaded | loading | ready | failed
     message: str = ""
     error: str = ""
-    device: str = ""
-    dtype: str = ""
-    layout: str = ""
+    layout: str = ""  # the checkpoint's (how the engine computes is self.options)
     random_weights: bool = False
-    precision: str = ""  # DevicePolicy.precision
-    device_reason: str = ""  # why this device and precision (DevicePolicy.reason)
-    weight_layout: str = ""  # the language model's: "in-out" (one stream), "packed" or "out-in" (batched steps)
 
 
 class Engine:
@@ -92,13 +87,14 @@ class Engine:
         self.run = self.compute.run
 
     def status(self) -> dict:
-        s = self.load_state
+        s, o = self.load_state, self.options
         return {"state": s.state, "message": s.message, "error": s.error, "model": self.model_id,
                 "source": model_source(self.model_id, self.hub),
-                "device": s.device, "dtype": s.dtype, "precision": s.precision, "device_reason": s.device_reason,
+                "device": o.device if o else "", "dtype": o.dtype if o else "",
+                "precision": o.policy.precision if o else "", "device_reason": o.policy.reason if o else "",
                 "layout": s.layout,
-                "weight_layout": s.weight_layout,
-                "options": self.options.summary() if self.options is not None else None,
+                "weight_layout": o.layout if o else "",
+                "options": o.summary() if o else None,
                 "random_weights": s.random_weights,
                 "image_mode": self.image_mode if s.state == "ready" else None,
                 "unpad_rounding": self.config.unpad_rounding if s.state == "ready" else None,
@@ -157,18 +153,14 @@ class Engine:
         self.context_length = min(context_req or config.context_length, config.context_length)
         self.model, self.config = model, config
         self.options = options
-        policy = options.policy
-        self.load_state.device, self.load_state.dtype, self.load_state.layout = policy.device, policy.dtype, layout
-        self.load_state.precision, self.load_state.device_reason = policy.precision, policy.reason
-        self.load_state.random_weights = bool(config.raw.get("random_weights"))
-        self.load_state.weight_layout = options.layout
+        self.load_state.layout, self.load_state.random_weights = layout, bool(config.raw.get("random_weights"))
         self._progress("measuring this machine's speed ...")
-        self.rates = Rates(Workload.of(config), calibrate("float32" if options.on_cpu else policy.dtype))
+        self.rates = Rates(Workload.of(config), calibrate("float32" if options.on_cpu else options.dtype))
 
     def default_frames(self) -> int:
         """Video frames by default: 16 on a GPU; on a CPU as many (up to 16) as answer within about a minute at
         the rates measured here (16 until the model is loaded)."""
-        if self.rates is None or not self.load_state.device.startswith("cpu"):
+        if self.rates is None or not self.options.on_cpu:
             return MAX_DEFAULT_FRAMES
         return self.rates.frames_within()
 

@@ -141,9 +141,6 @@ def precision_label(device: str, dtype: str) -> str:
     return {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "fp32")
 
 
-WEIGHT_LAYOUTS = ("in-out", "out-in", "packed", "bf16")  # qwen2.Qwen2Runner.pack says what each is
-
-
 @dataclass(frozen=True)
 class EngineOptions:
     """Everything that decides how the engine computes, chosen once at load (`options()`) and read from here
@@ -151,7 +148,7 @@ class EngineOptions:
     chats one decode step may carry. status(), the status bar, the inspector and `llava-ui check` report it."""
 
     policy: DevicePolicy
-    layout: str  # the language model's weight layout, WEIGHT_LAYOUTS
+    layout: str  # the language model's weight layout, one of qwen2.WEIGHT_LAYOUTS (Qwen2Runner.pack)
     batch_slots: int  # the most chats one batched decode step takes
 
     @property
@@ -208,10 +205,11 @@ def options(device: str | None = None, dtype: str | None = None, batch_slots: in
     if policy.on_gpu:
         layout = "in-out"
     elif policy.dtype == "bfloat16":
-        if bf16_kernel and not kernels.available(progress):
-            raise UserError("the bf16 kernels cannot be built on this machine (the log says why)")
         wanted = kernels.enabled() if bf16_kernel is None else bf16_kernel
-        layout = "bf16" if wanted and kernels.available(progress) else "in-out"
+        built = wanted and kernels.available(progress)
+        if bf16_kernel and not built:
+            raise UserError("the bf16 kernels cannot be built on this machine (the log says why)")
+        layout = "bf16" if built else "in-out"
     elif batch_slots > 1:
         layout = "packed" if os.environ.get("LLAVA_UI_BATCH_LAYOUT", "") == "packed" and packed.available() else "out-in"
     else:

@@ -355,19 +355,6 @@ class Qwen2Runner:
                         getattr(part, name).alone_as = alone_as
         release_free_memory()
 
-    def to_bf16(self) -> None:
-        """An in-out runner's layers and LM head to oneDNN's packed bf16 (kernels.Bf16Matrix), each held once from
-        here on: decode steps, batched steps and prefill chunks all read them in bf16."""
-        if self.layout != "in-out":
-            raise ValueError(f"the bf16 kernel packs the weights as stored (in-out), not {self.layout}")
-        for layer, (attention, feed) in zip(self.qwen2.layers, self.parts):
-            for part in attention + feed:
-                part.pack_bf16()
-            for owner in (layer.self_attn.o_proj, layer.mlp.down_proj):  # the parts held views of their rows
-                owner._parameters["weight"] = None
-            release_free_memory()
-        self.finish_pack("bf16")
-
     def _bf16_head(self) -> list:
         """The LM head's shares of the vocabulary (one per worker) as Bf16Matrix; its fp32 matrix is let go. A tied
         head is the embedding [vocab, hidden]: token lookups read a bf16 copy of it from then on (self.embedding)."""
