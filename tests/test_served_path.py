@@ -2,6 +2,7 @@
 chat, API, remote front end, command line), stop between vision views, and the time estimates behind them."""
 import json
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -93,6 +94,47 @@ def test_compute_thread_runs_everything_in_one_thread_and_passes_errors_back():
     assert compute.run(lambda: compute.run(lambda: 7)) == 7  # a call from the compute thread runs in place
     with pytest.raises(ZeroDivisionError):
         compute.run(lambda: 1 / 0)
+
+
+def test_a_new_chats_steps_run_several_in_a_row_between_the_decoding_chats_steps(monkeypatch):
+    """While chats decode, a newcomer's prefill chunks (each sent once the last returned) run back to back up to
+    OTHER_SLICE_S, then one batched decode step: the newcomer is not held back a decode step per chunk, and the
+    decoding chats still advance between slices."""
+    from llava_ui.backends import compute as scheduling
+    monkeypatch.setattr(scheduling, "OTHER_SLICE_S", 0.25)
+    ran, done = [], threading.Event()
+
+    class Model:
+        def decode_batch(self, tokens, caches, positions):
+            ran.append("decode")
+            time.sleep(0.01)
+            return [0] * len(tokens), caches
+
+    compute, model = ComputeThread(), Model()
+
+    def decoder():
+        with compute.decoding():
+            while not done.is_set():
+                compute.decode(model, 1, None, 0)
+
+    def chunk():
+        ran.append("chunk")
+        time.sleep(0.06)
+
+    threads = [threading.Thread(target=decoder) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.05)
+    for _ in range(12):
+        compute.run(chunk)
+    done.set()
+    for thread in threads:
+        thread.join()
+    first, last = ran.index("chunk"), len(ran) - ran[::-1].index("chunk")
+    runs = [len(run) for run in "".join("c" if step == "chunk" else "d" for step in ran[first:last]).split("d")
+            if run]
+    assert sum(runs) == 12 and len(runs) >= 3  # the decoding chats stepped between slices ...
+    assert all(3 <= run <= 5 for run in runs[:-1])  # ... of ~0.25 s each (0.06 s a chunk), not one chunk each
 
 
 def test_progress_comes_before_the_first_token_image_by_image_then_chunk_by_chunk(engine, monkeypatch):

@@ -7,7 +7,9 @@ inputs alive. Handing the steps to one thread, configured once, makes the served
 Steps run in the order they were asked for, except decode steps: the decode steps of all chats that are decoding
 run as one batched step (`LlavaQwen.decode_batch`: every weight read once for all of them), so N chats decode at
 nearly the speed of one each. Continuous batching: a chat joins the batch with its first decode step and leaves
-it when it stops asking; a prefill chunk or a vision view asked for meanwhile runs between two batched steps.
+it when it stops asking. The other steps (a new chat's vision views and prefill chunks) run between two batched
+steps, several in a row up to OTHER_SLICE_S: a chat that arrives while others decode reaches its first token
+nearly as soon as alone, and the decoding chats pause at most that long.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from llava_ui.model.cpu import grad_off
 
 THREAD_NAME = "llava-compute"
 GATHER_S = 0.005  # how long a decode step waits for the other decoding chats' steps to arrive
+OTHER_SLICE_S = 1.0  # other steps run in a row between two decode steps, until they have taken this long
+FOLLOW_S = 0.003  # how long the loop waits for the next of those (its caller sends it once the last returned)
 
 
 class _Decode:
@@ -91,22 +95,41 @@ class ComputeThread:
 
     def _loop(self) -> None:
         grad_off()
+        slice_s = 0.0  # seconds of other steps since the last decode step
         while True:
             with self._ready:
                 while not self._queue:
                     self._ready.wait()
-                item = self._queue.popleft()
+                item = self._other() if 0 < slice_s < OTHER_SLICE_S else None
+                item = item or self._queue.popleft()
                 batch = self._gather(item) if isinstance(item, _Decode) else None
             started = time.perf_counter()
             if batch is None:
                 future, fn, args, kwargs = item
                 _settle(future, fn, *args, **kwargs)
-                self.other_s += time.perf_counter() - started
+                took = time.perf_counter() - started
+                self.other_s += took
+                slice_s += took
             else:
+                slice_s = 0.0
                 self._step(batch)
                 record = self.steps.setdefault(len(batch), [0, 0.0])
                 record[0] += 1
                 record[1] += time.perf_counter() - started
+
+    def _other(self):
+        """The first queued step that is not a decode step, waiting FOLLOW_S at most for one (the request whose
+        step just ran sends its next one as soon as it has the result); None if none came. Holds the lock."""
+        deadline = time.monotonic() + FOLLOW_S
+        while True:
+            item = next((i for i in self._queue if not isinstance(i, _Decode)), None)
+            left = deadline - time.monotonic()
+            if item is not None or left <= 0:
+                break
+            self._ready.wait(left)
+        if item is not None:
+            self._queue.remove(item)
+        return item
 
     def _gather(self, first: _Decode) -> list:
         """`first` and the queued decode steps of the same model, waiting up to GATHER_S for the steps of the other
