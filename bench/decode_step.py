@@ -31,6 +31,7 @@ from run import DEFAULT_CHECKPOINTS, ensure_checkpoints, read_bandwidth  # noqa:
 from llava_ui.checkpoints.load import build_model  # noqa: E402
 from llava_ui.model.cpu import bf16_units  # noqa: E402
 from llava_ui.model.generate import decode_one_token, prefill  # noqa: E402
+from llava_ui.model.kernels import KernelMatrix  # noqa: E402
 
 
 def cpu_model() -> str:
@@ -39,18 +40,16 @@ def cpu_model() -> str:
                 platform.processor() or "unknown")
 
 
-def weight_bytes(model, bf16: bool) -> int:
-    """Bytes of the language model's weights a decode step reads (layers and head; not the embedding lookup)."""
+def weight_bytes(model) -> int:
+    """Bytes of the language model's weights a decode step reads (layers and head; not the embedding lookup): the
+    kernels' matrices as they hold them (bf16: 2 bytes a weight, int8: 1 and a scale per output), else fp32."""
+    def size(weight) -> int:
+        return weight.nbytes if isinstance(weight, KernelMatrix) else int(np.prod(weight.shape)) * 4
+
     runner = model.runner
-    total = 0
-    for attention, feed in runner.parts:
-        for part in attention + feed:
-            for name in part.WEIGHTS:
-                weight = getattr(part, name)
-                total += int(np.prod(weight.shape)) * (2 if bf16 else 4)
-    head = model.language_model.lm_head.weight if runner.head is None else None
-    vocab_by_hidden = sum(int(np.prod(m.shape)) for m in runner.head) if runner.head else int(np.prod(head.shape))
-    return total + vocab_by_hidden * (2 if bf16 else 4)
+    total = sum(size(getattr(part, name)) for attention, feed in runner.parts for part in attention + feed
+                for name in part.WEIGHTS)
+    return total + sum(size(m) for m in (runner.head or [model.language_model.lm_head.weight]))
 
 
 def main() -> None:
@@ -59,16 +58,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=8, help="decode steps per variant and round")
     parser.add_argument("--name", default="decode-step")
+    parser.add_argument("--variants", default="fp32,bf16,int8",
+                        help="which to time: fp32, bf16 (the kernel, and its attention as Paddle ops), int8 (--weights int8)")
     args = parser.parse_args()
     model_dir = ensure_checkpoints(DEFAULT_CHECKPOINTS)["paddle"]
     quiet = lambda *a, **k: None  # noqa: E731
+    wanted = args.variants.split(",")
     variants = {}
-    fp32 = build_model(model_dir, "float32", quiet)[0]
-    variants["fp32"] = (fp32, None)
-    if bf16_units():
+    if "fp32" in wanted:
+        variants["fp32"] = (build_model(model_dir, "float32", quiet)[0], None)
+    if bf16_units() and "bf16" in wanted:
         bf16 = build_model(model_dir, "float32", quiet, "bf16")[0]
         variants["bf16 kernel"] = (bf16, True)
         variants["bf16 kernel, attention as Paddle ops"] = (bf16, False)
+    if bf16_units() and "int8" in wanted:
+        variants["int8 kernel (--weights int8)"] = (build_model(model_dir, "float32", quiet, "int8")[0], True)
     ids = np.random.default_rng(0).integers(100, 5000, args.positions).tolist()
     caches, position = {}, {}
     for name, (model, attention_kernel) in variants.items():  # each variant its own cache (bf16 for the kernels)
@@ -91,8 +95,8 @@ def main() -> None:
     for name, (model, _) in variants.items():
         step = statistics.median(times[name])
         cache = caches[name]
-        kv_per_position = 2 * len(cache.keys) * fp32.runner.kv_heads * fp32.runner.head_dim * cache.keys[0].element_size()
-        read = weight_bytes(model, name != "fp32") + kv_per_position * (args.positions + args.rounds * args.steps)
+        kv_per_position = 2 * len(cache.keys) * model.runner.kv_heads * model.runner.head_dim * cache.keys[0].element_size()
+        read = weight_bytes(model) + kv_per_position * (args.positions + args.rounds * args.steps)
         bound = bandwidth / read
         rows.append({"variant": name, "step_ms": step * 1e3, "tokens_per_s": 1 / step, "bytes_read": read,
                      "bound_tokens_per_s": bound, "fraction_of_bound": (1 / step) / bound})

@@ -19,9 +19,11 @@ def machine_precisions() -> list[str]:
 
 def machine_engines() -> list:
     """Engine options for each path this CPU can run, named: fp32 everywhere; where bf16 units are, bf16 through
-    the bf16 kernels and bf16 through oneDNN programs (the path where the kernels cannot be built)."""
+    the bf16 kernels, bf16 through oneDNN programs (the path where the kernels cannot be built) and int8 weights
+    through the kernels (--weights int8)."""
     paths = [pytest.param({"dtype": "float32"}, id="fp32")]
     if bf16_units():
         paths += [pytest.param({"dtype": "bfloat16", "bf16_kernel": True}, id="bf16-kernel"),
-                  pytest.param({"dtype": "bfloat16", "bf16_kernel": False}, id="bf16-programs")]
+                  pytest.param({"dtype": "bfloat16", "bf16_kernel": False}, id="bf16-programs"),
+                  pytest.param({"dtype": "bfloat16", "bf16_kernel": True, "weights": "int8"}, id="int8-kernel")]
     return paths

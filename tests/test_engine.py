@@ -278,11 +278,13 @@ def test_incremental_decoder_streams_invalid_bytes_instead_of_holding_them_forev
 
 def test_the_engine_reports_the_options_it_computes_with(engine):
     """One typed options object, chosen at load, is what status(), /v1/models and each answer's stats report; on
-    the bf16 kernel path the language model is held packed in bf16 and the KV cache is bf16."""
+    the bf16 kernel path the language model is held packed in bf16 (or int8, --weights int8) and the KV cache is
+    bf16."""
     options = engine.status()["options"]
     kernel = engine.bf16_kernel is True
     assert options["dtype"] == engine.options.dtype and options["batch_slots"] == engine.compute.batch_limit == 8
-    assert options["weight_layout"] == engine.model.runner.layout == ("bf16" if kernel else "out-in" if
+    kernel_layout = "int8" if engine.weights == "int8" else "bf16"
+    assert options["weight_layout"] == engine.model.runner.layout == (kernel_layout if kernel else "out-in" if
                                                                       options["dtype"] == "float32" else "in-out")
     cache = engine.run(engine.model.reserve, None, 16)
     assert str(cache.keys[0].dtype).endswith("bfloat16" if kernel else "float32") and options["kv_cache"] == (

@@ -254,3 +254,44 @@ def test_the_kernels_never_change_a_strided_input_the_workers_share():
     address = weight.data_ptr()
     kernels.Bf16Matrix(weight)
     assert not weight.is_contiguous() and weight.data_ptr() == address
+
+
+@pytest.mark.parametrize("k, n", [(64, 37), (896, 200), (896, 131), (40, 7), (2432, 896)])
+def test_int8_weights_are_each_outputs_values_rounded_to_127_steps(k, n):
+    """Per output: scale = largest magnitude / 127, values = round(weight / scale), so each weight is within half a
+    step of its fp32 value and each output's largest reaches ±127."""
+    rng = np.random.default_rng(k * n)
+    weight = rng.normal(0, 0.02, (k, n)).astype(np.float32)
+    matrix = kernels.Int8Matrix(paddle.to_tensor(weight))
+    values, scales = matrix.values.numpy(), matrix.scales.numpy()
+    assert values.shape == (n, k) and matrix.shape == [k, n] and matrix.nbytes == n * k + 4 * n
+    assert np.allclose(scales, np.abs(weight).max(axis=0) / 127, rtol=1e-6)
+    assert np.array_equal(np.abs(values).max(axis=1), np.full(n, 127))
+    assert np.all(np.abs(matrix.dequantized().numpy() - weight) <= scales / 2 * (1 + 1e-5))
+    tied = kernels.Int8Matrix(paddle.to_tensor(np.ascontiguousarray(weight.T)), transposed=True)  # stored [n, k]
+    assert np.array_equal(tied.values.numpy(), values) and np.array_equal(tied.scales.numpy(), scales)
+
+
+@pytest.mark.parametrize("k, n", [(64, 37), (896, 131), (896, 300), (40, 7), (2432, 896)])
+def test_int8_products_are_the_rounded_weights_times_the_rows(k, n):
+    """Up to 8 rows (a decode step): fp32 products of the rows and the int8 values, times the scales (so the
+    float64 product with the dequantized weight, to fp32's precision). More rows (a prefill chunk): oneDNN with the
+    rows and weights in bf16, products summed in fp32 (bf16's precision). Outputs past a multiple of 4 and 64, and
+    k not a multiple of 16 (the plain loop), are covered."""
+    rng = np.random.default_rng(k + n)
+    weight = rng.normal(0, 0.02, (k, n)).astype(np.float32)
+    matrix = kernels.Int8Matrix(paddle.to_tensor(weight))
+    dequantized = matrix.dequantized().numpy().astype(np.float64)
+    bias = rng.standard_normal(n).astype(np.float32)
+    for rows in (1, 2, 3, 4, 5, 8, 9, 40):
+        x = rng.standard_normal((rows, k)).astype(np.float32)
+        out = matrix.matmul(paddle.to_tensor(x), paddle.to_tensor(bias)).numpy()
+        exact = x @ dequantized + bias
+        scale = np.abs(x) @ np.abs(dequantized) + np.abs(bias)
+        precision = 1e-5 if rows <= 8 else 2 ** -7  # fp32 sums; or bf16 rows and weights (2^-8 each), fp32 sums
+        assert np.all(np.abs(out - exact) <= precision * scale), rows
+    # a batched decode step's rows (up to 8 chats) each get exactly what they get alone
+    x = rng.standard_normal((8, k)).astype(np.float32)
+    whole = matrix.matmul(paddle.to_tensor(x)).numpy()
+    for i in range(8):
+        assert np.array_equal(matrix.matmul(paddle.to_tensor(x[i:i + 1])).numpy(), whole[i:i + 1])

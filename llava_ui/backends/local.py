@@ -66,13 +66,13 @@ class Engine:
                  dtype: str | None = None,
                  image_mode: str | None = None, context_length: int | None = None,
                  feature_cache_mb: int = 256, prefix_cache_mb: int = 1024, prefix_cache_entries: int = 4,
-                 batch_slots: int = 8, bf16_kernel: bool | None = None):
+                 batch_slots: int = 8, bf16_kernel: bool | None = None, weights: str | None = None):
         """`batch_slots`: the most chats one decode step carries (1: one stream, e.g. the command line); with the
         device and dtype it decides how the weights are held (device.options, which says what `bf16_kernel`
-        does)."""
+        does); `weights` "int8": the language model's weights as int8 (--weights, device.options)."""
         self.model_id, self.hub = model, hub
         self.requested = (device, dtype, image_mode, context_length)
-        self.batch_slots, self.bf16_kernel = batch_slots, bf16_kernel
+        self.batch_slots, self.bf16_kernel, self.weights = batch_slots, bf16_kernel, weights
         self.options: EngineOptions | None = None  # how this engine computes, once loaded
         self.load_state = LoadState()
         self.features = FeatureCache(feature_cache_mb << 20)
@@ -137,7 +137,8 @@ class Engine:
 
     def _load(self) -> None:
         device_req, dtype_req, mode_req, context_req = self.requested
-        options = choose_options(device_req, dtype_req, self.batch_slots, self._progress, self.bf16_kernel)
+        options = choose_options(device_req, dtype_req, self.batch_slots, self._progress, self.bf16_kernel,
+                                 self.weights)
         paddle.set_device(options.device)
         model_dir = resolve_model_dir(self.model_id, self._progress, self.hub)
         self.model_dir = model_dir

@@ -145,7 +145,7 @@ def vision_layers_in(state: dict) -> int:
 def build_model(model_dir: Path, dtype: str = "float32", progress=None, weight_layout: str = "in-out"):
     """Read config + weights, build LlavaQwen in `dtype`, load every weight; fail loudly on any mismatch.
     `weight_layout`: how the language model's weights are held (qwen2.Qwen2Runner.pack: "in-out" as stored,
-    "out-in" or "packed" for batched decode steps, "bf16" for the bf16 kernel; device.options picks it)."""
+    "out-in" or "packed" for batched decode steps, "bf16" or "int8" for the CPU kernels; device.options picks it)."""
     no_init_weights = paddlenlp_module("paddlenlp.transformers.model_utils").no_init_weights
 
     progress = progress or _stderr
@@ -176,8 +176,8 @@ def build_model(model_dir: Path, dtype: str = "float32", progress=None, weight_l
             model = LlavaQwen(config, has_image_newline="image_newline" in state)
     finally:
         paddle.set_default_dtype(previous)
-    if weight_layout == "bf16":
-        progress("packing the language model's weights in bf16 as they load ...")
+    if weight_layout in ("bf16", "int8"):
+        progress(f"packing the language model's weights in {weight_layout} as they load ...")
     # the language model first, each layer regrouped per CPU worker (and in bf16 packed) as soon as its weights are
     # in: the load never holds the whole language model in fp32 beside anything else
     load_state(model, state, progress, first="language_model.", loaded=_packing(model.runner, weight_layout))

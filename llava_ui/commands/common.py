@@ -119,6 +119,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, image_mode: bool = True
     option(parser, "--dtype", env_name="DTYPE", choices=["float32", "float16", "bfloat16"],
            help="default: bfloat16 (or float16) on a GPU; on a CPU bfloat16 through oneDNN where it has AMX or "
                 "AVX-512 BF16 units, else float32 (float32: the exact fp32 path)")
+    option(parser, "--weights", env_name="WEIGHTS", choices=["auto", "int8"], default=None,
+           help="int8: the language model's weights (LM head included) as int8 per output channel, half the bytes "
+                "of bf16 for a faster decode; a CPU with AMX or AVX-512 BF16 only (default auto: held in the "
+                "precision's own format)")
     if image_mode:
         option(parser, "--image-mode", env_name="IMAGE_MODE", choices=IMAGE_MODES,
                help="how images become visual tokens (default: trained when the checkpoint allows, else flat)")
@@ -165,7 +169,7 @@ def make_backend(args, on_progress=None, batch_slots: int = 8):
 
     engine = get_engine(args.model, hub=args.hub, device=args.device, dtype=args.dtype,
                         image_mode=getattr(args, "image_mode", None), context_length=args.context_length,
-                        batch_slots=batch_slots)
+                        batch_slots=batch_slots, weights=getattr(args, "weights", None))
     engine.on_progress = on_progress or ProgressBars().load
     return engine
 

@@ -20,6 +20,7 @@ from llava_ui.errors import UserError
 from llava_ui.model.cpu import bf16_units
 
 DTYPES = ("float32", "float16", "bfloat16")
+WEIGHTS = ("auto", "int8")  # --weights: as the precision holds them, or int8 per output channel (CPU kernels)
 BF16_CAPABILITY = (8, 0)  # the first CUDA architecture with bf16 tensor cores (Ampere)
 _GPU_NAME = re.compile(r"(gpu|cuda)(?::(\d+))?")
 
@@ -170,13 +171,14 @@ class EngineOptions:
 
     @property
     def kv_dtype(self) -> str:
-        """The KV cache's dtype: bf16 where the bf16 kernels attend, else the weights'."""
-        return "bfloat16" if self.layout == "bf16" else self.policy.weights_dtype
+        """The KV cache's dtype: bf16 where the CPU kernels attend, else the weights'."""
+        return "bfloat16" if self.layout in ("bf16", "int8") else self.policy.weights_dtype
 
     @property
     def weights(self) -> str:
         """The language model's weights in words, e.g. "bf16, packed once for oneDNN"."""
         return {"bf16": "bf16, packed once for oneDNN's matmul",
+                "int8": "int8 per output channel (weight-only; bf16 prefill math)",
                 "packed": "fp32, packed for MKL's sgemm",
                 "out-in": "fp32, stored [out, in] for batched steps"}.get(
             self.layout, f"{self.policy.weights_dtype} as stored" + (
@@ -189,19 +191,24 @@ class EngineOptions:
 
 
 def options(device: str | None = None, dtype: str | None = None, batch_slots: int = 8, progress=None,
-            bf16_kernel: bool | None = None) -> EngineOptions:
+            bf16_kernel: bool | None = None, weights: str | None = None) -> EngineOptions:
     """The engine's options for a load: the device and precision (choose()), then the weight layout that suits
     them and the batch slots. On a CPU with bf16 units the language model is packed for the bf16 kernel wherever
     it builds (kernels.available; LLAVA_UI_BF16_KERNEL=off turns it off), else its bf16 prefill runs as oneDNN
     programs over fp32 weights. An fp32 CPU engine that batches decode steps holds them [out, in]
     (qwen2.project), or with LLAVA_UI_BATCH_LAYOUT=packed packed for MKL's sgemm (packed.py); one stream and a
     GPU keep them as stored. `bf16_kernel` False keeps a bf16 CPU engine off the kernel (True: on it, or an error
-    where it cannot build)."""
+    where it cannot build). `weights` "int8" (--weights) holds the language model's weights, the head included,
+    as int8 per output channel for the same kernels: on a CPU that computes in bf16 only."""
     from llava_ui.model import kernels, packed  # deferred: both load native libraries
 
     if batch_slots < 1:
         raise UserError(f"batch slots {batch_slots}: at least 1")
+    if weights not in (None, *WEIGHTS):
+        raise UserError(f"--weights {weights}: one of {', '.join(WEIGHTS)}")
     policy = choose(device, dtype)
+    if weights == "int8":
+        return EngineOptions(policy, _int8_layout(policy, kernels, progress, bf16_kernel), batch_slots)
     if policy.on_gpu:
         layout = "in-out"
     elif policy.dtype == "bfloat16":
@@ -215,3 +222,17 @@ def options(device: str | None = None, dtype: str | None = None, batch_slots: in
     else:
         layout = "in-out"
     return EngineOptions(policy, layout, batch_slots)
+
+
+def _int8_layout(policy: DevicePolicy, kernels, progress, bf16_kernel: bool | None) -> str:
+    """"int8" where the int8 weights can run (the CPU kernels, with bf16 units for the prefill), else why not."""
+    if policy.on_gpu:
+        raise UserError("--weights int8 runs on the CPU kernels; on a GPU the weights stay in bf16 or fp16 "
+                        "(drop --weights, or use --device cpu)")
+    if policy.dtype != "bfloat16":
+        raise UserError("--weights int8 computes in bf16 and needs a CPU with AMX or AVX-512 BF16 units"
+                        + ("; drop --dtype float32" if bf16_units() else f" ({policy.reason})"))
+    if bf16_kernel is False or not kernels.available(progress):
+        raise UserError("--weights int8 needs the CPU kernels, which cannot be built on this machine (the log says "
+                        "why; LLAVA_UI_BF16_KERNEL=off turns them off)")
+    return "int8"

@@ -102,6 +102,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         "llava_decode_attention": ([ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, ptr], ctypes.c_int),
         "llava_prefill_attention": ([ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr], ctypes.c_int),
         "llava_decode_attention_rows": ([ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr], ctypes.c_int),
+        "llava_int8_pack": ([ptr, i64, i64, ctypes.c_int, ptr, ptr], ctypes.c_int),
+        "llava_int8_linear": ([ptr, i64, i64, ptr, ptr, ptr, i64, ptr], ctypes.c_int),
     }
     for name, (arguments, result) in signatures.items():
         function = getattr(lib, name)
@@ -161,34 +163,24 @@ def _pointer(tensor: paddle.Tensor, dtype) -> int:
     return tensor.data_ptr()
 
 
-class Bf16Matrix:
-    """A weight [in, out] (or, `transposed`, a tied head's [out, in]) held once, as oneDNN's packed bf16;
-    `matmul(x, bias)` gives x [rows, in] · weight (+ bias) in fp32, products of bf16 values summed in fp32."""
+class KernelMatrix:
+    """A weight [in, out] (or, `transposed`, a tied head's [out, in]) held once in a kernel's format;
+    `matmul(x, bias)` gives x [rows, in] · weight (+ bias) in fp32."""
 
-    def __init__(self, weight: paddle.Tensor, transposed: bool = False):
+    def __init__(self, weight: paddle.Tensor, transposed: bool):
         lib = _library()
         if lib is None:
             raise RuntimeError("the bf16 kernels are not available on this machine")
         if len(weight.shape) != 2:
             raise ValueError(f"bf16 kernel: a weight is 2-D, not {list(weight.shape)}")
-        weight = dense(weight)
         self.inputs, self.outputs = (weight.shape[1], weight.shape[0]) if transposed else tuple(weight.shape)
-        size = lib.llava_bf16_packed_size(self.inputs, self.outputs)
-        if size <= 0:
-            _check(-1)
-        self.packed = paddle.empty([size], "uint8")
-        _check(lib.llava_bf16_pack(_pointer(weight, paddle.float32), self.inputs, self.outputs, int(transposed),
-                                   self.packed.data_ptr()))
         self.zeros = paddle.zeros([self.outputs], "float32")
+        self._pack(lib, dense(weight), transposed)
 
     @property
     def shape(self) -> list[int]:
         """The weight's logical shape, [in, out]."""
         return [self.inputs, self.outputs]
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.packed.shape[0])
 
     def matmul(self, x: paddle.Tensor, bias: paddle.Tensor | None = None) -> paddle.Tensor:
         if len(x.shape) != 2 or x.shape[1] != self.inputs:
@@ -198,10 +190,59 @@ class Bf16Matrix:
             raise ValueError(f"bf16 kernel: a bias of {self.outputs} values is needed, not {list(bias.shape)}")
         x = dense(x)
         out = paddle.empty([x.shape[0], self.outputs], "float32")
-        _check(_library().llava_bf16_linear(_pointer(x, paddle.float32), x.shape[0], self.inputs,
-                                            self.packed.data_ptr(), _pointer(bias, paddle.float32), self.outputs,
-                                            out.data_ptr()))
+        _check(self._multiply(_library(), _pointer(x, paddle.float32), x.shape[0], _pointer(bias, paddle.float32),
+                              out.data_ptr()))
         return out
+
+
+class Bf16Matrix(KernelMatrix):
+    """A weight as oneDNN's packed bf16: products of bf16 values (the rows rounded to bf16) summed in fp32."""
+
+    def __init__(self, weight: paddle.Tensor, transposed: bool = False):
+        super().__init__(weight, transposed)
+
+    def _pack(self, lib, weight, transposed: bool) -> None:
+        size = lib.llava_bf16_packed_size(self.inputs, self.outputs)
+        if size <= 0:
+            _check(-1)
+        self.packed = paddle.empty([size], "uint8")
+        _check(lib.llava_bf16_pack(_pointer(weight, paddle.float32), self.inputs, self.outputs, int(transposed),
+                                   self.packed.data_ptr()))
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.packed.shape[0])
+
+    def _multiply(self, lib, x: int, rows: int, bias: int, out: int) -> int:
+        return lib.llava_bf16_linear(x, rows, self.inputs, self.packed.data_ptr(), bias, self.outputs, out)
+
+
+class Int8Matrix(KernelMatrix):
+    """A weight as int8 with one fp32 scale per output (weight-only int8, per channel: each output's largest
+    magnitude maps to 127): half the bytes of bf16. A few rows (a decode step) are multiplied in fp32 over the int8
+    values (an AVX-512 kernel reading each weight once for all rows), more (a prefill chunk) by oneDNN with the
+    weights widened to bf16 on the fly."""
+
+    def __init__(self, weight: paddle.Tensor, transposed: bool = False):
+        super().__init__(weight, transposed)
+
+    def _pack(self, lib, weight, transposed: bool) -> None:
+        self.values = paddle.empty([self.outputs, self.inputs], "int8")
+        self.scales = paddle.empty([self.outputs], "float32")
+        _check(lib.llava_int8_pack(_pointer(weight, paddle.float32), self.inputs, self.outputs, int(transposed),
+                                   self.values.data_ptr(), self.scales.data_ptr()))
+
+    @property
+    def nbytes(self) -> int:
+        return self.inputs * self.outputs + 4 * self.outputs
+
+    def dequantized(self) -> paddle.Tensor:
+        """The weight the products use, [in, out] fp32 (tests and the embedding lookups of a tied head)."""
+        return (self.values.astype("float32") * self.scales.unsqueeze(1)).transpose([1, 0])
+
+    def _multiply(self, lib, x: int, rows: int, bias: int, out: int) -> int:
+        return lib.llava_int8_linear(x, rows, self.inputs, self.values.data_ptr(), self.scales.data_ptr(), bias,
+                                     self.outputs, out)
 
 
 def _cache_pointers(keys: paddle.Tensor, values: paddle.Tensor, kv_heads: int, capacity: int, dim: int):

@@ -8,7 +8,7 @@ from llava_ui.chat.prompt import IMAGE_MARKER
 from llava_ui.config import ModelConfig
 from llava_ui.model.cpu import release_free_memory
 from llava_ui.model.paddlenlp_lean import paddlenlp_module
-from llava_ui.model.qwen2 import Qwen2Runner, head_logits
+from llava_ui.model.qwen2 import KERNEL_LAYOUTS, Qwen2Runner, head_logits
 from llava_ui.model.vision import SiglipVisionModel
 
 _transformers = paddlenlp_module("paddlenlp.transformers")
@@ -39,12 +39,12 @@ class LlavaQwen(nn.Layer):
 
     def use_bf16(self, progress=None, release_fp32: bool = False) -> None:
         """Compute in bf16 on a CPU with bf16 units: the vision tower through oneDNN programs, and the language
-        model's prefill too unless its weights are packed for the bf16 kernel already (layout "bf16",
+        model's prefill too unless its weights are packed for the CPU kernels already (qwen2.KERNEL_LAYOUTS,
         Qwen2Runner.pack). release_fp32: give back the fp32 vision matrices' memory once converted
         (Bf16Runner._run_vision); the fp32 vision path (bf16 set back to None) then refuses to run."""
         from llava_ui.model.bf16 import Bf16Runner
 
-        self.bf16 = Bf16Runner(self, progress, release_fp32, language=self.runner.layout != "bf16")
+        self.bf16 = Bf16Runner(self, progress, release_fp32, language=self.runner.layout not in KERNEL_LAYOUTS)
         if self.bf16.released and progress:
             progress(f"gave back the fp32 vision weights ({self.bf16.released / 1e9:.2f} GB): oneDNN keeps them in bf16")
 

@@ -22,7 +22,7 @@ from llava_ui.errors import UserError, check_stop
 from llava_ui.model.cpu import dense, has_avx512, map_shares, release_free_memory, run_parts, shares
 from llava_ui.model import packed
 from llava_ui.model import kernels
-from llava_ui.model.kernels import Bf16Matrix
+from llava_ui.model.kernels import Bf16Matrix, Int8Matrix, KernelMatrix
 from llava_ui.model.packed import PackedMatrix
 
 BLOCK = 512  # query rows per prefill attention block: bounds the score matrix and skips most masked entries
@@ -215,10 +215,11 @@ class _Part:
             setattr(self, name, PackedMatrix(getattr(self, name)))
         self.packed = True
 
-    def pack_bf16(self) -> None:
-        """Every [in, out] weight to oneDNN's packed bf16 (kernels.Bf16Matrix; the fp32 matrix is let go)."""
+    def pack_for_kernels(self, matrix: type) -> None:
+        """Every [in, out] weight to a kernel's format (kernels.Bf16Matrix or Int8Matrix; the fp32 matrix is let
+        go)."""
         for name in self.WEIGHTS:
-            setattr(self, name, Bf16Matrix(getattr(self, name)))
+            setattr(self, name, matrix(getattr(self, name)))
         self.packed = True
 
 
@@ -258,8 +259,8 @@ def project(x, weight, transposed: bool, bias=None):
     matrix-vector product, slightly faster over [in, out]; a few rows (a batched decode step) are a small matrix
     product, which MKL's sgemm computes far more slowly over an [in, out] weight than as an [out, in] weight times
     the rows' transpose (bench/batch_steps.py measures both). Packed for MKL (packed.py), a few rows cost about one
-    row; oneDNN's bf16 matmul (kernels.Bf16Matrix) reads its weight once whatever the row count."""
-    if isinstance(weight, Bf16Matrix):
+    row; the kernels' matrices (oneDNN's packed bf16, int8) read their weight once whatever the row count."""
+    if isinstance(weight, KernelMatrix):
         return weight.matmul(x, bias)
     if isinstance(weight, PackedMatrix):
         out = weight.matmul(x)
@@ -274,7 +275,8 @@ def project(x, weight, transposed: bool, bias=None):
 
 
 SKINNY_ROWS = (3, 16)  # row counts computed as weight · xᵀ
-WEIGHT_LAYOUTS = ("in-out", "out-in", "packed", "bf16")
+WEIGHT_LAYOUTS = ("in-out", "out-in", "packed", "bf16", "int8")
+KERNEL_LAYOUTS = {"bf16": Bf16Matrix, "int8": Int8Matrix}  # the layouts the CPU kernels multiply by (kernels.py)
 
 
 class Qwen2Runner:
@@ -296,17 +298,18 @@ class Qwen2Runner:
         self.rotate = None
         self.fused_attention = None  # None: fused attention on a GPU, the blockwise CPU path on the CPU
         self.parts = None  # per layer: ([AttentionPart], [MLPPart]), made by pack()
-        self.head = None  # the LM head as one Bf16Matrix per worker's share of the vocabulary (layout "bf16")
+        self.head = None  # KERNEL_LAYOUTS: the LM head as one kernel matrix per worker's share of the vocabulary
         self.layout = None  # the weights' layout (WEIGHT_LAYOUTS), once packed
-        self.attention_kernel = True  # layout "bf16": decode attention in one kernel call (False: Paddle ops)
-        self.embedding = None  # layout "bf16", tied head: the token embeddings as a bf16 table (Bf16Embedding)
+        self.attention_kernel = True  # KERNEL_LAYOUTS: decode attention in one kernel call (False: Paddle ops)
+        self.embedding = None  # KERNEL_LAYOUTS, tied head: the token embeddings read from a table of the head's
 
     def pack(self, layout: str = "in-out") -> None:
         """Regroup the q/k/v and gate/up weights into the workers' parts (the originals are released: the model
         holds each weight once; paddlenlp's own forward is not usable afterwards). `layout` (WEIGHT_LAYOUTS):
         every part's weights as stored ("in-out"), as [out, in] ("out-in"), packed for MKL's sgemm ("packed",
-        CPU float32 only) or as oneDNN's packed bf16 ("bf16", CPU with bf16 units: every product of the layers and
-        the head reads bf16 weights); project() says what each suits. The load calls pack_layer() for each layer
+        CPU float32 only), as oneDNN's packed bf16 ("bf16", CPU with bf16 units: every product of the layers and
+        the head reads bf16 weights) or as int8 per output channel ("int8", the same CPUs: half the bytes a decode
+        step reads); project() says what each suits. The load calls pack_layer() for each layer
         as soon as its weights are in (build_model), then finish_pack()."""
         for i in range(len(self.qwen2.layers)):
             self.pack_layer(i, layout)
@@ -329,7 +332,7 @@ class Qwen2Runner:
                 if layout == "out-in":
                     part.transpose()
                 else:
-                    part.pack_bf16() if layout == "bf16" else part.pack_for_mkl()
+                    part.pack_for_kernels(KERNEL_LAYOUTS[layout]) if layout in KERNEL_LAYOUTS else part.pack_for_mkl()
             owners += [attn.o_proj, mlp.down_proj]  # the parts now hold their rows as copies
         for owner in owners:
             owner._parameters["weight"] = None
@@ -339,11 +342,11 @@ class Qwen2Runner:
         release_free_memory()  # this layer's fp32 pages go back before the next layer's are taken
 
     def finish_pack(self, layout: str) -> None:
-        """After the last pack_layer: the bf16 head (layout "bf16"), MKL's row-count calibration ("packed")."""
+        """After the last pack_layer: the kernels' head (KERNEL_LAYOUTS), MKL's row-count calibration ("packed")."""
         if any(part is None for part in self.parts or [None]):
             raise ValueError("finish_pack before every layer was packed")
-        if layout == "bf16":
-            self.head = self._bf16_head()
+        if layout in KERNEL_LAYOUTS:
+            self.head = self._kernel_head(KERNEL_LAYOUTS[layout])
         self.layout = layout
         if layout == "packed":  # measured on one layer's matrices, held by every packed matrix of the model
             attention, feed = self.parts[0]
@@ -355,19 +358,18 @@ class Qwen2Runner:
                         getattr(part, name).alone_as = alone_as
         release_free_memory()
 
-    def _bf16_head(self) -> list:
-        """The LM head's shares of the vocabulary (one per worker) as Bf16Matrix; its fp32 matrix is let go. A tied
-        head is the embedding [vocab, hidden]: token lookups read a bf16 copy of it from then on (self.embedding)."""
+    def _kernel_head(self, matrix: type) -> list:
+        """The LM head's shares of the vocabulary (one per worker) as kernel matrices; its fp32 matrix is let go. A
+        tied head is the embedding [vocab, hidden]: token lookups read a bf16 copy of it from then on, or with
+        int8 weights the head's own int8 rows (self.embedding)."""
         head = self.lm_head
         weight = head.weight
         if head.transpose_y:
-            matrices = [Bf16Matrix(weight[share.start:share.stop], transposed=True)
-                        for share in shares(weight.shape[0])]
-            self.embedding = Bf16Embedding(weight)
+            matrices = [matrix(weight[share.start:share.stop], transposed=True) for share in shares(weight.shape[0])]
+            self.embedding = Int8Embedding(matrices) if matrix is Int8Matrix else Bf16Embedding(weight)
             self.qwen2.embed_tokens._parameters["weight"] = None
         else:
-            matrices = [Bf16Matrix(weight[:, share.start:share.stop].contiguous())
-                        for share in shares(weight.shape[1])]
+            matrices = [matrix(weight[:, share.start:share.stop].contiguous()) for share in shares(weight.shape[1])]
         head._parameters["weight"] = None
         return matrices
 
@@ -437,7 +439,7 @@ class Qwen2Runner:
     def kv_bf16(self) -> bool:
         """Whether new KV caches hold bf16 (the bf16 kernels' attention reads them: half the bytes a long-context
         step reads), else the activations' dtype."""
-        return self.layout == "bf16" and self.attention_kernel and self.qwen2.norm.weight.place.is_cpu_place()
+        return self.layout in KERNEL_LAYOUTS and self.attention_kernel and self.qwen2.norm.weight.place.is_cpu_place()
 
     def chunk(self, embeds) -> int:
         """Prompt positions per pass: PREFILL_CHUNK on the CPU; a GPU's fused attention takes the prompt whole."""
@@ -478,7 +480,7 @@ class _Step:
         cos, sin = runner.rotary.get(start, length, dtype)  # [L, 1, dim]
         # a decode position over bf16-kernel weights: RoPE, the cache write and attention in one kernel call
         # (a bf16 cache is read by the kernels alone)
-        kernel = runner.layout == "bf16" and cache.keys[0].place.is_cpu_place() and (
+        kernel = runner.layout in KERNEL_LAYOUTS and cache.keys[0].place.is_cpu_place() and (
             runner.attention_kernel or cache.keys[0].dtype == paddle.bfloat16)
         self.kernel = kernel and length == 1
         self.flash = kernel and length > 1 and not fused  # a prefill chunk's attention in one kernel call
@@ -622,6 +624,30 @@ class Bf16Embedding:
 
     def __call__(self, ids: paddle.Tensor) -> paddle.Tensor:
         return F.embedding(ids, self.table).astype("float32")
+
+
+class Int8Embedding:
+    """Token embeddings looked up in a tied head's int8 rows (its shares of the vocabulary, Int8Matrix), each row
+    times its scale, handed on in fp32: the inputs read the same int8 weights the head's products use."""
+
+    def __init__(self, shares: list):
+        self.shares, self.starts = shares, np.cumsum([0] + [m.outputs for m in shares])
+        self.shape = [int(self.starts[-1]), shares[0].inputs]
+
+    def __call__(self, ids: paddle.Tensor) -> paddle.Tensor:
+        wanted = ids.reshape([-1]).numpy()
+        share_of = np.searchsorted(self.starts, wanted, side="right") - 1
+        pieces, order = [], []
+        for share, (matrix, start) in enumerate(zip(self.shares, self.starts)):
+            at = np.nonzero(share_of == share)[0]
+            if at.size:
+                rows = paddle.to_tensor(wanted[at] - start)
+                pieces.append(paddle.gather(matrix.values, rows).astype("float32")
+                              * paddle.gather(matrix.scales, rows).unsqueeze(1))
+                order.append(at)
+        out = pieces[0] if len(pieces) == 1 else paddle.gather(
+            paddle.concat(pieces), paddle.to_tensor(np.argsort(np.concatenate(order))))
+        return out.reshape(list(ids.shape) + [self.shape[1]])
 
 
 def _total(parts: list):
