@@ -96,6 +96,7 @@ def test_attention_kernels_over_a_bf16_cache_compute_what_the_paddle_ops_do_over
     from llava_ui.model.generate import decode_one_token, prefill
 
     model = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None, "bf16")[0]
+    model.runner.whole_step = False  # the layer loop, whose kernel calls are counted (the whole step: below)
     rng = np.random.default_rng(6)
     prompts = [rng.integers(0, 200, n).tolist() for n in (37, 300, 5)]
     runs, calls = {}, []
@@ -295,3 +296,93 @@ def test_int8_products_are_the_rounded_weights_times_the_rows(k, n):
     whole = matrix.matmul(paddle.to_tensor(x)).numpy()
     for i in range(8):
         assert np.array_equal(matrix.matmul(paddle.to_tensor(x[i:i + 1])).numpy(), whole[i:i + 1])
+
+
+@pytest.fixture(scope="module", params=["bf16", "int8"])
+def kernel_model(tiny_dir, request):
+    from llava_ui.checkpoints.load import build_model
+
+    return build_model(str(tiny_dir), "float32", lambda *a, **k: None, request.param)[0]
+
+
+def _caches(model, lengths):
+    from llava_ui.model.generate import prefill
+
+    caches = []
+    for i, length in enumerate(lengths):
+        ids = np.random.default_rng(i).integers(1, 200, length).tolist()
+        _, cache = prefill(model, model.embed_prompt(ids, []), room=3 + 40 * i)  # capacities differ too
+        caches.append(cache)
+    return caches
+
+
+def _copy(cache):
+    return type(cache)([k.clone() for k in cache.keys], [v.clone() for v in cache.values], cache.kv_heads,
+                       cache.length)
+
+
+def test_the_whole_decode_step_computes_what_the_layer_loop_does(kernel_model):
+    """One call per worker for every layer (kernels.DecodeProgram) against the step layer by layer over the same
+    kernels (Qwen2Runner with whole_step off): the hidden states and the cache writes, at 1 and 3 rows of
+    different lengths, to fp32's precision (the norms and SwiGLU are summed in another order)."""
+    runner = kernel_model.runner
+    for lengths in ([37], [20, 45, 9]):
+        caches = _caches(kernel_model, lengths)
+        tokens = kernel_model.embed_tokens(paddle.to_tensor([3 + i for i in range(len(lengths))]))
+        results = {}
+        for whole in (False, True):
+            runner.whole_step = whole
+            copies = [_copy(cache) for cache in caches]
+            hidden, written = runner.decode_batch(tokens, copies, list(lengths))
+            results[whole] = hidden.numpy(), written
+        runner.whole_step = True
+        assert runner.decode_program(caches) is not None
+        (loop, loop_caches), (whole, whole_caches) = results[False], results[True]
+        assert np.abs(whole - loop).max() <= 1e-5 * np.abs(loop).max()
+        for a, b, length in zip(loop_caches, whole_caches, lengths):
+            assert a.length == b.length == length + 1
+            for x, y in zip(a.keys + a.values, b.keys + b.values):  # the new position's keys and values (bf16)
+                x, y = x.astype("float32").numpy(), y.astype("float32").numpy()
+                assert np.abs(x - y).max() <= 2 ** -7 * np.abs(x).max()
+
+
+def test_a_worker_that_fails_stops_the_others_and_says_why(kernel_model):
+    """The workers wait for each other twice a layer: one that fails lets the others go (no hang) and the error is
+    its own reason, not 'another worker failed'."""
+    runner = kernel_model.runner
+    runner.whole_step = True
+    caches = _caches(kernel_model, [12])
+    program = runner.decode_program(caches)
+    broken = program._parts[-1][program.layers - 1].down  # the last layer of the last worker
+    kind, broken.kind = broken.kind, 9
+    try:
+        done = []
+        thread = threading.Thread(target=lambda: done.append(_raised(lambda: runner.decode_batch(
+            kernel_model.embed_tokens(paddle.to_tensor([4])), caches, [12]))))
+        thread.start()
+        thread.join(60)
+        assert done and "unknown weight kind" in done[0]
+    finally:
+        broken.kind = kind
+    hidden, _ = runner.decode_batch(kernel_model.embed_tokens(paddle.to_tensor([4])), caches, [12])  # works again
+    assert np.isfinite(hidden.numpy()).all()
+
+
+def _raised(fn) -> str:
+    try:
+        fn()
+    except RuntimeError as err:
+        return str(err)
+    return ""
+
+
+def test_the_whole_step_runs_only_with_every_worker_at_once(kernel_model, monkeypatch):
+    """Workers that run one after the other would wait for each other for ever: then the layer loop runs."""
+    from llava_ui.model import qwen2
+
+    caches = _caches(kernel_model, [10])
+    assert kernel_model.runner.decode_program(caches) is not None
+    monkeypatch.setattr(qwen2, "concurrent_workers", lambda: 1)
+    assert kernel_model.runner.decode_program(caches) is None
+    hidden, _ = kernel_model.runner.decode_batch(kernel_model.embed_tokens(paddle.to_tensor([4])), caches, [10])
+    assert np.isfinite(hidden.numpy()).all()

@@ -583,3 +583,152 @@ extern "C" int llava_prefill_attention(const float* qs, int64_t q_heads, int64_t
   }
   return guarded([&] { prefill(qs, q_heads, kv_heads, rows, dim, k_cache, v_cache, capacity, start, o); });
 }
+
+// A whole decode step of the language model, every layer, for `rows` sequences at once: one call per worker. Each
+// worker holds a part of every layer (its attention heads and its slice of the MLP, as Qwen2Runner.pack groups
+// them); the workers call llava_decode_step at the same time, each with its part, and meet twice a layer to add
+// their parts' outputs (attention, then MLP), which each of them sums in the same order into its own copy of the
+// residual stream. Between the meetings nothing returns to Python: the norms, RoPE, the cache writes, attention
+// and SwiGLU run here, over the same kernels as the step-by-step path.
+extern "C" {
+
+struct LlavaLinear {     // a weight as the kernels hold it
+  int64_t kind;          // 0: oneDNN's packed bf16 (llava_bf16_pack), 1: int8 with scales (llava_int8_pack)
+  const void* data;      // the packed bytes or the int8 values
+  const float* scales;   // int8: one per output
+  const float* bias;     // n values (zeros where the layer has none)
+  int64_t k, n;
+};
+
+struct LlavaLayerPart {  // one worker's part of a layer
+  LlavaLinear qkv, o, gate_up, down;
+};
+
+struct LlavaDecodeModel {  // one worker's view of the language model
+  int64_t layers, hidden, dim, q_heads, kv_heads, kv_start, columns;  // its heads (from kv head kv_start), MLP slice
+  float eps;
+  const LlavaLayerPart* parts;  // [layers]
+  const float* const* input_norms;  // [layers]: each layer's RMSNorm weights before attention
+  const float* const* post_norms;  // [layers]: before the MLP
+  const float* final_norm;
+};
+
+struct LlavaDecodeStep {  // what the workers of one step share
+  int64_t rows, workers;
+  const float* embeds;  // [rows, hidden]
+  const float* cos;  // [rows, dim]: each row's RoPE at its position
+  const float* sin;
+  const int64_t* positions;  // [rows]
+  const int64_t* capacities;  // [rows]
+  uint16_t* const* keys;  // [rows * layers]: layer l of row r's cache, [kv_heads * capacity, dim] bf16
+  uint16_t* const* values;
+  float* exchange;  // [2, workers, rows, hidden]: each worker's attention and MLP outputs
+  float* out;  // [rows, hidden]: the last layer's output through the final norm (worker 0 writes it)
+  int64_t arrived, generation, failed;  // the meeting point (zero before the step)
+};
+
+}  // extern "C"
+
+namespace {
+
+void linear(const LlavaLinear& w, const float* x, int64_t m, float* out) {
+  if (w.kind != 0 && w.kind != 1) throw std::runtime_error("decode step: unknown weight kind");
+  const int status = w.kind == 0
+      ? llava_bf16_linear(x, m, w.k, static_cast<const uint8_t*>(w.data), w.bias, w.n, out)
+      : llava_int8_linear(x, m, w.k, static_cast<const int8_t*>(w.data), w.scales, w.bias, w.n, out);
+  if (status != 0) throw std::runtime_error(last_error);
+}
+
+// Waits until every worker of the step has arrived; gives up (throws) when another one failed.
+void meet(LlavaDecodeStep* step) {
+  const int64_t generation = __atomic_load_n(&step->generation, __ATOMIC_ACQUIRE);
+  if (__atomic_add_fetch(&step->arrived, 1, __ATOMIC_ACQ_REL) == step->workers) {
+    __atomic_store_n(&step->arrived, 0, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&step->generation, 1, __ATOMIC_RELEASE);
+    return;
+  }
+  for (int64_t spins = 0; __atomic_load_n(&step->generation, __ATOMIC_ACQUIRE) == generation; ++spins) {
+    if (__atomic_load_n(&step->failed, __ATOMIC_ACQUIRE)) throw std::runtime_error("another worker failed");
+    if (spins < 100000) {
+      _mm_pause();
+    } else {
+      sched_yield();  // the other worker is not running: let it
+    }
+  }
+}
+
+// x += the workers' outputs (summed in worker order, then added, as add_n then the residual add), then
+// normed = RMSNorm(x) * weight, for every row.
+void add_and_norm(const LlavaDecodeStep* step, const float* outputs, int64_t hidden, const float* weight, float eps,
+                  float* x, float* normed) {
+  const int64_t rows = step->rows;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = x + r * hidden;
+    if (outputs != nullptr) {
+      for (int64_t i = 0; i < hidden; ++i) {
+        float sum = outputs[r * hidden + i];
+        for (int64_t w = 1; w < step->workers; ++w) sum += outputs[(w * rows + r) * hidden + i];
+        row[i] = sum + row[i];
+      }
+    }
+    float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t i = 0; i < hidden; ++i) squares += row[i] * row[i];
+    const float scale = 1.0f / std::sqrt(squares / static_cast<float>(hidden) + eps);
+    for (int64_t i = 0; i < hidden; ++i) normed[r * hidden + i] = row[i] * scale * weight[i];
+  }
+}
+
+void decode_step(const LlavaDecodeModel& model, LlavaDecodeStep* step, int64_t worker) {
+  const int64_t rows = step->rows, hidden = model.hidden, dim = model.dim;
+  const int64_t qkv_width = (model.q_heads + 2 * model.kv_heads) * dim;
+  thread_local std::vector<float> x, normed, qkv, heads, gate_up, act;
+  x.assign(step->embeds, step->embeds + rows * hidden);
+  normed.resize(rows * hidden);
+  qkv.resize(rows * qkv_width);
+  heads.resize(rows * model.q_heads * dim);
+  gate_up.resize(rows * 2 * model.columns);
+  act.resize(rows * model.columns);
+  std::vector<uint16_t*> keys(rows), values(rows);
+  float* attention_out = step->exchange + worker * rows * hidden;
+  float* mlp_out = step->exchange + (step->workers + worker) * rows * hidden;
+  add_and_norm(step, nullptr, hidden, model.input_norms[0], model.eps, x.data(), normed.data());
+  for (int64_t l = 0; l < model.layers; ++l) {
+    const LlavaLayerPart& part = model.parts[l];
+    linear(part.qkv, normed.data(), rows, qkv.data());
+    for (int64_t r = 0; r < rows; ++r) {  // this worker's kv heads of row r's cache
+      const int64_t offset = model.kv_start * step->capacities[r] * dim;
+      keys[r] = step->keys[r * model.layers + l] + offset;
+      values[r] = step->values[r * model.layers + l] + offset;
+    }
+    if (llava_decode_attention_rows(qkv.data(), step->cos, step->sin, dim, rows, keys.data(), values.data(),
+                                    step->capacities, step->positions, model.q_heads, model.kv_heads,
+                                    heads.data()) != 0)
+      throw std::runtime_error(last_error);
+    linear(part.o, heads.data(), rows, attention_out);
+    meet(step);
+    add_and_norm(step, step->exchange, hidden, model.post_norms[l], model.eps, x.data(), normed.data());
+    linear(part.gate_up, normed.data(), rows, gate_up.data());
+    const int64_t c = model.columns;
+    for (int64_t r = 0; r < rows; ++r)  // SwiGLU: silu(gate) * up, the part's gate columns then its up columns
+      for (int64_t i = 0; i < c; ++i) {
+        const float g = gate_up[r * 2 * c + i];
+        act[r * c + i] = g / (1.0f + std::exp(-g)) * gate_up[r * 2 * c + c + i];
+      }
+    linear(part.down, act.data(), rows, mlp_out);
+    meet(step);
+    // (the attention outputs were read before this meeting: the next layer may write them again)
+    const float* next = l + 1 < model.layers ? model.input_norms[l + 1] : model.final_norm;
+    add_and_norm(step, step->exchange + step->workers * rows * hidden, hidden, next, model.eps, x.data(),
+                 normed.data());
+  }
+  if (worker == 0) std::copy(normed.begin(), normed.end(), step->out);
+}
+
+}  // namespace
+
+extern "C" int llava_decode_step(const LlavaDecodeModel* model, LlavaDecodeStep* step, int64_t worker) {
+  const int status = guarded([&] { decode_step(*model, step, worker); });
+  if (status != 0) __atomic_store_n(&step->failed, 1, __ATOMIC_RELEASE);  // the other workers stop waiting
+  return status;
+}

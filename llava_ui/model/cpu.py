@@ -197,6 +197,11 @@ def shares(count: int) -> list[range]:
     return [range(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
+def concurrent_workers() -> int:
+    """How many parts run_parts runs at once: the calling thread and the pool's workers."""
+    return _workers if _pool is not None else 1
+
+
 def map_shares(fn, count: int) -> list:
     """fn(range) for each worker's share of `count` items, all at once; results in order."""
     return run_parts(fn, shares(count))

@@ -104,6 +104,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         "llava_decode_attention_rows": ([ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr], ctypes.c_int),
         "llava_int8_pack": ([ptr, i64, i64, ctypes.c_int, ptr, ptr], ctypes.c_int),
         "llava_int8_linear": ([ptr, i64, i64, ptr, ptr, ptr, i64, ptr], ctypes.c_int),
+        "llava_decode_step": ([ptr, ptr, i64], ctypes.c_int),
     }
     for name, (arguments, result) in signatures.items():
         function = getattr(lib, name)
@@ -305,3 +306,109 @@ def prefill_attention(heads: paddle.Tensor, keys: paddle.Tensor, values: paddle.
     _check(_library().llava_prefill_attention(_pointer(heads, paddle.float32), q_heads, kv_heads, rows, dim, k, v,
                                               capacity, start, out.data_ptr()))
     return out
+
+
+class _Linear(ctypes.Structure):  # LlavaLinear (onednn_linear.cc)
+    _fields_ = [("kind", ctypes.c_int64), ("data", ctypes.c_void_p), ("scales", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("k", ctypes.c_int64), ("n", ctypes.c_int64)]
+
+
+class _LayerPart(ctypes.Structure):  # LlavaLayerPart
+    _fields_ = [("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear)]
+
+
+class _DecodeModel(ctypes.Structure):  # LlavaDecodeModel
+    _fields_ = [(name, ctypes.c_int64) for name in ("layers", "hidden", "dim", "q_heads", "kv_heads", "kv_start",
+                                                     "columns")] + [
+        ("eps", ctypes.c_float), ("parts", ctypes.POINTER(_LayerPart)), ("input_norms", ctypes.c_void_p),
+        ("post_norms", ctypes.c_void_p), ("final_norm", ctypes.c_void_p)]
+
+
+class _DecodeStep(ctypes.Structure):  # LlavaDecodeStep
+    _fields_ = [("rows", ctypes.c_int64), ("workers", ctypes.c_int64)] + [
+        (name, ctypes.c_void_p) for name in ("embeds", "cos", "sin", "positions", "capacities", "keys", "values",
+                                             "exchange", "out")] + [
+        (name, ctypes.c_int64) for name in ("arrived", "generation", "failed")]
+
+
+def _linear(matrix: KernelMatrix, bias: paddle.Tensor | None = None) -> _Linear:
+    bias = matrix.zeros if bias is None else bias
+    if isinstance(matrix, Int8Matrix):
+        return _Linear(1, matrix.values.data_ptr(), matrix.scales.data_ptr(), _pointer(bias, paddle.float32),
+                       matrix.inputs, matrix.outputs)
+    return _Linear(0, matrix.packed.data_ptr(), None, _pointer(bias, paddle.float32), matrix.inputs, matrix.outputs)
+
+
+class DecodeProgram:
+    """A whole decode step of the language model (every layer, the final norm) for a few rows, as one call of the
+    library per CPU worker (llava_decode_step): the workers run their parts of each layer at once and meet twice a
+    layer in C, so a step costs no Python per layer. Built once from the packed parts (Qwen2Runner.finish_pack);
+    it reads the weights, norms and caches in place (the model keeps them alive)."""
+
+    def __init__(self, layers: list, parts: list, final_norm: paddle.Tensor, eps: float, dim: int):
+        hidden = int(final_norm.shape[0])
+        self.workers, self.layers, self.hidden, self.dim = len(parts[0][0]), len(layers), hidden, dim
+        if any(len(attention) != self.workers or len(feed) != self.workers for attention, feed in parts):
+            raise ValueError("decode program: every layer needs one attention and one MLP part per worker")
+        norms = [layer.input_layernorm.weight for layer in layers], [layer.post_attention_layernorm.weight
+                                                                     for layer in layers]
+        self._norms = [(ctypes.c_void_p * self.layers)(*[_pointer(w, paddle.float32) for w in weights])
+                       for weights in norms]
+        self._final = final_norm
+        self._parts, self.models = [], []
+        for w in range(self.workers):
+            array = (_LayerPart * self.layers)(*[
+                _LayerPart(_linear(attention[w].qkv, attention[w].bias), _linear(attention[w].o_rows),
+                           _linear(feed[w].gate_up), _linear(feed[w].down_rows)) for attention, feed in parts])
+            attention = parts[0][0][w]
+            self._parts.append(array)
+            self.models.append(_DecodeModel(self.layers, hidden, dim, attention.q_heads, attention.kv_heads,
+                                            attention.kv.start, feed_columns(parts[0][1][w]), eps, array,
+                                            ctypes.cast(self._norms[0], ctypes.c_void_p),
+                                            ctypes.cast(self._norms[1], ctypes.c_void_p),
+                                            _pointer(final_norm, paddle.float32)))
+
+    def run(self, embeds: paddle.Tensor, caches: list, positions: list[int], cos: paddle.Tensor,
+            sin: paddle.Tensor) -> paddle.Tensor:
+        """embeds [rows, hidden] (fp32), row r at positions[r] over caches[r] (bf16, written at that position),
+        cos and sin [rows, dim] → the last layer's output through the final norm, [rows, hidden]."""
+        from llava_ui.model.cpu import concurrent_workers, run_parts
+
+        rows = len(caches)
+        if list(embeds.shape) != [rows, self.hidden] or list(cos.shape) != [rows, self.dim] or list(
+                sin.shape) != [rows, self.dim]:
+            raise ValueError("decode program: embeds and RoPE rows do not match the rows")
+        if concurrent_workers() != self.workers:  # every worker must run at once: they wait for each other
+            raise RuntimeError(f"decode program: built for {self.workers} workers, {concurrent_workers()} run")
+        embeds, cos, sin = dense(embeds), dense(cos), dense(sin)
+        keys, values = [], []
+        for cache, position in zip(caches, positions):
+            if not 0 <= position < cache.capacity or cache.keys[0].dtype != paddle.bfloat16:
+                raise ValueError("decode program: a bf16 cache with room for the position is needed")
+            k, v = cache.layer_pointers()
+            keys += k
+            values += v
+        exchange = paddle.empty([2 * self.workers * rows * self.hidden], "float32")
+        out = paddle.empty([rows, self.hidden], "float32")
+        numbers, addresses = ctypes.c_int64 * rows, ctypes.c_void_p * (rows * self.layers)
+        positions_c, capacities_c = numbers(*positions), numbers(*[cache.capacity for cache in caches])
+        keys_c, values_c = addresses(*keys), addresses(*values)
+        step = _DecodeStep(rows, self.workers, _pointer(embeds, paddle.float32), _pointer(cos, paddle.float32),
+                           _pointer(sin, paddle.float32), ctypes.addressof(positions_c),
+                           ctypes.addressof(capacities_c), ctypes.addressof(keys_c), ctypes.addressof(values_c),
+                           exchange.data_ptr(), out.data_ptr(), 0, 0, 0)
+        lib = _library()
+
+        def worker(w: int):  # the reason is read in the thread that failed (llava_last_error is per thread)
+            status = lib.llava_decode_step(ctypes.byref(self.models[w]), ctypes.byref(step), w)
+            return None if status == 0 else lib.llava_last_error().decode(errors="replace")
+
+        errors = [error for error in run_parts(worker, list(range(self.workers))) if error]
+        if errors:  # the first worker's own reason, not "another worker failed"
+            raise RuntimeError(f"decode program: {sorted(errors, key=lambda e: e == 'another worker failed')[0]}")
+        return out
+
+
+def feed_columns(part) -> int:
+    """The MLP columns of a part: its gate|up matrix has two outputs per column."""
+    return part.gate_up.outputs // 2

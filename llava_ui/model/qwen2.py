@@ -19,10 +19,11 @@ import paddle.nn.functional as F
 from paddle.incubate.nn.functional import fused_rms_norm
 
 from llava_ui.errors import UserError, check_stop
-from llava_ui.model.cpu import dense, has_avx512, map_shares, release_free_memory, run_parts, shares
+from llava_ui.model.cpu import (concurrent_workers, dense, has_avx512, map_shares, release_free_memory, run_parts,
+                                 shares)
 from llava_ui.model import packed
 from llava_ui.model import kernels
-from llava_ui.model.kernels import Bf16Matrix, Int8Matrix, KernelMatrix
+from llava_ui.model.kernels import Bf16Matrix, DecodeProgram, Int8Matrix, KernelMatrix
 from llava_ui.model.packed import PackedMatrix
 
 BLOCK = 512  # query rows per prefill attention block: bounds the score matrix and skips most masked entries
@@ -104,6 +105,13 @@ class KVCache:
             self._views[key] = (keys, keys.reshape([heads, capacity, -1]), values,
                                 values.reshape([heads, capacity, -1]))
         return self._views[key]
+
+    def layer_pointers(self) -> tuple[list[int], list[int]]:
+        """The addresses of every layer's key and value buffers (kernels.DecodeProgram), made once per set of
+        buffers."""
+        if "pointers" not in self._views:
+            self._views["pointers"] = ([k.data_ptr() for k in self.keys], [v.data_ptr() for v in self.values])
+        return self._views["pointers"]
 
     def rows(self, start: int, length: int, heads: int) -> paddle.Tensor:
         """Row of every (kv head < `heads`, position in start..start+length) in a head-major [heads * capacity,
@@ -302,6 +310,8 @@ class Qwen2Runner:
         self.layout = None  # the weights' layout (WEIGHT_LAYOUTS), once packed
         self.attention_kernel = True  # KERNEL_LAYOUTS: decode attention in one kernel call (False: Paddle ops)
         self.embedding = None  # KERNEL_LAYOUTS, tied head: the token embeddings read from a table of the head's
+        self.whole_step = True  # KERNEL_LAYOUTS: a decode step as one call per worker (kernels.DecodeProgram)
+        self._program = None
 
     def pack(self, layout: str = "in-out") -> None:
         """Regroup the q/k/v and gate/up weights into the workers' parts (the originals are released: the model
@@ -378,6 +388,8 @@ class Qwen2Runner:
             self.pack()
         length = embeds.shape[1]
         cache = self.reserve(cache, start + length, embeds.dtype)
+        if length == 1 and self.decode_program([cache]) is not None:
+            return self._decode_step(embeds[0], [cache], [start]).unsqueeze(0), cache
         fused = self._fused(embeds)
         # a long prompt goes through in chunks (each attends to the cache the earlier ones filled): the same
         # arithmetic, with activations bounded by the chunk instead of the prompt
@@ -396,6 +408,8 @@ class Qwen2Runner:
         (each its own length). Every weight matmul takes the B rows together (a step reads each weight once,
         whatever B); RoPE, the cache write and attention run per row. Returns (hidden [B, hidden], caches)."""
         caches = [self.reserve(cache, position + 1, embeds.dtype) for cache, position in zip(caches, positions)]
+        if self.decode_program(caches) is not None:
+            return self._decode_step(embeds, caches, positions), caches
         steps = [_Step(self, cache, position, 1, embeds.dtype, False) for cache, position in zip(caches, positions)]
         layers = self.qwen2.layers
         # every row's RoPE at once: each row's tables stacked ([B, q + 2 kv heads, dim] per part shape)
@@ -426,6 +440,29 @@ class Qwen2Runner:
         for cache, position in zip(caches, positions):
             cache.length = position + 1
         return x, caches
+
+    def decode_program(self, caches: list) -> DecodeProgram | None:
+        """The whole decode step as one call per worker, where it runs: weights held for the kernels, the attention
+        kernel on, bf16 caches, as many workers running at once as the parts were made for. Made on first use."""
+        if self.layout not in KERNEL_LAYOUTS or not (self.whole_step and self.attention_kernel):
+            return None
+        if any(cache.keys[0].dtype != paddle.bfloat16 or not cache.keys[0].place.is_cpu_place() for cache in caches):
+            return None
+        if concurrent_workers() != len(self.parts[0][0]):
+            return None
+        if self._program is None:
+            self._program = DecodeProgram(self.qwen2.layers, self.parts, self.qwen2.norm.weight, self.eps,
+                                          self.head_dim)
+        return self._program
+
+    def _decode_step(self, embeds, caches: list, positions: list[int]):
+        """embeds [rows, hidden] through decode_program(): returns the final-normed hidden states [rows, hidden]."""
+        tables = [self.rotary.get(position, 1, "float32") for position in positions]  # [1, 1, dim] each
+        cos, sin = (paddle.concat([table[t].reshape([1, self.head_dim]) for table in tables]) for t in (0, 1))
+        hidden = self._program.run(embeds, caches, positions, cos, sin)
+        for cache, position in zip(caches, positions):
+            cache.length = position + 1
+        return hidden
 
     def reserve(self, cache: KVCache | None, positions: int, dtype=None) -> KVCache:
         """`cache` (None: a new one), writable and with room for `positions` positions: a caller that knows how
