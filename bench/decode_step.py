@@ -1,8 +1,9 @@
 """One chat's decode step at the real dimensions in each CPU precision, against the memory-bandwidth bound measured
 in the same run.
 
-    .venv/bin/python bench/decode_step.py                      # bf16 kernel (attention kernel on and off), fp32
-    .venv/bin/python bench/decode_step.py --positions 2900 --rounds 7
+    .venv/bin/python bench/decode_step.py                      # fp32, bf16 and int8 kernels, each step whole
+                                                               # and layer by layer
+    .venv/bin/python bench/decode_step.py --positions 2900 --rounds 7 --variants bf16,int8
 
 Steps alternate between the variants in one process (A/B/C, then again) so that a busy machine slows all alike;
 each number is the median over rounds of the mean step of a round. The bound is the bytes a step reads
@@ -66,25 +67,32 @@ def main() -> None:
     wanted = args.variants.split(",")
     variants = {}
     if "fp32" in wanted:
-        variants["fp32"] = (build_model(model_dir, "float32", quiet)[0], None)
-    if bf16_units() and "bf16" in wanted:
+        variants["fp32"] = (build_model(model_dir, "float32", quiet)[0], None, None)
+    if bf16_units() and "bf16" in wanted:  # (model, attention kernel, whole step as one call per worker)
         bf16 = build_model(model_dir, "float32", quiet, "bf16")[0]
-        variants["bf16 kernel"] = (bf16, True)
-        variants["bf16 kernel, attention as Paddle ops"] = (bf16, False)
+        variants["bf16 kernel"] = (bf16, True, True)
+        variants["bf16 kernel, layer by layer"] = (bf16, True, False)
+        variants["bf16 kernel, layer by layer, attention as Paddle ops"] = (bf16, False, False)
     if bf16_units() and "int8" in wanted:
-        variants["int8 kernel (--weights int8)"] = (build_model(model_dir, "float32", quiet, "int8")[0], True)
+        int8 = build_model(model_dir, "float32", quiet, "int8")[0]
+        variants["int8 kernel (--weights int8)"] = (int8, True, True)
+        variants["int8 kernel, layer by layer"] = (int8, True, False)
     ids = np.random.default_rng(0).integers(100, 5000, args.positions).tolist()
     caches, position = {}, {}
-    for name, (model, attention_kernel) in variants.items():  # each variant its own cache (bf16 for the kernels)
+    def use(variant):
+        model, attention_kernel, whole_step = variant
         if attention_kernel is not None:
-            model.runner.attention_kernel = attention_kernel
+            model.runner.attention_kernel, model.runner.whole_step = attention_kernel, whole_step
+        return model
+
+    for name, variant in variants.items():  # each variant its own cache (bf16 for the kernels)
+        model = use(variant)
         _, caches[name] = prefill(model, model.embed_prompt(ids, []), room=args.rounds * args.steps + 8)
         position[name] = args.positions
     times = {name: [] for name in variants}
     for _ in range(args.rounds):
-        for name, (model, attention_kernel) in variants.items():
-            if attention_kernel is not None:
-                model.runner.attention_kernel = attention_kernel
+        for name, variant in variants.items():
+            model = use(variant)
             began = time.perf_counter()
             for _ in range(args.steps):
                 _, caches[name] = decode_one_token(model, 5, caches[name], position[name])
@@ -92,7 +100,7 @@ def main() -> None:
             times[name].append((time.perf_counter() - began) / args.steps)
     bandwidth = read_bandwidth()
     rows = []
-    for name, (model, _) in variants.items():
+    for name, (model, _, _) in variants.items():
         step = statistics.median(times[name])
         cache = caches[name]
         kv_per_position = 2 * len(cache.keys) * model.runner.kv_heads * model.runner.head_dim * cache.keys[0].element_size()

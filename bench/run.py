@@ -129,11 +129,12 @@ def median(values):
     return statistics.median(values) if values else None
 
 
-PEERS = [("paddle", "transformers"), ("paddle", "transformers-bf16"), ("paddle-fp32", "transformers")]
+PEERS = [("paddle", "transformers"), ("paddle", "transformers-bf16"), ("paddle-fp32", "transformers"),
+         ("paddle-int8", "transformers-bf16")]
 
 
 def engine_of(side: str) -> str:
-    """paddle-fp32 → paddle, transformers-bf16 → transformers (the checkpoint each reads)."""
+    """paddle-fp32, paddle-int8 → paddle, transformers-bf16 → transformers (the checkpoint each reads)."""
     return side.split("-")[0]
 
 
@@ -258,7 +259,8 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=3, help="subprocess runs per side and case (default 3)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     parser.add_argument("--sides", default="paddle,transformers,transformers-bf16,paddle-fp32",
-                        help="paddle (its default precision), paddle-fp32, transformers (fp32), transformers-bf16")
+                        help="paddle (its default precision), paddle-fp32, paddle-int8 (--weights int8), "
+                             "transformers (fp32), transformers-bf16")
     parser.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS,
                         help="where the random real-dimension checkpoints are (written on first use, 2×3.5 GB)")
     parser.add_argument("--device", default=None, help="cpu (default here) or gpu (transformers then uses cuda)")

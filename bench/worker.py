@@ -1,9 +1,9 @@
 """One side running one case in this process; prints one JSON line starting with RESULT.
 
 Sides: paddle (the engine's default precision: bf16 on a CPU with bf16 units), paddle-fp32 (--dtype float32),
-transformers (fp32 on a CPU), transformers-bf16. Run by bench/run.py, one subprocess per (side, case,
-repetition). Generation is forced to its length (no stop token), greedy or sampled as the case says, after a
-small warm-up generation.
+paddle-int8 (--weights int8), transformers (fp32 on a CPU), transformers-bf16. Run by bench/run.py, one subprocess
+per (side, case, repetition). Generation is forced to its length (no stop token), greedy or sampled as the case
+says, after a small warm-up generation.
 """
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from cases import CASES, WARM_UP, Case, media, warm_up_media  # noqa: E402
 
 SYSTEM = "You are a helpful assistant."
-SIDES = {"paddle": ("paddle", None), "paddle-fp32": ("paddle", "float32"), "transformers": ("transformers", None),
-         "transformers-bf16": ("transformers", "bfloat16")}  # side → (engine, dtype; None: its default)
+SIDES = {"paddle": ("paddle", None), "paddle-fp32": ("paddle", "float32"), "paddle-int8": ("paddle", "int8"),
+         "transformers": ("transformers", None), "transformers-bf16": ("transformers", "bfloat16")}
+# side → (engine, dtype; None: its default; "int8": the engine's default dtype with --weights int8)
 
 
 def rss_bytes() -> int:
@@ -53,7 +54,9 @@ def run_paddle(case: Case, model_dir: Path, device: str | None, dtype: str | Non
     from llava_ui.config import GenerationSettings
 
     started = time.perf_counter()
-    engine = Engine(str(model_dir), device=device, dtype=dtype, image_mode="flat").load()
+    weights = "int8" if dtype == "int8" else None
+    engine = Engine(str(model_dir), device=device, dtype=None if weights else dtype, image_mode="flat",
+                    weights=weights).load()
     loaded = time.perf_counter() - started
     after_load = rss_bytes()
     engine.tokenizer.stop_ids = set()  # force the length: no stop token ends an answer early
