@@ -62,7 +62,7 @@ def test_check_on_mocked_gpus_reports_each_gpu_and_the_choice(monkeypatch, capsy
     monkeypatch.setattr(paddle.device.cuda, "max_memory_reserved", lambda index: 2**31)
     runs = []
 
-    def run_model(model, device, dtype, max_new_tokens):  # no GPU to build on here: the arguments it would get
+    def run_model(model, device, dtype, max_new_tokens, weights=None):  # no GPU here: the arguments it would get
         runs.append((model, device, dtype))
         return check.Run(model, "gpu:1", "bf16", "in-out", 1.0, 800, 16, 0.2, 50.0, check.peak_gpu_memory("gpu:1"))
 
@@ -106,3 +106,17 @@ def test_an_engine_reports_why_it_chose_its_device(tiny_dir):
     status = Engine(str(tiny_dir), dtype="float32").load().status()
     assert status["device"] == "cpu" and status["device_reason"].startswith("no GPU found")
     assert "float32 asked for" in status["device_reason"]
+
+
+def test_check_with_int8_weights_refuses_where_they_cannot_run_and_builds_them_where_they_can(capsys,
+                                                                                               no_real_model):
+    assert main(["check", "--dtype", "float32", "--weights", "int8"]) == 2  # int8 computes in bf16
+    assert "--weights int8 computes in bf16" in capsys.readouterr().err
+    from llava_ui.model import kernels
+    from llava_ui.model.cpu import bf16_units
+
+    if not (bf16_units() and kernels.available()):
+        pytest.skip("this CPU cannot run int8 weights (no bf16 units or kernels): the refusal above is its side")
+    assert main(["check", "--weights", "int8", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "weights: int8 per output channel" in out and "weights int8" in out and "check passed" in out

@@ -26,6 +26,8 @@ def add_check_command(sub) -> None:
     option(check, "--dtype", env_name="DTYPE", choices=["float32", "float16", "bfloat16"],
            help="compute precision (default: bf16 on a GPU that has it, else fp16; on a CPU bf16 where it has bf16 "
                 "units, else fp32)")
+    option(check, "--weights", env_name="WEIGHTS", choices=["auto", "int8"], default=None,
+           help="int8: check the language model with int8 weights (a CPU with AMX or AVX-512 BF16)")
     check.add_argument("--model", action="append", default=None,
                        help="a model to check besides the tiny random one (repeat for several; default: "
                             f"{DEFAULT_MODEL} when it is already in a cache)")
@@ -90,7 +92,8 @@ def peak_gpu_memory(device: str) -> str:
     return f"{allocated / 2**30:.2f} GiB allocated, {reserved / 2**30:.2f} GiB reserved"
 
 
-def run_model(model: str, device: str | None, dtype: str | None, max_new_tokens: int) -> Run:
+def run_model(model: str, device: str | None, dtype: str | None, max_new_tokens: int,
+              weights: str | None = None) -> Run:
     """Build `model` on the chosen device (a fresh engine) and answer QUESTION about a small picture, greedy."""
     import paddle
     from PIL import Image
@@ -101,7 +104,7 @@ def run_model(model: str, device: str | None, dtype: str | None, max_new_tokens:
 
     _reset_peak_memory()
     began = time.perf_counter()
-    engine = Engine(model, device=device, dtype=dtype, image_mode="eval", batch_slots=1)
+    engine = Engine(model, device=device, dtype=dtype, image_mode="eval", batch_slots=1, weights=weights)
     engine.load()
     load_s = time.perf_counter() - began
     picture = Image.new("RGB", (96, 64), (200, 40, 40))
@@ -139,19 +142,22 @@ def models_to_check(asked: list[str] | None) -> list[tuple[str, str | None]]:
 
 
 def cmd_check(args) -> int:
-    from llava_ui.model.device import choose
+    from llava_ui.model.device import choose, options
 
     for line in machine_lines():
         print(line, flush=True)
     policy = choose(args.device, args.dtype)  # a UserError here is the answer: exit 2 with the reason
     print(f"chosen: {policy.device}, {policy.precision} ({policy.dtype}) — {policy.reason}", flush=True)
+    weights = getattr(args, "weights", None)
+    if weights == "int8":  # where int8 cannot run, the reason now (exit 2), not one failed model after another
+        print(f"weights: {options(args.device, args.dtype, 1, weights=weights).weights}", flush=True)
     failed = 0
     for model, skipped in models_to_check(args.model):
         if skipped:
             print(f"{model}: skipped, {skipped}", flush=True)
             continue
         try:
-            print(run_model(model, args.device, args.dtype, args.max_new_tokens).line(), flush=True)
+            print(run_model(model, args.device, args.dtype, args.max_new_tokens, weights).line(), flush=True)
         except UserError as err:
             failed += 1
             print(f"{model}: FAILED: {err}", flush=True)

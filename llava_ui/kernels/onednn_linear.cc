@@ -213,7 +213,7 @@ Matmul& int8_matmul_for(int64_t m, int64_t k, int64_t n) {
 
 #ifdef __AVX512F__
 // How far ahead of the products the weight rows are fetched (bytes): one core on its own does not keep enough
-// reads in flight over four interleaved streams (measured on an AMD EPYC: 10 GB/s without, 26 GB/s with).
+// reads in flight over four interleaved streams (bench/results/decode-step-whole-amd.md shows the step's speed).
 const int64_t kAhead = 1024;
 
 inline __m512 int8x16(const int8_t* q) {
