@@ -15,8 +15,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-COLOURS = {"paddle": (79, 70, 229), "paddle-fp32": (129, 140, 248), "transformers": (234, 88, 12),
-           "transformers-bf16": (249, 115, 22), "transformers-fp32": (253, 186, 116)}
+COLOURS = {"paddle": (79, 70, 229), "paddle-fp32": (129, 140, 248), "paddle-int8": (13, 148, 136),
+           "transformers": (234, 88, 12), "transformers-bf16": (249, 115, 22), "transformers-fp32": (253, 186, 116)}
 OTHER = (120, 120, 120)
 PANELS = (("ttft_s", "time to first token (s, lower is better)", "{:.1f} s"),
           ("decode_tokens_per_s", "decode speed (tokens/s, higher is better)", "{:.1f}"))

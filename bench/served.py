@@ -266,7 +266,8 @@ def decode_rates(results: list) -> dict:
 def concurrent_case(model: Path, work: Path, new_image, args) -> dict:
     import httpx
 
-    extra = ["--concurrency", "8", "--queue-size", "16"] + (["--dtype", args.dtype] if args.dtype else [])
+    extra = ["--concurrency", "8", "--queue-size", "16"] + (["--dtype", args.dtype] if args.dtype else []) + (
+        ["--weights", args.weights] if args.weights else [])
     out = {"max_new_tokens": args.concurrent_tokens}
     shared = new_image(100)
     with server(model, work / "server-concurrent.log", extra) as (url, pid):
@@ -337,6 +338,7 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrent-tokens", type=int, default=48, help="answer length in the concurrent case")
     parser.add_argument("--late-after", type=float, default=2.0,
                         help="seconds after the four chats' first tokens that the late one arrives (concurrent case)")
+    parser.add_argument("--weights", default=None, help="the server's --weights in the concurrent case (int8)")
     parser.add_argument("--dtype", default=None, help="the server's --dtype in the concurrent case (default: "
                                                       "the app's default)")
     parser.add_argument("--name", default="served", help="basename of the result files")

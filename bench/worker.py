@@ -81,7 +81,7 @@ def run_paddle(case: Case, model_dir: Path, device: str | None, dtype: str | Non
         result["second"] = _paddle_turn(engine.generate(conversation, settings))
     result.update(load_s=loaded, rss_after_load=after_load, peak_rss=peak_rss_bytes(),
                   threads=_paddle_threads(), device=engine.status()["device"], dtype=engine.status()["dtype"],
-                  precision=engine.status()["precision"])
+                  precision=engine.status()["precision"] + (", int8 weights" if weights else ""))
     if result["device"].startswith("gpu"):
         import paddle
 

@@ -17,12 +17,13 @@ import numpy as np
 import paddle
 import pytest
 from cpu_kinds import needs_bf16_units
-from test_bf16 import compare, prompt_embeds
+from test_bf16 import _cpu, compare, prompt_embeds
 
 from llava_ui.backends.local import Engine
 from llava_ui.checkpoints.load import build_model
 from llava_ui.errors import UserError
 from llava_ui.model import device, kernels
+from llava_ui.model.cpu import bf16_units
 from llava_ui.model.device import DevicePolicy
 
 pytestmark = needs_bf16_units
@@ -126,7 +127,7 @@ def test_real_size_int8_agrees_with_fp32(real_checkpoint):
     reports = {name: compare(exact, model, prompt_embeds(model, text, images))
                for name, text, images in (("1-image", 30, 1), ("text-700", 700, 0))}
     (Path(__file__).parent.parent / "bench" / "results" / "int8-agreement.json").write_text(
-        json.dumps(reports, indent=1) + "\n")
+        json.dumps({"cpu": _cpu(), "units": bf16_units(), **reports}, indent=1) + "\n")
     print(json.dumps(reports, indent=1))
     for report in reports.values():
         check(report)

@@ -12,7 +12,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from llava_ui.model.qwen2 import project, rms_norm
+from llava_ui.model.qwen2 import project
 
 ROWS = 64  # producing queries per pass through the layers: bounds the [heads, rows, keys] weights
 
@@ -48,21 +48,16 @@ def _chunk(runner, rows, cache, start: int, columns) -> np.ndarray:
     # causal: row r (position start + r) sees the keys up to and including its own position
     visible = np.arange(keys)[None, :] <= np.arange(start, keys)[:, None]
     mask = paddle.to_tensor(np.where(visible, 0.0, -np.inf), dtype=rows.dtype)
-    found = []
-    x, residual = rms_norm(rows, layers[0].input_layernorm.weight, runner.eps)
-    for i, (layer, (attention, feed)) in enumerate(zip(layers, runner.parts)):
-        following = layers[i + 1].input_layernorm if i + 1 < len(layers) else runner.qwen2.norm
-        outs, total = [], None
-        for part in attention:
-            heads_out, weights = _attend(part, x, cos, sin, cache, i, keys, mask, dim)
-            total = weights if total is None else total + weights
-            outs.append(project(heads_out, part.o_rows, part.transposed))
-        found.append(paddle.gather(total / heads, columns, axis=1).numpy())
-        x, residual = rms_norm(_sum(outs), layer.post_attention_layernorm.weight, runner.eps, residual)
-        outs = [project(F.swiglu(project(x, part.gate_up, part.transposed)), part.down_rows, part.transposed)
-                for part in feed]
-        x, residual = rms_norm(_sum(outs), following.weight, runner.eps, residual)
-    return np.stack(found)
+    weights = {}  # (layer, the part's first kv head) → the part's weights summed over its heads
+
+    def attention(part, x, i):  # (the parts run at once: each writes its own key)
+        heads_out, weights[i, part.kv.start] = _attend(part, x, cos, sin, cache, i, keys, mask, dim)
+        return project(heads_out, part.o_rows, part.transposed)
+
+    runner.through_layers(rows, attention)
+    starts = [part.kv.start for part in runner.parts[0][0]]
+    return np.stack([paddle.gather(paddle.add_n([weights[i, start] for start in starts]) / heads, columns,
+                                   axis=1).numpy() for i in range(len(layers))])
 
 
 def _attend(part, x, cos, sin, cache, layer: int, keys: int, mask, dim: int):
@@ -89,7 +84,3 @@ def _attend(part, x, cos, sin, cache, layer: int, keys: int, mask, dim: int):
     out = paddle.matmul(weights.astype(x.dtype), heads(cache.values))  # [kv heads, group * rows, dim]
     out = paddle.transpose(out.reshape([q_heads, count, dim]), [1, 0, 2]).reshape([count, q_heads * dim])
     return out, weights.reshape([q_heads, count, keys]).sum(axis=0)
-
-
-def _sum(parts: list):
-    return parts[0] if len(parts) == 1 else paddle.add_n(parts)

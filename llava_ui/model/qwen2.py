@@ -411,7 +411,6 @@ class Qwen2Runner:
         if self.decode_program(caches) is not None:
             return self._decode_step(embeds, caches, positions), caches
         steps = [_Step(self, cache, position, 1, embeds.dtype, False) for cache, position in zip(caches, positions)]
-        layers = self.qwen2.layers
         # every row's RoPE at once: each row's tables stacked ([B, q + 2 kv heads, dim] per part shape)
         tables = {key: tuple(paddle.concat([step.shapes[key][t] for step in steps]) for t in (0, 1))
                   for key in steps[0].shapes} if len(steps) > 1 else None
@@ -430,13 +429,7 @@ class Qwen2Runner:
                 heads = paddle.concat([step._decode(part, turned[b], i) for b, step in enumerate(steps)])
             return project(heads, part.o_rows, part.transposed)
 
-        x, residual = rms_norm(embeds, layers[0].input_layernorm.weight, self.eps)
-        for i, (layer, (parts, feed)) in enumerate(zip(layers, self.parts)):
-            following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.qwen2.norm
-            outs = run_parts(lambda part: attention(part, x, i), parts)
-            x, residual = rms_norm(_total(outs), layer.post_attention_layernorm.weight, self.eps, residual)
-            outs = run_parts(lambda part: _mlp(part, x), feed)
-            x, residual = rms_norm(_total(outs), following.weight, self.eps, residual)
+        x = self.through_layers(embeds, attention)
         for cache, position in zip(caches, positions):
             cache.length = position + 1
         return x, caches
@@ -488,16 +481,23 @@ class Qwen2Runner:
     def _layers(self, embeds, cache: KVCache, start: int, fused: bool, should_stop=None):
         """embeds [L, hidden] at positions start.. through every layer, filling the cache; returns [L, hidden]."""
         step = _Step(self, cache, start, embeds.shape[0], embeds.dtype, fused)
+        x = self.through_layers(embeds, step.attention, should_stop)
+        cache.length = start + embeds.shape[0]
+        return x
+
+    def through_layers(self, embeds, attention, should_stop=None):
+        """The layer loop: embeds [rows, hidden] through every layer and the final norm. `attention(part, x, i)` is
+        a part's attention output of layer i ([rows, hidden]; its o_proj product: the layer's is the sum over
+        parts), the MLP the parts' own (_mlp); a stop asked for lands between two layers."""
         layers = self.qwen2.layers
         x, residual = rms_norm(embeds, layers[0].input_layernorm.weight, self.eps)
-        for i, (layer, (attention, feed)) in enumerate(zip(layers, self.parts)):
+        for i, (layer, (parts, feed)) in enumerate(zip(layers, self.parts)):
             check_stop(should_stop)  # a long chunk is seconds of work on a CPU: a stop lands within a layer
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.qwen2.norm
-            outs = run_parts(lambda part: step.attention(part, x, i), attention)
+            outs = run_parts(lambda part: attention(part, x, i), parts)
             x, residual = rms_norm(_total(outs), layer.post_attention_layernorm.weight, self.eps, residual)
             outs = run_parts(lambda part: _mlp(part, x), feed)
             x, residual = rms_norm(_total(outs), following.weight, self.eps, residual)
-        cache.length = start + embeds.shape[0]
         return x
 
     def _rotation(self, dtype):
