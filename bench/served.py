@@ -277,7 +277,7 @@ def concurrent_case(model: Path, work: Path, new_image, args) -> dict:
         card = status()
         out["precision"], out["weight_layout"] = card["precision"], card["weight_layout"]
         out["resident"] = proc_status(pid)["VmRSS"]
-        kv_element = 2 if card["weight_layout"] == "bf16" else 4  # the bf16 kernels keep the KV cache in bf16
+        kv_element = 2 if (card.get("options") or {}).get("kv_cache") == "bfloat16" else 4  # (the CPU kernels')
         timed_request(url, [shared], "Describe this picture.", 2)  # its features and prompt prefix are cached
         ask = lambda i, tokens=args.concurrent_tokens: (
             lambda: timed_request(url, [shared], f"Describe this picture. ({i})", tokens))
