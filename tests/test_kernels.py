@@ -273,24 +273,43 @@ def test_int8_weights_are_each_outputs_values_rounded_to_127_steps(k, n):
     assert np.array_equal(tied.values.numpy(), values) and np.array_equal(tied.scales.numpy(), scales)
 
 
+def int16_rows(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A decode step's rows as the int8 kernel rounds them: each row's largest magnitude to the largest int16 whose
+    products with int8 weights cannot overflow an int32 sum over k (32767 for these sizes), to nearest even."""
+    largest = min(32767.0, np.floor((2 ** 31 - 1) / (127.0 * 2.0 * -(-k // 32))))
+    most = np.abs(x).max(axis=1)
+    steps = np.where(most > 0, (most.astype(np.float64) / largest).astype(np.float32), np.float32(1))
+    return np.rint(x / steps[:, None]).astype(np.int64), steps
+
+
 @pytest.mark.parametrize("k, n", [(64, 37), (896, 131), (896, 300), (40, 7), (2432, 896)])
 def test_int8_products_are_the_rounded_weights_times_the_rows(k, n):
-    """Up to 8 rows (a decode step): fp32 products of the rows and the int8 values, times the scales (so the
-    float64 product with the dequantized weight, to fp32's precision). More rows (a prefill chunk): oneDNN with the
-    rows and weights in bf16, products summed in fp32 (bf16's precision). Outputs past a multiple of 4 and 64, and
-    k not a multiple of 16 (the plain loop), are covered."""
+    """Up to 8 rows (a decode step): each row rounded to int16 with its own scale, multiplied exactly (integer sums)
+    by the int8 values, then times both scales, plus the bias: the same bits as that arithmetic done here, whether
+    k is a multiple of 32 (the AVX-512 kernel) or not (the plain loop). More rows (a prefill chunk): oneDNN with
+    the rows and weights in bf16, products summed in fp32 (bf16's precision). Outputs past a multiple of 4 and 64
+    are covered."""
     rng = np.random.default_rng(k + n)
     weight = rng.normal(0, 0.02, (k, n)).astype(np.float32)
     matrix = kernels.Int8Matrix(paddle.to_tensor(weight))
+    values, scales = matrix.values.numpy().astype(np.int64), matrix.scales.numpy()
     dequantized = matrix.dequantized().numpy().astype(np.float64)
     bias = rng.standard_normal(n).astype(np.float32)
     for rows in (1, 2, 3, 4, 5, 8, 9, 40):
-        x = rng.standard_normal((rows, k)).astype(np.float32)
+        x = (rng.standard_normal((rows, k)) * rng.uniform(0.1, 10, (rows, 1))).astype(np.float32)
         out = matrix.matmul(paddle.to_tensor(x), paddle.to_tensor(bias)).numpy()
-        exact = x @ dequantized + bias
-        scale = np.abs(x) @ np.abs(dequantized) + np.abs(bias)
-        precision = 1e-5 if rows <= 8 else 2 ** -7  # fp32 sums; or bf16 rows and weights (2^-8 each), fp32 sums
-        assert np.all(np.abs(out - exact) <= precision * scale), rows
+        if rows <= 8:
+            rounded, steps = int16_rows(x, k)
+            sums = (rounded @ values.T).astype(np.float64)
+            expected = (sums * steps[:, None].astype(np.float64) * scales[None, :].astype(np.float64)).astype(
+                np.float32) + bias
+            assert np.array_equal(out, expected), rows
+            # and that is the product with the dequantized weight, to within the rows' rounding (half a step each)
+            error = steps[:, None] / 2 * np.abs(dequantized).sum(axis=0)[None, :]
+            assert np.all(np.abs(out - (x @ dequantized + bias)) <= error * (1 + 1e-5) + 1e-5), rows
+        else:
+            scale = np.abs(x) @ np.abs(dequantized) + np.abs(bias)
+            assert np.all(np.abs(out - (x @ dequantized + bias)) <= 2 ** -7 * scale), rows
     # a batched decode step's rows (up to 8 chats) each get exactly what they get alone
     x = rng.standard_normal((8, k)).astype(np.float32)
     whole = matrix.matmul(paddle.to_tensor(x)).numpy()

@@ -6,23 +6,26 @@
 // llava_bf16_pack reorders an fp32 weight ONCE into the blocked bf16 layout oneDNN's matmul reads fastest; the
 // caller holds the bytes (a uint8 tensor) in place of the fp32 weight. llava_bf16_linear multiplies rows of fp32
 // activations by such a weight (activations rounded to bf16, products summed in fp32, fp32 out, + bias). Nothing
-// converts a weight again after the pack, whatever the row count or the calling thread.
+// converts a weight again after the pack, whatever the row count or the calling thread. llava_int8_pack and
+// llava_int8_linear do the same for weight-only int8 (one scale per output). Attention: one decode position
+// (llava_decode_attention, _rows for a batched step) and a prefill chunk (llava_prefill_attention) over a bf16 KV
+// cache. llava_decode_step runs a whole decode step of the language model, every layer, as one call per worker.
 //
 // Every function returns 0, or -1 with the reason in llava_last_error() (a oneDNN error: the caller raises it).
 #include <algorithm>
-#include <exception>
-#include <string>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <map>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <tuple>
 #include <vector>
 
 #include <dlfcn.h>
 #include <immintrin.h>
-
-#include <stdexcept>
+#include <sched.h>
 
 #include "oneapi/dnnl/dnnl.hpp"
 
@@ -189,7 +192,7 @@ int llava_bf16_linear(const float* x, int64_t m, int64_t k, const uint8_t* packe
 namespace {
 
 // Weight-only int8: a weight [k, n] held as int8 [n, k] (each output's k values side by side) with one fp32 scale
-// per output, w[i][j] ~ q[j][i] * scale[j]. A few rows (a decode step) go through llava_int8_gemv below, which reads
+// per output, w[i][j] ~ q[j][i] * scale[j]. A few rows (a decode step) go through int8_gemv below, which reads
 // the int8 bytes once for all the rows; more rows (a prefill chunk) through oneDNN's matmul with the weights
 // decompressed on the fly (bf16 math), over the same bytes.
 const int64_t kGemvRows = 8;  // row counts up to this go through the GEMV
@@ -211,86 +214,129 @@ Matmul& int8_matmul_for(int64_t m, int64_t k, int64_t n) {
   return known.emplace(key, Matmul{pd, dnnl::matmul(pd)}).first->second;
 }
 
-#ifdef __AVX512F__
+// The rows of a decode step are rounded to int16, each with its own scale (its largest magnitude maps to the
+// largest value whose products with int8 weights cannot overflow an int32 sum over k): the products are then exact
+// integer sums (AVX-512 VNNI's vpdpwssd: 32 products an instruction, the weights widened once for all the rows),
+// so a row's result does not depend on the rows beside it or on the code path.
+struct Int16Rows {
+  std::vector<int16_t> values;  // [m, k]
+  std::vector<float> scales;  // [m]
+};
+
+void round_rows(const float* x, int64_t m, int64_t k, Int16Rows& rows) {
+  const int64_t pairs = (k + 31) / 32;  // int32 lanes each sum 2 products per 32 inputs
+  const double largest = std::min(32767.0, std::floor(2147483647.0 / (127.0 * 2.0 * static_cast<double>(pairs))));
+  rows.values.resize(m * k);
+  rows.scales.resize(m);
+  for (int64_t r = 0; r < m; ++r) {
+    float most = 0.0f;
+    for (int64_t i = 0; i < k; ++i) most = std::max(most, std::fabs(x[r * k + i]));
+    const float step = most > 0.0f ? static_cast<float>(most / largest) : 1.0f;
+    rows.scales[r] = step;
+    for (int64_t i = 0; i < k; ++i) {
+      const float v = std::nearbyint(x[r * k + i] / step);
+      rows.values[r * k + i] = static_cast<int16_t>(std::max(-32767.0f, std::min(32767.0f, v)));
+    }
+  }
+}
+
+inline float finish(int64_t sum, float row_scale, float weight_scale, float bias) {
+  return static_cast<float>(static_cast<double>(sum) * row_scale * weight_scale) + bias;
+}
+
+#ifdef __AVX512BW__
 // How far ahead of the products the weight rows are fetched (bytes): one core on its own does not keep enough
 // reads in flight over four interleaved streams (bench/results/decode-step-whole-amd.md shows the step's speed).
 const int64_t kAhead = 1024;
 
-inline __m512 int8x16(const int8_t* q) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+inline __m512i dot_pairs(__m512i sum, __m512i a, __m512i b) {
+#ifdef __AVX512VNNI__
+  return _mm512_dpwssd_epi32(sum, a, b);
+#else
+  return _mm512_add_epi32(sum, _mm512_madd_epi16(a, b));
+#endif
 }
 
-// ROWS rows of x times OUTS outputs' int8 rows, k a multiple of 16; sums into out[r * n + j] (scaled, + bias).
-// The loops over rows and outputs are unrolled so that the sums stay in registers (GCC keeps a partly unrolled
-// array of them in memory, and the stores then bound the loop).
+inline int64_t lanes_total(__m512i sum) {  // exact: the 16 int32 lanes added as int64
+  const __m512i low = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(sum));
+  const __m512i high = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(sum, 1));
+  return _mm512_reduce_add_epi64(_mm512_add_epi64(low, high));
+}
+
+// ROWS int16 rows times OUTS outputs' int8 rows, k a multiple of 32; into out[r * n + j]. The loops over rows and
+// outputs are unrolled so that the sums stay in registers.
 template <int ROWS, int OUTS>
-void gemv_block(const float* x, int64_t k, const int8_t* q, const float* scale, const float* bias, int64_t n,
-                float* out) {
-  __m512 sum[ROWS][OUTS];
+void gemv_block(const int16_t* x, const float* row_scales, int64_t k, const int8_t* q, const float* scale,
+                const float* bias, int64_t n, float* out) {
+  __m512i sum[ROWS][OUTS];
 #pragma GCC unroll 4
   for (int r = 0; r < ROWS; ++r)
 #pragma GCC unroll 4
-    for (int j = 0; j < OUTS; ++j) sum[r][j] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < k; i += 16) {
-    __m512 w[OUTS];
+    for (int j = 0; j < OUTS; ++j) sum[r][j] = _mm512_setzero_si512();
+  for (int64_t i = 0; i < k; i += 32) {
     if (i % 64 == 0) {  // each output's row is its own stream: fetched ahead, one cache line per stream at a time
 #pragma GCC unroll 4
       for (int j = 0; j < OUTS; ++j) _mm_prefetch(reinterpret_cast<const char*>(q + j * k + i + kAhead), _MM_HINT_T0);
     }
+    __m512i w[OUTS];
 #pragma GCC unroll 4
-    for (int j = 0; j < OUTS; ++j) w[j] = int8x16(q + j * k + i);
+    for (int j = 0; j < OUTS; ++j)
+      w[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + j * k + i)));
 #pragma GCC unroll 4
     for (int r = 0; r < ROWS; ++r) {
-      const __m512 v = _mm512_loadu_ps(x + r * k + i);
+      const __m512i v = _mm512_loadu_si512(x + r * k + i);
 #pragma GCC unroll 4
-      for (int j = 0; j < OUTS; ++j) sum[r][j] = _mm512_fmadd_ps(v, w[j], sum[r][j]);
+      for (int j = 0; j < OUTS; ++j) sum[r][j] = dot_pairs(sum[r][j], v, w[j]);
     }
   }
 #pragma GCC unroll 4
   for (int r = 0; r < ROWS; ++r)
 #pragma GCC unroll 4
-    for (int j = 0; j < OUTS; ++j) out[r * n + j] = _mm512_reduce_add_ps(sum[r][j]) * scale[j] + bias[j];
+    for (int j = 0; j < OUTS; ++j) out[r * n + j] = finish(lanes_total(sum[r][j]), row_scales[r], scale[j], bias[j]);
 }
 
 // ROWS rows times `outs` consecutive outputs (out's rows are n apart).
 template <int ROWS>
-void gemv_rows(const float* x, int64_t k, const int8_t* q, const float* scale, const float* bias, int64_t n,
-               float* out, int64_t outs) {
+void gemv_rows(const int16_t* x, const float* row_scales, int64_t k, const int8_t* q, const float* scale,
+               const float* bias, int64_t n, float* out, int64_t outs) {
   int64_t j = 0;
-  for (; j + 4 <= outs; j += 4) gemv_block<ROWS, 4>(x, k, q + j * k, scale + j, bias + j, n, out + j);
-  for (; j < outs; ++j) gemv_block<ROWS, 1>(x, k, q + j * k, scale + j, bias + j, n, out + j);
+  for (; j + 4 <= outs; j += 4) gemv_block<ROWS, 4>(x, row_scales, k, q + j * k, scale + j, bias + j, n, out + j);
+  for (; j < outs; ++j) gemv_block<ROWS, 1>(x, row_scales, k, q + j * k, scale + j, bias + j, n, out + j);
 }
 #endif
 
-// out [m, n] = x [m, k] · (q [n, k] ⊙ scale)ᵀ + bias, m <= kGemvRows: each block of outputs is read from memory
-// once and used for every row while it is in the cache.
+// out [m, n] = x [m, k] · (q [n, k] ⊙ scale)ᵀ + bias, m <= kGemvRows, x's rows rounded to int16 (round_rows):
+// each block of outputs is read from memory once and used for every row while it is in the cache.
 void int8_gemv(const float* x, int64_t m, int64_t k, const int8_t* q, const float* scale, const float* bias,
                int64_t n, float* out) {
-#ifdef __AVX512F__
-  if (k % 16 == 0) {
+  thread_local Int16Rows rows;
+  round_rows(x, m, k, rows);
+#ifdef __AVX512BW__
+  if (k % 32 == 0) {
     const int64_t block = 64;  // outputs per block: 64 rows of int8 weights stay in the L1/L2 cache across the rows
     for (int64_t j = 0; j < n; j += block) {
       const int64_t outs = std::min(block, n - j);
       for (int64_t r = 0; r < m; r += 4) {
-        const float* rows = x + r * k;
+        const int16_t* v = rows.values.data() + r * k;
+        const float* s = rows.scales.data() + r;
         float* to = out + r * n + j;
         const int8_t* w = q + j * k;
         switch (std::min<int64_t>(4, m - r)) {
-          case 4: gemv_rows<4>(rows, k, w, scale + j, bias + j, n, to, outs); break;
-          case 3: gemv_rows<3>(rows, k, w, scale + j, bias + j, n, to, outs); break;
-          case 2: gemv_rows<2>(rows, k, w, scale + j, bias + j, n, to, outs); break;
-          default: gemv_rows<1>(rows, k, w, scale + j, bias + j, n, to, outs); break;
+          case 4: gemv_rows<4>(v, s, k, w, scale + j, bias + j, n, to, outs); break;
+          case 3: gemv_rows<3>(v, s, k, w, scale + j, bias + j, n, to, outs); break;
+          case 2: gemv_rows<2>(v, s, k, w, scale + j, bias + j, n, to, outs); break;
+          default: gemv_rows<1>(v, s, k, w, scale + j, bias + j, n, to, outs); break;
         }
       }
     }
     return;
   }
 #endif
-  for (int64_t r = 0; r < m; ++r)
+  for (int64_t r = 0; r < m; ++r)  // the same integer sums, one product at a time
     for (int64_t j = 0; j < n; ++j) {
-      float sum = 0.0f;
-      for (int64_t i = 0; i < k; ++i) sum += x[r * k + i] * static_cast<float>(q[j * k + i]);
-      out[r * n + j] = sum * scale[j] + bias[j];
+      int64_t sum = 0;
+      for (int64_t i = 0; i < k; ++i) sum += static_cast<int64_t>(rows.values[r * k + i]) * q[j * k + i];
+      out[r * n + j] = finish(sum, rows.scales[r], scale[j], bias[j]);
     }
 }
 
@@ -314,8 +360,9 @@ int llava_int8_pack(const float* weight, int64_t k, int64_t n, int transposed, i
   });
 }
 
-// out [m, n] = x [m, k] · (q [n, k] ⊙ scale)ᵀ + bias [n]: a few rows in fp32 over the int8 values (int8_gemv),
-// more through oneDNN (x rounded to bf16, weights decompressed to bf16, products summed in fp32).
+// out [m, n] = x [m, k] · (q [n, k] ⊙ scale)ᵀ + bias [n]: a few rows rounded to int16 and multiplied exactly by
+// the int8 values (int8_gemv), more through oneDNN (x rounded to bf16, weights widened to bf16, products summed in
+// fp32).
 int llava_int8_linear(const float* x, int64_t m, int64_t k, const int8_t* q, const float* scale, const float* bias,
                       int64_t n, float* out) {
   if (m == 0) return 0;
