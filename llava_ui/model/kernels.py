@@ -220,9 +220,9 @@ class Bf16Matrix(KernelMatrix):
 
 class Int8Matrix(KernelMatrix):
     """A weight as int8 with one fp32 scale per output (weight-only int8, per channel: each output's largest
-    magnitude maps to 127): half the bytes of bf16. A few rows (a decode step) are multiplied in fp32 over the int8
-    values (an AVX-512 kernel reading each weight once for all rows), more (a prefill chunk) by oneDNN with the
-    weights widened to bf16 on the fly."""
+    magnitude maps to 127): half the bytes of bf16. A few rows (a decode step) are rounded to int16, each with its
+    own scale, and multiplied exactly by the int8 values (an AVX-512 VNNI kernel reading each weight once for all
+    rows); more (a prefill chunk) by oneDNN with the rows and weights in bf16."""
 
     def __init__(self, weight: paddle.Tensor, transposed: bool = False):
         super().__init__(weight, transposed)
