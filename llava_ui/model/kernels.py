@@ -1,9 +1,10 @@
-"""Linear and attention kernels over bf16 for CPUs with bf16 units: a small C++ library
-(llava_ui/kernels/onednn_linear.cc) over the oneDNN inside Paddle's own wheel, called through ctypes.
+"""Linear and attention kernels for CPUs with bf16 units: a small C++ library (llava_ui/kernels/onednn_linear.cc)
+over the oneDNN inside Paddle's own wheel, called through ctypes.
 
-Each weight is reordered once, at load, into the blocked bf16 layout oneDNN's matmul reads, and held only in that
-form (a `Bf16Matrix`, its bytes a Paddle uint8 tensor); a decode step, a batched step and a prefill chunk all
-multiply by the same bytes. Paddle's own bf16 route (static programs) keys its cache of converted weights by the
+Each weight is converted once, at load, and held only in that form: reordered into the blocked bf16 layout
+oneDNN's matmul reads (a `Bf16Matrix`, its bytes a Paddle uint8 tensor), or rounded to int8 per output channel
+(an `Int8Matrix`, --weights int8); a decode step, a batched step and a prefill chunk all multiply by the same
+bytes. `DecodeProgram` runs a whole decode step, every layer, as one library call per CPU worker. Paddle's own bf16 route (static programs) keys its cache of converted weights by the
 shapes of every input, so a step whose shapes change converts again; this kernel never does.
 
 The library takes raw pointers to buffers allocated here (Paddle tensors the caller keeps alive for the call) and

@@ -309,7 +309,7 @@ class Qwen2Runner:
         self.head = None  # KERNEL_LAYOUTS: the LM head as one kernel matrix per worker's share of the vocabulary
         self.layout = None  # the weights' layout (WEIGHT_LAYOUTS), once packed
         self.attention_kernel = True  # KERNEL_LAYOUTS: decode attention in one kernel call (False: Paddle ops)
-        self.embedding = None  # KERNEL_LAYOUTS, tied head: the token embeddings read from a table of the head's
+        self.embedding = None  # KERNEL_LAYOUTS, tied head: token lookups (Bf16Embedding, Int8Embedding)
         self.whole_step = True  # KERNEL_LAYOUTS: a decode step as one call per worker (kernels.DecodeProgram)
         self._program = None
 
