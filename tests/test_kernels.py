@@ -341,8 +341,8 @@ def _copy(cache):
 
 
 def test_the_whole_decode_step_computes_what_the_layer_loop_does(kernel_model):
-    """One call per worker for every layer (kernels.DecodeProgram) against the step layer by layer over the same
-    kernels (Qwen2Runner with whole_step off): the hidden states and the cache writes, at 1 and 3 rows of
+    """One call per worker for every layer and the LM head (kernels.DecodeProgram) against the step layer by layer
+    over the same kernels (Qwen2Runner with whole_step off): the logits and the cache writes, at 1 and 3 rows of
     different lengths, to fp32's precision (the norms and SwiGLU are summed in another order)."""
     runner = kernel_model.runner
     for lengths in ([37], [20, 45, 9]):
@@ -352,11 +352,12 @@ def test_the_whole_decode_step_computes_what_the_layer_loop_does(kernel_model):
         for whole in (False, True):
             runner.whole_step = whole
             copies = [_copy(cache) for cache in caches]
-            hidden, written = runner.decode_batch(tokens, copies, list(lengths))
-            results[whole] = hidden.numpy(), written
+            logits, written = runner.decode_batch(tokens, copies, list(lengths), head=kernel_model.logits)
+            results[whole] = logits.numpy(), written
         runner.whole_step = True
         assert runner.decode_program(caches) is not None
         (loop, loop_caches), (whole, whole_caches) = results[False], results[True]
+        assert whole.shape == loop.shape == (len(lengths), kernel_model.runner.embedding.shape[0])
         assert np.abs(whole - loop).max() <= 1e-5 * np.abs(loop).max()
         for a, b, length in zip(loop_caches, whole_caches, lengths):
             assert a.length == b.length == length + 1
@@ -376,15 +377,15 @@ def test_a_worker_that_fails_stops_the_others_and_says_why(kernel_model):
     kind, broken.kind = broken.kind, 9
     try:
         done = []
-        thread = threading.Thread(target=lambda: done.append(_raised(lambda: runner.decode_batch(
-            kernel_model.embed_tokens(paddle.to_tensor([4])), caches, [12]))))
+        thread = threading.Thread(target=lambda: done.append(_raised(lambda: kernel_model.decode_batch(
+            [4], caches, [12]))))
         thread.start()
         thread.join(60)
         assert done and "unknown weight kind" in done[0]
     finally:
         broken.kind = kind
-    hidden, _ = runner.decode_batch(kernel_model.embed_tokens(paddle.to_tensor([4])), caches, [12])  # works again
-    assert np.isfinite(hidden.numpy()).all()
+    logits, _ = kernel_model.decode_batch([4], caches, [12])  # works again
+    assert np.isfinite(logits.numpy()).all()
 
 
 def _raised(fn) -> str:
@@ -403,5 +404,5 @@ def test_the_whole_step_runs_only_with_every_worker_at_once(kernel_model, monkey
     assert kernel_model.runner.decode_program(caches) is not None
     monkeypatch.setattr(qwen2, "concurrent_workers", lambda: 1)
     assert kernel_model.runner.decode_program(caches) is None
-    hidden, _ = kernel_model.runner.decode_batch(kernel_model.embed_tokens(paddle.to_tensor([4])), caches, [10])
-    assert np.isfinite(hidden.numpy()).all()
+    logits, _ = kernel_model.decode_batch([4], caches, [10])
+    assert np.isfinite(logits.numpy()).all()

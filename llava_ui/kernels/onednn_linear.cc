@@ -636,7 +636,8 @@ extern "C" int llava_prefill_attention(const float* qs, int64_t q_heads, int64_t
 // them); the workers call llava_decode_step at the same time, each with its part, and meet twice a layer to add
 // their parts' outputs (attention, then MLP), which each of them sums in the same order into its own copy of the
 // residual stream. Between the meetings nothing returns to Python: the norms, RoPE, the cache writes, attention
-// and SwiGLU run here, over the same kernels as the step-by-step path.
+// and SwiGLU run here, over the same kernels as the step-by-step path, and at the end each worker's share of the
+// LM head writes its columns of the logits.
 extern "C" {
 
 struct LlavaLinear {     // a weight as the kernels hold it
@@ -658,6 +659,8 @@ struct LlavaDecodeModel {  // one worker's view of the language model
   const float* const* input_norms;  // [layers]: each layer's RMSNorm weights before attention
   const float* const* post_norms;  // [layers]: before the MLP
   const float* final_norm;
+  LlavaLinear head;  // the worker's share of the LM head: vocabulary entries head_start.. (n of them)
+  int64_t head_start;
 };
 
 struct LlavaDecodeStep {  // what the workers of one step share
@@ -670,7 +673,8 @@ struct LlavaDecodeStep {  // what the workers of one step share
   uint16_t* const* keys;  // [rows * layers]: layer l of row r's cache, [kv_heads * capacity, dim] bf16
   uint16_t* const* values;
   float* exchange;  // [2, workers, rows, hidden]: each worker's attention and MLP outputs
-  float* out;  // [rows, hidden]: the last layer's output through the final norm (worker 0 writes it)
+  float* logits;  // [rows, vocab]: each worker writes its share's columns
+  int64_t vocab;
   int64_t arrived, generation, failed;  // the meeting point (zero before the step)
 };
 
@@ -729,7 +733,7 @@ void add_and_norm(const LlavaDecodeStep* step, const float* outputs, int64_t hid
 void decode_step(const LlavaDecodeModel& model, LlavaDecodeStep* step, int64_t worker) {
   const int64_t rows = step->rows, hidden = model.hidden, dim = model.dim;
   const int64_t qkv_width = (model.q_heads + 2 * model.kv_heads) * dim;
-  thread_local std::vector<float> x, normed, qkv, heads, gate_up, act;
+  thread_local std::vector<float> x, normed, qkv, heads, gate_up, act, share;
   x.assign(step->embeds, step->embeds + rows * hidden);
   normed.resize(rows * hidden);
   qkv.resize(rows * qkv_width);
@@ -769,7 +773,14 @@ void decode_step(const LlavaDecodeModel& model, LlavaDecodeStep* step, int64_t w
     add_and_norm(step, step->exchange + step->workers * rows * hidden, hidden, next, model.eps, x.data(),
                  normed.data());
   }
-  if (worker == 0) std::copy(normed.begin(), normed.end(), step->out);
+  const LlavaLinear& head = model.head;  // the last layer's output, normed, through this worker's share of the head
+  if (head.k != hidden || model.head_start < 0 || model.head_start + head.n > step->vocab)
+    throw std::runtime_error("decode step: the head's share does not fit the vocabulary");
+  share.resize(rows * head.n);
+  linear(head, normed.data(), rows, share.data());
+  for (int64_t r = 0; r < rows; ++r)
+    std::copy(share.begin() + r * head.n, share.begin() + (r + 1) * head.n,
+              step->logits + r * step->vocab + model.head_start);
 }
 
 }  // namespace

@@ -94,9 +94,9 @@ def prefill(model, embeds, cache=None, start: int = 0, *, room: int = 0, run=_ca
 
 
 def decode_one_token(model, token: int, cache, position: int):
-    embeds = model.embed_tokens(paddle.to_tensor([[token]], dtype="int64"))
-    hidden, cache = model.forward_hidden(embeds, cache, position)
-    return model.logits(hidden[:, -1])[0], cache
+    """(logits [vocab], cache) of one chat's decode step: a batched step of one (LlavaQwen.decode_batch)."""
+    logits, caches = model.decode_batch([token], [cache], [position])
+    return logits[0], caches[0]
 
 
 def sample_next(logits: paddle.Tensor, settings: GenerationSettings, seen: list[int], rng: np.random.Generator) -> int:

@@ -322,14 +322,15 @@ class _DecodeModel(ctypes.Structure):  # LlavaDecodeModel
     _fields_ = [(name, ctypes.c_int64) for name in ("layers", "hidden", "dim", "q_heads", "kv_heads", "kv_start",
                                                      "columns")] + [
         ("eps", ctypes.c_float), ("parts", ctypes.POINTER(_LayerPart)), ("input_norms", ctypes.c_void_p),
-        ("post_norms", ctypes.c_void_p), ("final_norm", ctypes.c_void_p)]
+        ("post_norms", ctypes.c_void_p), ("final_norm", ctypes.c_void_p), ("head", _Linear),
+        ("head_start", ctypes.c_int64)]
 
 
 class _DecodeStep(ctypes.Structure):  # LlavaDecodeStep
     _fields_ = [("rows", ctypes.c_int64), ("workers", ctypes.c_int64)] + [
         (name, ctypes.c_void_p) for name in ("embeds", "cos", "sin", "positions", "capacities", "keys", "values",
-                                             "exchange", "out")] + [
-        (name, ctypes.c_int64) for name in ("arrived", "generation", "failed")]
+                                             "exchange", "logits")] + [
+        (name, ctypes.c_int64) for name in ("vocab", "arrived", "generation", "failed")]
 
 
 def _linear(matrix: KernelMatrix, bias: paddle.Tensor | None = None) -> _Linear:
@@ -341,16 +342,21 @@ def _linear(matrix: KernelMatrix, bias: paddle.Tensor | None = None) -> _Linear:
 
 
 class DecodeProgram:
-    """A whole decode step of the language model (every layer, the final norm) for a few rows, as one call of the
-    library per CPU worker (llava_decode_step): the workers run their parts of each layer at once and meet twice a
-    layer in C, so a step costs no Python per layer. Built once from the packed parts (Qwen2Runner.finish_pack);
-    it reads the weights, norms and caches in place (the model keeps them alive)."""
+    """A whole decode step of the language model (every layer, the final norm, the LM head) for a few rows, as one
+    call of the library per CPU worker (llava_decode_step): the workers run their parts of each layer at once and
+    meet twice a layer in C, then each computes its share of the vocabulary, so a step costs no Python per layer.
+    Built once from the packed parts and head shares (Qwen2Runner); it reads the weights, norms and caches in place
+    (the model keeps them alive)."""
 
-    def __init__(self, layers: list, parts: list, final_norm: paddle.Tensor, eps: float, dim: int):
+    def __init__(self, layers: list, parts: list, final_norm: paddle.Tensor, eps: float, dim: int, head: list):
         hidden = int(final_norm.shape[0])
         self.workers, self.layers, self.hidden, self.dim = len(parts[0][0]), len(layers), hidden, dim
         if any(len(attention) != self.workers or len(feed) != self.workers for attention, feed in parts):
             raise ValueError("decode program: every layer needs one attention and one MLP part per worker")
+        if len(head) != self.workers or any(share.inputs != hidden for share in head):
+            raise ValueError("decode program: the LM head needs one share of the vocabulary per worker")
+        self.vocab = sum(share.outputs for share in head)
+        starts = [sum(share.outputs for share in head[:w]) for w in range(self.workers)]
         norms = [layer.input_layernorm.weight for layer in layers], [layer.post_attention_layernorm.weight
                                                                      for layer in layers]
         self._norms = [(ctypes.c_void_p * self.layers)(*[_pointer(w, paddle.float32) for w in weights])
@@ -367,12 +373,12 @@ class DecodeProgram:
                                             attention.kv.start, feed_columns(parts[0][1][w]), eps, array,
                                             ctypes.cast(self._norms[0], ctypes.c_void_p),
                                             ctypes.cast(self._norms[1], ctypes.c_void_p),
-                                            _pointer(final_norm, paddle.float32)))
+                                            _pointer(final_norm, paddle.float32), _linear(head[w]), starts[w]))
 
     def run(self, embeds: paddle.Tensor, caches: list, positions: list[int], cos: paddle.Tensor,
             sin: paddle.Tensor) -> paddle.Tensor:
         """embeds [rows, hidden] (fp32), row r at positions[r] over caches[r] (bf16, written at that position),
-        cos and sin [rows, dim] → the last layer's output through the final norm, [rows, hidden]."""
+        cos and sin [rows, dim] → the logits [rows, vocab] (fp32)."""
         from llava_ui.model.cpu import concurrent_workers, run_parts
 
         rows = len(caches)
@@ -390,14 +396,14 @@ class DecodeProgram:
             keys += k
             values += v
         exchange = paddle.empty([2 * self.workers * rows * self.hidden], "float32")
-        out = paddle.empty([rows, self.hidden], "float32")
+        logits = paddle.empty([rows, self.vocab], "float32")
         numbers, addresses = ctypes.c_int64 * rows, ctypes.c_void_p * (rows * self.layers)
         positions_c, capacities_c = numbers(*positions), numbers(*[cache.capacity for cache in caches])
         keys_c, values_c = addresses(*keys), addresses(*values)
         step = _DecodeStep(rows, self.workers, _pointer(embeds, paddle.float32), _pointer(cos, paddle.float32),
                            _pointer(sin, paddle.float32), ctypes.addressof(positions_c),
                            ctypes.addressof(capacities_c), ctypes.addressof(keys_c), ctypes.addressof(values_c),
-                           exchange.data_ptr(), out.data_ptr(), 0, 0, 0)
+                           exchange.data_ptr(), logits.data_ptr(), self.vocab, 0, 0, 0)
         lib = _library()
 
         def worker(w: int):  # the reason is read in the thread that failed (llava_last_error is per thread)
@@ -407,7 +413,7 @@ class DecodeProgram:
         errors = [error for error in run_parts(worker, list(range(self.workers))) if error]
         if errors:  # the first worker's own reason, not "another worker failed"
             raise RuntimeError(f"decode program: {sorted(errors, key=lambda e: e == 'another worker failed')[0]}")
-        return out
+        return logits
 
 
 def feed_columns(part) -> int:

@@ -134,8 +134,7 @@ class LlavaQwen(nn.Layer):
         if self.runner.parts is None:
             self.runner.pack()
         embeds = self.embed_tokens(paddle.to_tensor(tokens, dtype="int64"))
-        hidden, caches = self.runner.decode_batch(embeds, caches, positions)
-        return self.logits(hidden), caches
+        return self.runner.decode_batch(embeds, caches, positions, head=self.logits)
 
     def prefill_chunk(self, embeds) -> int:
         """How many prompt positions generate.prefill hands to forward_hidden at a time."""

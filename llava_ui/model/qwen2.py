@@ -388,8 +388,6 @@ class Qwen2Runner:
             self.pack()
         length = embeds.shape[1]
         cache = self.reserve(cache, start + length, embeds.dtype)
-        if length == 1 and self.decode_program([cache]) is not None:
-            return self._decode_step(embeds[0], [cache], [start]).unsqueeze(0), cache
         fused = self._fused(embeds)
         # a long prompt goes through in chunks (each attends to the cache the earlier ones filled): the same
         # arithmetic, with activations bounded by the chunk instead of the prompt
@@ -403,12 +401,14 @@ class Qwen2Runner:
             check_finite(hidden)
         return hidden.unsqueeze(0), cache  # the last layer's output, through the final norm
 
-    def decode_batch(self, embeds, caches: list, positions: list[int]):
+    def decode_batch(self, embeds, caches: list, positions: list[int], head=None):
         """One decode step of several sequences at once: embeds [B, hidden], row b at positions[b] over caches[b]
         (each its own length). Every weight matmul takes the B rows together (a step reads each weight once,
-        whatever B); RoPE, the cache write and attention run per row. Returns (hidden [B, hidden], caches)."""
+        whatever B); RoPE, the cache write and attention run per row. Returns (hidden [B, hidden], caches), or
+        with `head` (the final hidden states → logits) (logits [B, vocab], caches): where the whole step runs as
+        one call per worker (decode_program), the head's shares are part of it."""
         caches = [self.reserve(cache, position + 1, embeds.dtype) for cache, position in zip(caches, positions)]
-        if self.decode_program(caches) is not None:
+        if head is not None and self.decode_program(caches) is not None:
             return self._decode_step(embeds, caches, positions), caches
         steps = [_Step(self, cache, position, 1, embeds.dtype, False) for cache, position in zip(caches, positions)]
         # every row's RoPE at once: each row's tables stacked ([B, q + 2 kv heads, dim] per part shape)
@@ -432,7 +432,7 @@ class Qwen2Runner:
         x = self.through_layers(embeds, attention)
         for cache, position in zip(caches, positions):
             cache.length = position + 1
-        return x, caches
+        return (x if head is None else head(x)), caches
 
     def decode_program(self, caches: list) -> DecodeProgram | None:
         """The whole decode step as one call per worker, where it runs: weights held for the kernels, the attention
@@ -445,17 +445,17 @@ class Qwen2Runner:
             return None
         if self._program is None:
             self._program = DecodeProgram(self.qwen2.layers, self.parts, self.qwen2.norm.weight, self.eps,
-                                          self.head_dim)
+                                          self.head_dim, self.head)
         return self._program
 
     def _decode_step(self, embeds, caches: list, positions: list[int]):
-        """embeds [rows, hidden] through decode_program(): returns the final-normed hidden states [rows, hidden]."""
+        """embeds [rows, hidden] through decode_program(): returns the logits [rows, vocab]."""
         tables = [self.rotary.get(position, 1, "float32") for position in positions]  # [1, 1, dim] each
         cos, sin = (paddle.concat([table[t].reshape([1, self.head_dim]) for table in tables]) for t in (0, 1))
-        hidden = self._program.run(embeds, caches, positions, cos, sin)
+        logits = self._program.run(embeds, caches, positions, cos, sin)
         for cache, position in zip(caches, positions):
             cache.length = position + 1
-        return hidden
+        return logits
 
     def reserve(self, cache: KVCache | None, positions: int, dtype=None) -> KVCache:
         """`cache` (None: a new one), writable and with room for `positions` positions: a caller that knows how
