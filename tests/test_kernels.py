@@ -406,3 +406,22 @@ def test_the_whole_step_runs_only_with_every_worker_at_once(kernel_model, monkey
     assert kernel_model.runner.decode_program(caches) is None
     logits, _ = kernel_model.decode_batch([4], caches, [10])
     assert np.isfinite(logits.numpy()).all()
+
+
+@pytest.mark.parametrize("flags", [("-mno-avx512vnni",), ("-mno-avx512f",)], ids=["without-vnni", "without-avx512"])
+def test_the_int8_products_are_the_same_bits_on_every_code_path(flags):
+    """The int8 kernel's decode products branch on the CPU: AVX-512 VNNI (vpdpwssd) here, AVX-512 without VNNI
+    (madd + add), or no AVX-512 (the plain loop). The library built as for each of the others gives the same bits
+    as this CPU's build: on every path the sums are exact integers."""
+    other = kernels._build(flags)
+    rng = np.random.default_rng(11)
+    for k, n in [(896, 131), (64, 37), (40, 5)]:
+        matrix = kernels.Int8Matrix(paddle.to_tensor(rng.normal(0, 0.02, (k, n)).astype(np.float32)))
+        bias = paddle.to_tensor(rng.standard_normal(n).astype(np.float32))
+        for rows in (1, 3, 8):
+            x = paddle.to_tensor((rng.standard_normal((rows, k)) * 3).astype(np.float32))
+            here = matrix.matmul(x, bias).numpy()
+            there = paddle.empty([rows, n], "float32")
+            assert other.llava_int8_linear(x.data_ptr(), rows, k, matrix.values.data_ptr(),
+                                           matrix.scales.data_ptr(), bias.data_ptr(), n, there.data_ptr()) == 0
+            assert np.array_equal(there.numpy(), here), (flags, k, n, rows)

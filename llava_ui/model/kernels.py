@@ -53,10 +53,10 @@ def _headers() -> Path:
     raise RuntimeError(f"the {HEADERS_PACKAGE} package has no oneapi/dnnl/dnnl.hpp")
 
 
-def _folder() -> Path:
+def _folder(flags: tuple = ()) -> Path:
     # built for this CPU (-march=native): a cache shared with another kind of CPU builds its own
-    digest = hashlib.sha256(SOURCE.read_bytes() + paddle.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
-    return app_home() / "kernels" / f"onednn-{digest}"
+    key = SOURCE.read_bytes() + paddle.__version__.encode() + _cpu_flags().encode() + " ".join(flags).encode()
+    return app_home() / "kernels" / f"onednn-{hashlib.sha256(key).hexdigest()[:16]}"
 
 
 def _cpu_flags() -> str:
@@ -66,14 +66,16 @@ def _cpu_flags() -> str:
         return ""
 
 
-def _build() -> ctypes.CDLL:
+def _build(flags: tuple = ()) -> ctypes.CDLL:
+    """Compile the library for this CPU (once per source, Paddle and CPU kind; `flags` are added to the compiler's,
+    e.g. ("-mno-avx512vnni",) for the tests that run a code path this CPU would not take) and load it."""
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler ({compiler}) on this machine")
     libs = Path(paddle.__file__).parent / "libs"
     if not (libs / "libdnnl.so.3").exists():
         raise RuntimeError(f"this Paddle wheel has no oneDNN library ({libs / 'libdnnl.so.3'})")
-    folder = _folder()
+    folder = _folder(flags)
     folder.mkdir(parents=True, exist_ok=True)
     library = folder / LIBRARY
     # one build at a time per folder (several processes may start at once: a server and its tests, two workers)
@@ -81,7 +83,7 @@ def _build() -> ctypes.CDLL:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not library.exists():
             partial = folder / f"build-{os.getpid()}.so"
-            command = [compiler, "-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-Wall",
+            command = [compiler, "-O3", "-march=native", *flags, "-fopenmp-simd", "-shared", "-fPIC", "-Wall",
                        f"-I{_headers()}", str(SOURCE), f"-L{libs}", "-l:libdnnl.so.3", f"-Wl,-rpath,{libs}", "-ldl",
                        "-o", str(partial)]
             done = subprocess.run(command, capture_output=True, text=True)
