@@ -142,10 +142,14 @@ def vision_layers_in(state: dict) -> int:
     return max(found) + 1 if found else 0
 
 
-def build_model(model_dir: Path, dtype: str = "float32", progress=None, weight_layout: str = "in-out"):
+def build_model(model_dir: Path, dtype: str = "float32", progress=None, weight_layout: str = "in-out",
+                bf16_vision: bool = False):
     """Read config + weights, build LlavaQwen in `dtype`, load every weight; fail loudly on any mismatch.
     `weight_layout`: how the language model's weights are held (qwen2.Qwen2Runner.pack: "in-out" as stored,
-    "out-in" or "packed" for batched decode steps, "bf16" or "int8" for the CPU kernels; device.options picks it)."""
+    "out-in" or "packed" for batched decode steps, "bf16" or "int8" for the CPU kernels; device.options picks it).
+    `bf16_vision` (with a kernel layout, on a CPU with bf16 units): the vision tower and the projector load first and
+    become oneDNN bf16 programs, their fp32 matrices given back (LlavaQwen.use_bf16), before the language model
+    loads: the load never holds the fp32 tower, its bf16 copies and the language model at once."""
     no_init_weights = paddlenlp_module("paddlenlp.transformers.model_utils").no_init_weights
 
     progress = progress or _stderr
@@ -176,11 +180,18 @@ def build_model(model_dir: Path, dtype: str = "float32", progress=None, weight_l
             model = LlavaQwen(config, has_image_newline="image_newline" in state)
     finally:
         paddle.set_default_dtype(previous)
+    if bf16_vision and weight_layout not in ("bf16", "int8"):
+        raise ValueError("bf16_vision goes with the CPU kernels' weight layouts (bf16, int8)")
+    language = _language(model)
+    if bf16_vision:
+        load_state(model, state, progress, select=lambda name: not language(name))
+        model.use_bf16(progress, release_fp32=True, language=False)
     if weight_layout in ("bf16", "int8"):
         progress(f"packing the language model's weights in {weight_layout} as they load ...")
     # the language model first, each layer regrouped per CPU worker (and in bf16 packed) as soon as its weights are
     # in: the load never holds the whole language model in fp32 beside anything else
-    load_state(model, state, progress, first="language_model.", loaded=_packing(model.runner, weight_layout))
+    load_state(model, state, progress, first="language_model.", loaded=_packing(model.runner, weight_layout),
+               select=language if bf16_vision else None)
     model.runner.finish_pack(weight_layout)
     model.eval()
     for param in model.parameters():  # no thread can record autograd history on them, whatever its grad mode
@@ -207,15 +218,23 @@ def _packing(runner, layout: str):
     return loaded
 
 
-def load_state(model, state: dict, progress=None, first: str = "", loaded=None) -> None:
+def _language(model):
+    """name → whether the parameter belongs to the language model (its weights load last with bf16_vision)."""
+    return lambda name: name.startswith("language_model.")
+
+
+def load_state(model, state: dict, progress=None, first: str = "", loaded=None, select=None) -> None:
     """Load numpy arrays or weights.StoredArray into the parameters, one at a time, dropping each from `state`
     once loaded: peak memory is the model plus its largest weight. Parameters named `first`... load first;
-    `loaded(name)` hears of each one in. `progress(message, done=, total=)` hears how many weights are in."""
+    `loaded(name)` hears of each one in. `progress(message, done=, total=)` hears how many weights are in.
+    `select(name)`: only those parameters (and their weights in `state`) this time; the rest stay for a later call."""
     params = dict(model.named_parameters())
+    chosen = select or (lambda name: True)
+    params = {k: v for k, v in params.items() if chosen(k)}
     if first:
         params = {**{k: v for k, v in params.items() if k.startswith(first)}, **params}
     missing = sorted(set(params) - set(state))
-    unexpected = sorted(set(state) - set(params))
+    unexpected = sorted(k for k in state if chosen(k) and k not in params)
     if missing or unexpected:
         raise UserError("checkpoint does not fit the model: "
                         + (f"missing {_names(missing)}" if missing else "")

@@ -58,14 +58,17 @@ def _rms_norm(x, weight, eps):
     return x * paddle.rsqrt((x * x).sum(axis=-1, keepdim=True) * (1.0 / x.shape[-1]) + eps) * weight
 
 
-def dims_of(model) -> dict:
-    """What a program's shape depends on (its export cache key)."""
+def dims_of(model, language: bool = True) -> dict:
+    """What a program's shape depends on (its export cache key); the language model's programs also depend on how
+    its layers are split into the workers' parts (`language`)."""
     text = model.config.text
-    return {"text": {k: text.get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+    dims = {"text": {k: text.get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                               "num_attention_heads", "num_key_value_heads", "rms_norm_eps")},
-            "vision": dict(model.config.vision.__dict__), "mm_hidden_size": model.config.mm_hidden_size,
-            "parts": [[p.q_heads for p in model.runner.parts[0][0]], [p.gate_up.shape[1] for p in
-                                                                      model.runner.parts[0][1]]]}
+            "vision": dict(model.config.vision.__dict__), "mm_hidden_size": model.config.mm_hidden_size}
+    if language:
+        dims["parts"] = [[p.q_heads for p in model.runner.parts[0][0]],
+                         [p.gate_up.shape[1] for p in model.runner.parts[0][1]]]
+    return dims
 
 
 def vision_layer_program(model, i: int, dims: dict) -> Program:
@@ -147,18 +150,20 @@ class Bf16Runner:
     def __init__(self, model, progress=None, release_fp32: bool = False, language: bool = True):
         progress = progress or (lambda message: None)
         runner = model.runner
-        if runner.parts is None:
+        if language and runner.parts is None:
             runner.pack()
         if language and any(part.transposed or part.packed for part in runner.parts[0][0] + runner.parts[0][1]):
             raise ValueError("the bf16 programs take the language model's weights as stored (weight layout in-out)")
-        self.model, self.runner, dims = model, runner, dims_of(model)
+        self.model, self.runner = model, runner
         self.thread = threading.get_ident()  # the one thread that may call the programs (check_thread)
         began = time.perf_counter()
         progress("preparing the bf16 programs ...")
-        self.vision = [vision_layer_program(model, i, dims) for i in range(model.config.vision.num_hidden_layers)]
+        vision_dims = dims_of(model, language=False)
+        self.vision = [vision_layer_program(model, i, vision_dims)
+                       for i in range(model.config.vision.num_hidden_layers)]
         count = len(runner.qwen2.layers)
-        # (language False: the language model runs on bf16 kernels of its own, kernels.Bf16Matrix)
-        self.layers = [layer_programs(runner, i, CHUNK, dims) for i in range(count)] if language else []
+        # (language False: the language model runs on the CPU kernels of its own, kernels.Bf16Matrix / Int8Matrix)
+        self.layers = [layer_programs(runner, i, CHUNK, dims_of(model)) for i in range(count)] if language else []
         programs = self.vision + [p for pair in self.layers for p in pair]
         self.export_seconds = sum(p.export_seconds for p in programs)
         progress("converting the weights to bf16 (each program's first run) ...")

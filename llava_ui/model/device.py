@@ -170,9 +170,14 @@ class EngineOptions:
         return self.on_cpu and self.dtype == "bfloat16"
 
     @property
+    def on_kernels(self) -> bool:
+        """Whether the language model runs on the CPU kernels (weights held for them: qwen2.KERNEL_LAYOUTS)."""
+        return self.layout in ("bf16", "int8")
+
+    @property
     def kv_dtype(self) -> str:
         """The KV cache's dtype: bf16 where the CPU kernels attend, else the weights'."""
-        return "bfloat16" if self.layout in ("bf16", "int8") else self.policy.weights_dtype
+        return "bfloat16" if self.on_kernels else self.policy.weights_dtype
 
     @property
     def weights(self) -> str:

@@ -37,14 +37,17 @@ class LlavaQwen(nn.Layer):
         self.bf16 = None  # bf16.Bf16Runner once use_bf16() ran: the CPU's bf16 programs over these weights
         self.fp32_vision = True  # False once the bf16 programs alone hold the vision weights (use_bf16)
 
-    def use_bf16(self, progress=None, release_fp32: bool = False) -> None:
+    def use_bf16(self, progress=None, release_fp32: bool = False, language: bool | None = None) -> None:
         """Compute in bf16 on a CPU with bf16 units: the vision tower through oneDNN programs, and the language
         model's prefill too unless its weights are packed for the CPU kernels already (qwen2.KERNEL_LAYOUTS,
-        Qwen2Runner.pack). release_fp32: give back the fp32 vision matrices' memory once converted
-        (Bf16Runner._run_vision); the fp32 vision path (bf16 set back to None) then refuses to run."""
+        Qwen2Runner.pack) or `language` is False (the load's bf16_vision: before the language model's weights are
+        in). release_fp32: give back the fp32 vision matrices' memory once converted (Bf16Runner._run_vision); the
+        fp32 vision path (bf16 set back to None) then refuses to run."""
         from llava_ui.model.bf16 import Bf16Runner
 
-        self.bf16 = Bf16Runner(self, progress, release_fp32, language=self.runner.layout not in KERNEL_LAYOUTS)
+        if language is None:
+            language = self.runner.layout not in KERNEL_LAYOUTS
+        self.bf16 = Bf16Runner(self, progress, release_fp32, language=language)
         if self.bf16.released and progress:
             progress(f"gave back the fp32 vision weights ({self.bf16.released / 1e9:.2f} GB): oneDNN keeps them in bf16")
 
