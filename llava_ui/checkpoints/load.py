@@ -22,6 +22,7 @@ from llava_ui.config import read_config
 from llava_ui.errors import UserError
 from llava_ui.model.cpu import configure_cpu
 from llava_ui.model.llava import LlavaQwen
+from llava_ui.model.qwen2 import KERNEL_LAYOUTS
 from llava_ui.model.paddlenlp_lean import paddlenlp_module
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "added_tokens.json",
@@ -180,13 +181,13 @@ def build_model(model_dir: Path, dtype: str = "float32", progress=None, weight_l
             model = LlavaQwen(config, has_image_newline="image_newline" in state)
     finally:
         paddle.set_default_dtype(previous)
-    if bf16_vision and weight_layout not in ("bf16", "int8"):
+    if bf16_vision and weight_layout not in KERNEL_LAYOUTS:
         raise ValueError("bf16_vision goes with the CPU kernels' weight layouts (bf16, int8)")
     language = _language(model)
     if bf16_vision:
         load_state(model, state, progress, select=lambda name: not language(name))
         model.use_bf16(progress, release_fp32=True, language=False)
-    if weight_layout in ("bf16", "int8"):
+    if weight_layout in KERNEL_LAYOUTS:
         progress(f"packing the language model's weights in {weight_layout} as they load ...")
     # the language model first, each layer regrouped per CPU worker (and in bf16 packed) as soon as its weights are
     # in: the load never holds the whole language model in fp32 beside anything else

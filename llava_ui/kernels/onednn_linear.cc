@@ -21,6 +21,7 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include <dlfcn.h>
@@ -133,6 +134,31 @@ int guarded(Body body) {
   return -1;
 }
 
+// out [m, n] = x [m, k] rounded to bf16, times `weights` (+ bias [n]) through the primitive make() returns, on the
+// calling thread alone (the primitive is made, or found, while oneDNN is set to one thread); `scales`: the int8
+// weights' per-output scales.
+template <typename Make>
+void bf16_rows_matmul(const float* x, int64_t m, int64_t k, Make make, const memory& weights, const float* bias,
+                      int64_t n, float* out, const memory* scales = nullptr) {
+  thread_local std::vector<uint16_t> rows;
+  rows.resize(static_cast<size_t>(m * k));
+  for (int64_t i = 0; i < m * k; ++i) rows[i] = to_bf16(x[i]);
+  OneThread one;
+  Matmul& mm = make();
+  dnnl::stream stream(cpu());
+  memory src({{m, k}, dt::bf16, tag::ab}, cpu(), rows.data());
+  memory b({{1, n}, dt::f32, tag::ab}, cpu(), const_cast<float*>(bias));
+  memory dst({{m, n}, dt::f32, tag::ab}, cpu(), out);
+  thread_local std::vector<uint8_t> scratch;
+  scratch.resize(std::max<size_t>(mm.desc.scratchpad_desc().get_size(), 1));
+  memory scratchpad(mm.desc.scratchpad_desc(), cpu(), scratch.data());
+  std::unordered_map<int, memory> args = {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_BIAS, b},
+                                          {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratchpad}};
+  if (scales != nullptr) args.emplace(DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS, *scales);
+  mm.primitive.execute(stream, args);
+  stream.wait();
+}
+
 }  // namespace
 
 extern "C" {
@@ -163,22 +189,8 @@ int llava_bf16_linear(const float* x, int64_t m, int64_t k, const uint8_t* packe
                       float* out) {
   if (m == 0) return 0;
   return guarded([&] {
-    thread_local std::vector<uint16_t> rows;
-    rows.resize(static_cast<size_t>(m * k));
-    for (int64_t i = 0; i < m * k; ++i) rows[i] = to_bf16(x[i]);
-    OneThread one;
-    Matmul& mm = matmul_for(m, k, n, 1);
-    dnnl::stream stream(cpu());
-    memory src({{m, k}, dt::bf16, tag::ab}, cpu(), rows.data());
     memory weights(packed_desc(k, n), cpu(), const_cast<uint8_t*>(packed));
-    memory b({{1, n}, dt::f32, tag::ab}, cpu(), const_cast<float*>(bias));
-    memory dst({{m, n}, dt::f32, tag::ab}, cpu(), out);
-    thread_local std::vector<uint8_t> scratch;
-    scratch.resize(std::max<size_t>(mm.desc.scratchpad_desc().get_size(), 1));
-    memory scratchpad(mm.desc.scratchpad_desc(), cpu(), scratch.data());
-    mm.primitive.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_BIAS, b},
-                                  {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
-    stream.wait();
+    bf16_rows_matmul(x, m, k, [&]() -> Matmul& { return matmul_for(m, k, n, 1); }, weights, bias, n, out);
   });
 }
 
@@ -371,24 +383,9 @@ int llava_int8_linear(const float* x, int64_t m, int64_t k, const int8_t* q, con
       int8_gemv(x, m, k, q, scale, bias, n, out);
       return;
     }
-    thread_local std::vector<uint16_t> rows;
-    rows.resize(static_cast<size_t>(m * k));
-    for (int64_t i = 0; i < m * k; ++i) rows[i] = to_bf16(x[i]);
-    OneThread one;
-    Matmul& mm = int8_matmul_for(m, k, n);
-    dnnl::stream stream(cpu());
-    memory src({{m, k}, dt::bf16, tag::ab}, cpu(), rows.data());
     memory weights({{k, n}, dt::s8, tag::ba}, cpu(), const_cast<int8_t*>(q));
     memory scales({{n}, dt::f32, tag::a}, cpu(), const_cast<float*>(scale));
-    memory b({{1, n}, dt::f32, tag::ab}, cpu(), const_cast<float*>(bias));
-    memory dst({{m, n}, dt::f32, tag::ab}, cpu(), out);
-    thread_local std::vector<uint8_t> scratch;
-    scratch.resize(std::max<size_t>(mm.desc.scratchpad_desc().get_size(), 1));
-    memory scratchpad(mm.desc.scratchpad_desc(), cpu(), scratch.data());
-    mm.primitive.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_BIAS, b},
-                                  {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratchpad},
-                                  {DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS, scales}});
-    stream.wait();
+    bf16_rows_matmul(x, m, k, [&]() -> Matmul& { return int8_matmul_for(m, k, n); }, weights, bias, n, out, &scales);
   });
 }
 

@@ -172,7 +172,9 @@ class EngineOptions:
     @property
     def on_kernels(self) -> bool:
         """Whether the language model runs on the CPU kernels (weights held for them: qwen2.KERNEL_LAYOUTS)."""
-        return self.layout in ("bf16", "int8")
+        from llava_ui.model.qwen2 import KERNEL_LAYOUTS  # deferred: qwen2 loads paddlenlp's model code
+
+        return self.layout in KERNEL_LAYOUTS
 
     @property
     def kv_dtype(self) -> str:
