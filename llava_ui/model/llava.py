@@ -148,7 +148,7 @@ class LlavaQwen(nn.Layer):
         return self.runner.reserve(cache, positions)
 
     def logits(self, hidden) -> paddle.Tensor:
-        if hidden.ndim == 2:  # one position (generate.prefill / decode_one_token): the vocabulary split over cores
+        if hidden.ndim == 2:  # one position or a decode step's rows: the vocabulary split over cores
             logits = head_logits(self.language_model.lm_head, hidden, self.runner.head)
         elif self.runner.head is not None:  # an untied head packed in bf16 no longer has its fp32 matrix
             logits = head_logits(self.language_model.lm_head, hidden.reshape([-1, hidden.shape[-1]]),
