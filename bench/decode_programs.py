@@ -43,13 +43,18 @@ def main(argv=None) -> int:
     import paddle.nn.functional as F
 
     from llava_ui.checkpoints.load import build_model
-    from llava_ui.model.bf16 import _zeros_for, dims_of
+    from llava_ui.model.bf16 import dims_of
     from llava_ui.model.cpu import run_parts
     from llava_ui.model.onednn import Program, _spec
     from llava_ui.model.qwen2 import _Step, _total, rms_norm
 
     model = build_model(ensure_checkpoints(args.checkpoints)["paddle"], "float32", lambda *a, **k: None)[0]
-    runner, dims = model.runner, dims_of(model)
+    runner = model.runner
+    dims = {**dims_of(model), "parts": [[p.q_heads for p in runner.parts[0][0]],  # (the export cache's key)
+                                         [p.gate_up.shape[1] for p in runner.parts[0][1]]]}
+
+    def _zeros_for(weight):  # a bias makes matmul + bias oneDNN's fc, which keeps its bf16 weights
+        return paddle.zeros([weight.shape[1]])
     layers, hidden = runner.qwen2.layers, model.config.text["hidden_size"]
 
     def summed(*inputs):  # [a_0 .. a_n, w_0, b_0 .. w_n, b_n] → Σ a_p · w_p + b_p

@@ -12,18 +12,20 @@ needs_avx512 = pytest.mark.skipif(not has_avx512(), reason="this CPU has no AVX-
 needs_bf16_units = pytest.mark.skipif(bf16_units() is None, reason="this CPU has no AMX / AVX-512 BF16 units")
 
 
-def machine_precisions() -> list[str]:
-    """The CPU precisions an engine can be built in here: float32 everywhere, bfloat16 where bf16 units are."""
-    return ["float32"] + (["bfloat16"] if bf16_units() else [])
-
-
 def machine_engines() -> list:
-    """Engine options for each path this CPU can run, named: fp32 everywhere; where bf16 units are, bf16 through
-    the bf16 kernels, bf16 through oneDNN programs (the path where the kernels cannot be built) and int8 weights
-    through the kernels (--weights int8)."""
+    """Engine options for each path this CPU can run, named: fp32 everywhere; where bf16 units are, bf16 and int8
+    weights (--weights int8) through the CPU kernels (kernels_or_skip: where those cannot be built, a bf16 CPU
+    engine computes in fp32)."""
     paths = [pytest.param({"dtype": "float32"}, id="fp32")]
     if bf16_units():
         paths += [pytest.param({"dtype": "bfloat16", "bf16_kernel": True}, id="bf16-kernel"),
-                  pytest.param({"dtype": "bfloat16", "bf16_kernel": False}, id="bf16-programs"),
                   pytest.param({"dtype": "bfloat16", "bf16_kernel": True, "weights": "int8"}, id="int8-kernel")]
     return paths
+
+
+def kernels_or_skip(engine_options: dict) -> None:
+    """Skip, with the reason, an engine of these options that needs the CPU kernels where they cannot be built."""
+    from llava_ui.model import kernels
+
+    if engine_options.get("dtype") == "bfloat16" and not kernels.available():
+        pytest.skip(f"the CPU kernels {kernels.why_unavailable()}")

@@ -1,5 +1,5 @@
-"""The CPU's bf16 path (oneDNN programs over the fp32 weights) against the fp32 path, on the same weights and
-prompts: max |Δlogit| / max |logit|, the cosine of the last hidden state, greedy agreement over 32 tokens.
+"""The CPU's bf16 path (the language model on the CPU kernels, the vision tower as oneDNN programs) against the
+fp32 path, on the same weights and prompts: max |Δlogit| / max |logit|, the cosine of the last hidden state, greedy agreement over 32 tokens.
 
 The bounds are set from bf16's precision, not from what was measured: bf16 keeps 8 significant bits (unit
 roundoff 2^-8 ≈ 0.004 per rounding); through ~50 matmul layers with independent roundings the relative error of
@@ -20,9 +20,8 @@ import pytest
 
 from llava_ui.backends.local import Engine
 from llava_ui.checkpoints.load import build_model
-from llava_ui.model import bf16 as bf16_path
 from llava_ui.model.cpu import release_free_memory
-from llava_ui.model.generate import decode_one_token, prefill
+from llava_ui.model.generate import decode_one_token
 from llava_ui.model.cpu import bf16_units
 from cpu_kinds import needs_bf16_units
 from llava_ui.model import kernels
@@ -73,8 +72,8 @@ def compare(exact, model, embeds, steps: int = STEPS) -> dict:
 
 
 def prefill_hidden(model, embeds):
-    """The prompt chunk by chunk, as the engine's prefill hands it over (the bf16 programs take one chunk at a
-    time): (the last chunk's hidden states, the cache)."""
+    """The prompt chunk by chunk, as the engine's prefill hands it over: (the last chunk's hidden states, the
+    cache)."""
     chunk, cache = model.prefill_chunk(embeds), model.reserve(None, embeds.shape[1] + STEPS + 1)
     for start in range(0, embeds.shape[1], chunk):
         hidden, cache = model.forward_hidden(embeds[:, start:start + chunk], cache, start)
@@ -117,24 +116,19 @@ def check(report: dict) -> None:
     assert report["clear_lead_disagreements"] == 0, report
 
 
-LANGUAGE_PATHS = [pytest.param(True, marks=needs_kernel, id="kernel"), pytest.param(False, id="programs")]
-
-
 @pytest.fixture(scope="module")
 def tiny_fp32(checkpoints):
     return build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None)[0]
 
 
-@pytest.fixture(scope="module", params=LANGUAGE_PATHS)
-def tiny_bf16(checkpoints, request):
-    """The bf16 model with its language model on each bf16 path: the bf16 linear kernel (weights packed in bf16
-    once), and oneDNN programs over fp32 weights (where the kernel cannot be built)."""
-    if request.param:
-        kernel_or_skip()
-    model, _, _ = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None,
-                              "bf16" if request.param else "in-out")
+@pytest.fixture(scope="module")
+def tiny_bf16(checkpoints):
+    """The bf16 model as the engine loads it: the language model on the bf16 kernels (weights packed in bf16
+    once), the vision tower as oneDNN bf16 programs (its fp32 weights kept: vision_agreement reads them)."""
+    kernel_or_skip()
+    model, _, _ = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None, "bf16")
     model.use_bf16()
-    assert (model.runner.layout == "bf16") == request.param
+    assert model.runner.layout == "bf16" and model.bf16 is not None
     return model
 
 
@@ -143,11 +137,7 @@ def tiny_bf16(checkpoints, request):
 def test_tiny_bf16_agrees_with_fp32(tiny_fp32, tiny_bf16, text_tokens, images):
     """Prompts of several chunks (the last one padded), with and without images, and a short one."""
     embeds = prompt_embeds(tiny_bf16, text_tokens, images)
-    report = compare(tiny_fp32, tiny_bf16, embeds)
-    if tiny_bf16.runner.layout == "bf16" or text_tokens >= bf16_path.MIN_ROWS:
-        check(report)
-    else:  # the programs path runs a short prompt and every decode step on the fp32 weights
-        assert report["max_logit_error"] == 0
+    check(compare(tiny_fp32, tiny_bf16, embeds))
 
 
 @needs_units
@@ -157,8 +147,7 @@ def test_the_kernel_holds_the_language_model_in_bf16_only(checkpoints, tiny_fp32
     if not kernels.available():
         pytest.skip("the bf16 linear kernel cannot be built here")
     model, _, _ = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None, "bf16")
-    model.use_bf16()
-    assert model.runner.layout == "bf16" and not model.bf16.layers
+    assert model.runner.layout == "bf16"
     fp32_parts = tiny_fp32.runner.parts
     for (attention, feed), (exact_attention, exact_feed) in zip(model.runner.parts, fp32_parts):
         for part, exact in zip(attention + feed, exact_attention + exact_feed):
@@ -274,8 +263,7 @@ def test_programs_are_exported_once_and_reused(checkpoints, tmp_path, monkeypatc
     model.use_bf16()
     folders = sorted(p.name for p in (tmp_path / "programs").iterdir())
     assert model.bf16.export_seconds > 0
-    language_programs = 0 if model.runner.layout == "bf16" else 2 * len(model.runner.parts)  # (the kernel: none)
-    assert len(folders) == model.config.vision.num_hidden_layers + language_programs
+    assert len(folders) == model.config.vision.num_hidden_layers  # (the language model's bf16: the kernels)
     again, _, _ = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None)
     again.use_bf16()
     assert again.bf16.export_seconds == 0 and sorted(p.name for p in (tmp_path / "programs").iterdir()) == folders
@@ -325,8 +313,9 @@ def rss_gb() -> float:
 def test_real_size_bf16_agrees_with_fp32_and_memory_stays_bounded(real_checkpoint, tmp_path):
     """At the real dimensions, per case; prompts of other lengths and cache capacities must not make oneDNN keep
     more weight copies (its cache is per input shape: every program runs at one shape)."""
+    kernel_or_skip()
     exact, _, _ = build_model(real_checkpoint, "float32", lambda *a, **k: None)
-    model, _, _ = build_model(real_checkpoint, "float32", lambda *a, **k: None)
+    model, _, _ = build_model(real_checkpoint, "float32", lambda *a, **k: None, "bf16")
     model.use_bf16()
     reports = {"vision": vision_agreement(model)}
     cases = (("2-images", 40, 2), ("1-image", 30, 1), ("text-700", 700, 0))  # the longest prompt first
@@ -374,8 +363,7 @@ FIRST_IN_PROCESS = """
 import sys, numpy as np
 from llava_ui.checkpoints.load import build_model
 quiet = lambda *a, **k: None
-model = build_model(sys.argv[1], "float32", quiet, "bf16" if sys.argv[2] == "kernel" else "in-out")[0]
-model.use_bf16(release_fp32=True)
+model = build_model(sys.argv[1], "float32", quiet, "bf16", bf16_vision=True)[0]  # as the engine loads it
 exact = build_model(sys.argv[1], "float32", quiet)[0]
 side = model.config.vision.image_size
 pixels = np.random.default_rng(3).uniform(-1, 1, (2, 3, side, side)).astype("float32")
@@ -386,16 +374,15 @@ print("ERROR", float(np.abs(low - ref).max() / np.abs(ref).max()))
 
 
 @needs_units
-@pytest.mark.parametrize("language", LANGUAGE_PATHS)
-def test_the_first_bf16_model_of_a_process_encodes_right_after_giving_back_its_fp32_vision_weights(checkpoints,
-                                                                                                   language):
+def test_the_first_bf16_model_of_a_process_encodes_right_after_giving_back_its_fp32_vision_weights(checkpoints):
     """In a new process (the app's case), the vision features after the fp32 matrices were given back agree with
     fp32's: a program's first run there does not always leave oneDNN holding its bf16 weights."""
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", FIRST_IN_PROCESS, str(checkpoints("paddlenlp", vocab="bytes")),
-                           "kernel" if language else "programs"], capture_output=True, text=True, timeout=600)
+    kernel_or_skip()
+    done = subprocess.run([sys.executable, "-c", FIRST_IN_PROCESS, str(checkpoints("paddlenlp", vocab="bytes"))],
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     error = float(done.stdout.split("ERROR")[-1])
     assert error <= MAX_LOGIT_ERROR

@@ -6,7 +6,7 @@ import paddle
 import pytest
 from PIL import Image
 
-from cpu_kinds import machine_engines
+from cpu_kinds import kernels_or_skip, machine_engines
 from llava_ui.backends.base import Delta, Result
 from llava_ui.backends.local import Engine
 from llava_ui.chat.conversation import Conversation
@@ -27,8 +27,9 @@ def picture(seed, size=(96, 64)):
 
 @pytest.fixture(scope="module", params=machine_engines())
 def engine(tiny_dir, request):
-    """The engine on each path this CPU can run (bf16 only where it has bf16 units: through the kernels and
-    through oneDNN programs), named, not the host's default."""
+    """The engine on each path this CPU can run (bf16 and int8 only where it has bf16 units and the CPU kernels
+    build), named, not the host's default."""
+    kernels_or_skip(request.param)
     return Engine(str(tiny_dir), **request.param).load()
 
 
@@ -56,7 +57,7 @@ def test_engine_greedy_equals_the_core_model_greedy(engine):
     plan = engine.plan(chat(), max_new_tokens=24)
     rows, _ = engine.image_rows(plan)
     embeds = engine.model.embed_prompt(plan.prompt_ids, rows)
-    # in the compute thread, as every model call of the engine (bf16 programs are bound to the thread that made them)
+    # in the compute thread, as every model call of the engine (the bf16 vision programs are bound to the thread that made them)
     core = engine.run(lambda: list(generate_ids(engine.model, embeds, GREEDY, engine.tokenizer.stop_ids)))
     assert final.token_ids == core
     assert conversation.turns[-1].answer == final.text
@@ -285,11 +286,10 @@ def test_the_engine_reports_the_options_it_computes_with(engine):
     the bf16 kernel path the language model is held packed in bf16 (or int8, --weights int8) and the KV cache is
     bf16."""
     options = engine.status()["options"]
-    kernel = engine.bf16_kernel is True
+    kernel = options["dtype"] == "bfloat16"  # (a CPU computes in bf16 on the kernels only)
     assert options["dtype"] == engine.options.dtype and options["batch_slots"] == engine.compute.batch_limit == 8
     kernel_layout = "int8" if engine.weights == "int8" else "bf16"
-    assert options["weight_layout"] == engine.model.runner.layout == (kernel_layout if kernel else "out-in" if
-                                                                      options["dtype"] == "float32" else "in-out")
+    assert options["weight_layout"] == engine.model.runner.layout == (kernel_layout if kernel else "out-in")
     cache = engine.run(engine.model.reserve, None, 16)
     assert str(cache.keys[0].dtype).endswith("bfloat16" if kernel else "float32") and options["kv_cache"] == (
         "bfloat16" if kernel else "float32")

@@ -8,7 +8,6 @@ the next step. Between steps the stream reports progress with the time left at t
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 import time
@@ -142,15 +141,12 @@ class Engine:
         paddle.set_device(options.device)
         model_dir = resolve_model_dir(self.model_id, self._progress, self.hub)
         self.model_dir = model_dir
-        # on a CPU with bf16 units the vision tower (and without the CPU kernels the prefill) runs as oneDNN
-        # programs; with the kernels the tower is converted before the language model loads (a lower peak)
-        bf16_vision = options.bf16_programs and options.on_kernels
+        # a bf16 CPU engine: the vision tower becomes oneDNN bf16 programs before the language model loads (a
+        # lower peak), which the CPU kernels hold in bf16 (or int8)
         model, config, layout = build_model(model_dir, options.policy.weights_dtype, self._progress, options.layout,
-                                            bf16_vision=bf16_vision)
-        if options.bf16_programs:
-            if model.bf16 is None:
-                model.use_bf16(self._progress, release_fp32=True)
-            self._progress(f"bf16 programs ready in {model.bf16.prepare_seconds:.0f} s "
+                                            bf16_vision=options.bf16_vision)
+        if options.bf16_vision:
+            self._progress(f"bf16 vision programs ready in {model.bf16.prepare_seconds:.0f} s "
                            f"(exported in {model.bf16.export_seconds:.0f} s)")
         self._progress("loading the tokenizer ...")
         self.tokenizer = load_tokenizer(model_dir)

@@ -186,7 +186,7 @@ def build_model(model_dir: Path, dtype: str = "float32", progress=None, weight_l
     language = _language(model)
     if bf16_vision:
         load_state(model, state, progress, select=lambda name: not language(name))
-        model.use_bf16(progress, release_fp32=True, language=False)
+        model.use_bf16(progress, release_fp32=True)
     if weight_layout in KERNEL_LAYOUTS:
         progress(f"packing the language model's weights in {weight_layout} as they load ...")
     # the language model first, each layer regrouped per CPU worker (and in bf16 packed) as soon as its weights are

@@ -3,9 +3,8 @@ status bar show both).
 
 A GPU computes in bf16 where the chosen device has it (compute capability 8.0 and later: Ampere, Ada, Hopper), else
 in fp16; the model was trained in bf16, whose range fp16 lacks (qwen2.check_finite guards the prefill). A CPU with
-bf16 units computes in bf16 (the language model through the bf16 kernels, llava_ui.model.kernels, where they
-build; the vision tower, and without the kernels the language model's prefill, through oneDNN programs,
-llava_ui.model.bf16), any other CPU in fp32. `options()` adds how the weights are held and the batch slots: one
+bf16 units computes in bf16 where the CPU kernels build (the language model through them, llava_ui.model.kernels;
+the vision tower through oneDNN programs, llava_ui.model.bf16), any other CPU in fp32. `options()` adds how the weights are held and the batch slots: one
 typed EngineOptions per load.
 """
 from __future__ import annotations
@@ -39,7 +38,7 @@ class DevicePolicy:
 
     @property
     def weights_dtype(self) -> str:
-        """The parameters' dtype: a CPU keeps fp32 weights whatever it computes in (bf16 runs as oneDNN programs)."""
+        """The parameters' dtype as loaded: fp32 on a CPU (the bf16 kernels and programs convert them once, at load)."""
         return self.dtype if self.on_gpu else "float32"
 
     @property
@@ -165,8 +164,8 @@ class EngineOptions:
         return not self.policy.on_gpu
 
     @property
-    def bf16_programs(self) -> bool:
-        """oneDNN bf16 programs run the vision tower (and, without the bf16 kernel, the language model's prefill)."""
+    def bf16_vision(self) -> bool:
+        """oneDNN bf16 programs run the vision tower (a bf16 CPU engine: the language model on the kernels)."""
         return self.on_cpu and self.dtype == "bfloat16"
 
     @property
@@ -188,8 +187,7 @@ class EngineOptions:
                 "int8": "int8 per output channel (weight-only; bf16 prefill math)",
                 "packed": "fp32, packed for MKL's sgemm",
                 "out-in": "fp32, stored [out, in] for batched steps"}.get(
-            self.layout, f"{self.policy.weights_dtype} as stored" + (
-                " (bf16 prefill programs over them)" if self.bf16_programs else ""))
+            self.layout, f"{self.policy.weights_dtype} as stored")
 
     def summary(self) -> dict:
         return {"device": self.device, "dtype": self.dtype, "precision": self.policy.precision,
@@ -200,13 +198,14 @@ class EngineOptions:
 def options(device: str | None = None, dtype: str | None = None, batch_slots: int = 8, progress=None,
             bf16_kernel: bool | None = None, weights: str | None = None) -> EngineOptions:
     """The engine's options for a load: the device and precision (choose()), then the weight layout that suits
-    them and the batch slots. On a CPU with bf16 units the language model is packed for the bf16 kernel wherever
-    it builds (kernels.available; LLAVA_UI_BF16_KERNEL=off turns it off), else its bf16 prefill runs as oneDNN
-    programs over fp32 weights. An fp32 CPU engine that batches decode steps holds them [out, in]
-    (qwen2.project), or with LLAVA_UI_BATCH_LAYOUT=packed packed for MKL's sgemm (packed.py); one stream and a
-    GPU keep them as stored. `bf16_kernel` False keeps a bf16 CPU engine off the kernel (True: on it, or an error
-    where it cannot build). `weights` "int8" (--weights) holds the language model's weights, the head included,
-    as int8 per output channel for the same kernels: on a CPU that computes in bf16 only."""
+    them and the batch slots. bf16 on a CPU is the CPU kernels' (the language model packed in bf16 for them): where
+    they cannot be built (kernels.available; LLAVA_UI_BF16_KERNEL=off turns them off) a CPU engine computes in
+    fp32 and its reason says why, or, with bf16 asked for (`dtype`, `bf16_kernel` True), the load is refused with
+    the reason. An fp32 CPU engine that batches decode steps holds them [out, in] (qwen2.project), or with
+    LLAVA_UI_BATCH_LAYOUT=packed packed for MKL's sgemm (packed.py); one stream and a GPU keep them as stored.
+    `bf16_kernel` False keeps a CPU engine off the kernels (fp32). `weights` "int8" (--weights) holds the language
+    model's weights, the head included, as int8 per output channel for the same kernels: on a CPU that computes in
+    bf16 only."""
     from llava_ui.model import kernels, packed  # deferred: both load native libraries
 
     if batch_slots < 1:
@@ -216,18 +215,22 @@ def options(device: str | None = None, dtype: str | None = None, batch_slots: in
     policy = choose(device, dtype)
     if weights == "int8":
         return EngineOptions(policy, _int8_layout(policy, kernels, progress, bf16_kernel), batch_slots)
-    if policy.on_gpu:
-        layout = "in-out"
-    elif policy.dtype == "bfloat16":
+    if not policy.on_gpu and policy.dtype == "bfloat16":
         wanted = kernels.enabled() if bf16_kernel is None else bf16_kernel
-        built = wanted and kernels.available(progress)
-        if bf16_kernel and not built:
-            raise UserError("the bf16 kernels cannot be built on this machine (the log says why)")
-        layout = "bf16" if built else "in-out"
-    elif batch_slots > 1:
-        layout = "packed" if os.environ.get("LLAVA_UI_BATCH_LAYOUT", "") == "packed" and packed.available() else "out-in"
-    else:
+        if wanted and kernels.available(progress):
+            return EngineOptions(policy, "bf16", batch_slots)
+        why = kernels.why_unavailable() if wanted else "are turned off (LLAVA_UI_BF16_KERNEL=off)"
+        if dtype or bf16_kernel:
+            raise UserError(f"bf16 on the CPU runs on the CPU kernels, which {why}: use --dtype float32, or see "
+                            "docs/deploy.md (a C++ compiler and the onednn-devel package)")
+        policy = DevicePolicy("cpu", "float32", f"{policy.reason.split(';')[0]}; fp32: this CPU has "
+                                                f"{bf16_units()} units, but the bf16 kernels {why}")
+    if policy.on_gpu or batch_slots == 1:
         layout = "in-out"
+    elif os.environ.get("LLAVA_UI_BATCH_LAYOUT", "") == "packed" and packed.available():
+        layout = "packed"
+    else:
+        layout = "out-in"
     return EngineOptions(policy, layout, batch_slots)
 
 

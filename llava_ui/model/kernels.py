@@ -116,6 +116,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 _BUILT: list = []  # the loaded library (or None), once known
+_WHY: list = []  # why it could not be built (why_unavailable)
 _BUILDING = threading.Lock()
 
 
@@ -134,15 +135,23 @@ def _first_build() -> ctypes.CDLL | None:
         return None
     try:
         return _build()
-    except Exception as err:  # a missing compiler or header, a failed build: run without the kernel
-        logger.warning("the bf16 kernels could not be built (%s: %s); the language model keeps its slower bf16 "
-                       "path", type(err).__name__, err)
+    except Exception as err:  # a missing compiler or header, a failed build: run without the kernels
+        _WHY.append(f"cannot be built here ({type(err).__name__}: {err})")
+        logger.warning("the bf16 kernels could not be built (%s: %s); the CPU computes in fp32",
+                       type(err).__name__, err)
         return None
 
 
+def why_unavailable() -> str:
+    """Why the kernels do not run here, as the end of a sentence ("the bf16 kernels ..."); "" where they run."""
+    if available():
+        return ""
+    return _WHY[0] if _WHY else "are turned off (LLAVA_UI_BF16_KERNEL=off)"
+
+
 def enabled() -> bool:
-    """Whether bf16 engines use the kernels where they build: yes, unless LLAVA_UI_BF16_KERNEL=off (the oneDNN
-    programs path then runs the language model's bf16 prefill and fp32 decode, as before the kernels)."""
+    """Whether CPU engines use the kernels where they build: yes, unless LLAVA_UI_BF16_KERNEL=off (a CPU engine then
+    computes in fp32)."""
     return os.environ.get("LLAVA_UI_BF16_KERNEL", "").strip().lower() not in ("off", "0", "no")
 
 

@@ -8,7 +8,7 @@ from llava_ui.chat.prompt import IMAGE_MARKER
 from llava_ui.config import ModelConfig
 from llava_ui.model.cpu import release_free_memory
 from llava_ui.model.paddlenlp_lean import paddlenlp_module
-from llava_ui.model.qwen2 import KERNEL_LAYOUTS, Qwen2Runner, head_logits
+from llava_ui.model.qwen2 import Qwen2Runner, head_logits
 from llava_ui.model.vision import SiglipVisionModel
 
 _transformers = paddlenlp_module("paddlenlp.transformers")
@@ -34,20 +34,17 @@ class LlavaQwen(nn.Layer):
             rotary = layer.self_attn.rotary_emb
             rotary.max_seq_len_cached, rotary.cos_cached, rotary.sin_cached = 0, None, None
         self.vision_calls = 0  # how many times the vision tower ran; caches are tested against it
-        self.bf16 = None  # bf16.Bf16Runner once use_bf16() ran: the CPU's bf16 programs over these weights
+        self.bf16 = None  # bf16.Bf16Vision once use_bf16() ran: the vision tower as the CPU's bf16 programs
         self.fp32_vision = True  # False once the bf16 programs alone hold the vision weights (use_bf16)
 
-    def use_bf16(self, progress=None, release_fp32: bool = False, language: bool | None = None) -> None:
-        """Compute in bf16 on a CPU with bf16 units: the vision tower through oneDNN programs, and the language
-        model's prefill too unless its weights are packed for the CPU kernels already (qwen2.KERNEL_LAYOUTS,
-        Qwen2Runner.pack) or `language` is False (the load's bf16_vision: before the language model's weights are
-        in). release_fp32: give back the fp32 vision matrices' memory once converted (Bf16Runner._run_vision); the
-        fp32 vision path (bf16 set back to None) then refuses to run."""
-        from llava_ui.model.bf16 import Bf16Runner
+    def use_bf16(self, progress=None, release_fp32: bool = False) -> None:
+        """Run the vision tower and the projector in bf16 through oneDNN programs (a CPU with bf16 units; the
+        language model's bf16 is the CPU kernels', qwen2.KERNEL_LAYOUTS). release_fp32: give back the fp32 vision
+        matrices' memory once converted (Bf16Vision._run_vision); the fp32 vision path (bf16 set back to None)
+        then refuses to run."""
+        from llava_ui.model.bf16 import Bf16Vision
 
-        if language is None:
-            language = self.runner.layout not in KERNEL_LAYOUTS
-        self.bf16 = Bf16Runner(self, progress, release_fp32, language=language)
+        self.bf16 = Bf16Vision(self, progress, release_fp32)
         if self.bf16.released and progress:
             progress(f"gave back the fp32 vision weights ({self.bf16.released / 1e9:.2f} GB): oneDNN keeps them in bf16")
 
@@ -127,8 +124,6 @@ class LlavaQwen(nn.Layer):
         start + L positions. A shared (prefix) cache is copied before the first write, never changed.
         `should_stop()` is asked between layers (errors.Stopped: the cache is then partly written).
         """
-        if self.bf16 is not None and self.bf16.takes(embeds.shape[1]):
-            return self.bf16.forward(embeds, cache, start, should_stop)
         return self.runner.forward(embeds, cache, start, should_stop)
 
     def decode_batch(self, tokens: list[int], caches: list, positions: list[int]):
@@ -141,7 +136,7 @@ class LlavaQwen(nn.Layer):
 
     def prefill_chunk(self, embeds) -> int:
         """How many prompt positions generate.prefill hands to forward_hidden at a time."""
-        return self.runner.chunk(embeds)  # the bf16 programs take the same chunks (bf16.CHUNK)
+        return self.runner.chunk(embeds)
 
     def reserve(self, cache, positions: int):
         """`cache` (None: a new one), writable and with room for `positions` positions."""
