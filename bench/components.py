@@ -72,7 +72,7 @@ def main(argv=None) -> None:
         import paddle
 
         from llava_ui.checkpoints.load import build_model
-        from llava_ui.model.generate import decode_one_token, prefill
+        from llava_ui.engine.steps import decode_one_token, prefill
 
         paddle.set_grad_enabled(False)
         model, _, _ = build_model(dirs["paddle"])

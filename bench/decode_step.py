@@ -31,7 +31,7 @@ from run import DEFAULT_CHECKPOINTS, ensure_checkpoints, read_bandwidth  # noqa:
 
 from llava_ui.checkpoints.load import build_model  # noqa: E402
 from llava_ui.model.cpu import bf16_units  # noqa: E402
-from llava_ui.model.generate import decode_one_token, prefill  # noqa: E402
+from llava_ui.engine.steps import decode_one_token, prefill  # noqa: E402
 from llava_ui.model.kernels import KernelMatrix  # noqa: E402
 
 

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
 
-    from llava_ui.backends.local import Engine
+    from llava_ui.engine import Engine
 
     model = args.model or ensure_checkpoints(args.checkpoints)["paddle"]
     engine = Engine(str(model), dtype=args.dtype, image_mode="flat", batch_slots=1).load()  # one stream, as

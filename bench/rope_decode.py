@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     import paddle
 
     from llava_ui.checkpoints.load import build_model
-    from llava_ui.model.generate import decode_one_token
+    from llava_ui.engine.steps import decode_one_token
 
     paddle.set_grad_enabled(False)
     model, config, _ = build_model(Path(args.model), progress=lambda *a, **k: None)

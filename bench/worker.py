@@ -48,7 +48,7 @@ def peak_rss_bytes() -> int:
 
 
 def run_paddle(case: Case, model_dir: Path, device: str | None, dtype: str | None = None) -> dict:
-    from llava_ui.backends.local import Engine
+    from llava_ui.engine import Engine
     from llava_ui.chat.conversation import Conversation
     from llava_ui.chat.media import Frame, Video
     from llava_ui.config import GenerationSettings

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 import uvicorn
 
 from llava_ui.backends.base import Result
-from llava_ui.backends.local import Engine
+from llava_ui.engine import Engine
 
 
 class RecordingEngine(Engine):

@@ -9,7 +9,7 @@ from servers import serve_api
 
 from llava_ui.backends.admission import Admission, ServerBusy
 from llava_ui.backends.base import Progress, Result
-from llava_ui.backends.local import Engine
+from llava_ui.engine import Engine
 from llava_ui.chat.conversation import Conversation
 from llava_ui.config import GenerationSettings
 from llava_ui.web.handlers import ChatHandlers

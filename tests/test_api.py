@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from PIL import Image
 from servers import BlockedEngine, RecordingEngine, serve
 
-from llava_ui.backends.local import Engine
+from llava_ui.engine import Engine
 from llava_ui.chat.conversation import Conversation
 from llava_ui.config import GenerationSettings
 from llava_ui.openai.server import create_api_router

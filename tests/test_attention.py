@@ -44,7 +44,7 @@ def test_command_line_attention_equals_transformers_eager_rows(hf_dir, capsys, m
     assert code == 0
     attention, generated = record["attention"], record["token_ids"]
     assert len(attention) == len(generated) == STEPS
-    from llava_ui.backends.local import get_engine
+    from llava_ui.engine import get_engine
 
     engine = get_engine(str(hf_dir), hub=None, device=None, dtype="float32", image_mode="flat", context_length=None, batch_slots=1)
     conversation = Conversation()
@@ -92,7 +92,7 @@ def test_a_remote_engine_refuses_attention():
 def test_attention_that_could_exhaust_memory_is_refused_before_any_compute(tiny_dir, monkeypatch):
     """Tokens x layers x visual positions beyond the bound: a message naming the token count that fits, the model
     not run; within the bound the answer carries its attention."""
-    from llava_ui.backends import local
+    from llava_ui.engine import engine as local, plan as planning
     from llava_ui.backends.base import Result
     from llava_ui.chat.conversation import Conversation
     from llava_ui.config import GenerationSettings
@@ -104,7 +104,7 @@ def test_attention_that_could_exhaust_memory_is_refused_before_any_compute(tiny_
     conversation.add_user("What is in <image>?", [Image.new("RGB", (64, 48), (200, 30, 30))])
     plan = engine.plan(conversation, max_new_tokens=4)
     layers = engine.config.text["num_hidden_layers"]
-    monkeypatch.setattr(local, "ATTENTION_VALUES", 4 * layers * plan.visual_tokens)
+    monkeypatch.setattr(planning, "ATTENTION_VALUES", 4 * layers * plan.visual_tokens)
     calls = engine.model.vision_calls
     with pytest.raises(UserError, match="at most 4 new tokens"):
         list(engine.stream(conversation, GenerationSettings(max_new_tokens=5, temperature=0, attention=True)))

@@ -6,11 +6,11 @@ import numpy as np
 import paddle
 import pytest
 
-from llava_ui.backends.local import Engine
+from llava_ui.engine import Engine
 from llava_ui.chat.conversation import Conversation
 from llava_ui.checkpoints.load import build_model
 from llava_ui.config import GenerationSettings
-from llava_ui.model.generate import decode_one_token, prefill
+from llava_ui.engine.steps import decode_one_token, prefill
 from llava_ui.model.packed import PackedMatrix
 
 TOKENS = 24

@@ -18,10 +18,10 @@ import numpy as np
 import paddle
 import pytest
 
-from llava_ui.backends.local import Engine
+from llava_ui.engine import Engine
 from llava_ui.checkpoints.load import build_model
 from llava_ui.model.cpu import release_free_memory
-from llava_ui.model.generate import decode_one_token
+from llava_ui.engine.steps import decode_one_token
 from llava_ui.model.cpu import bf16_units
 from cpu_kinds import needs_bf16_units
 from llava_ui.model import kernels

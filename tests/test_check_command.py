@@ -101,7 +101,7 @@ def test_the_status_bar_shows_the_choice_and_why():
 
 
 def test_an_engine_reports_why_it_chose_its_device(tiny_dir):
-    from llava_ui.backends.local import Engine
+    from llava_ui.engine import Engine
 
     status = Engine(str(tiny_dir), dtype="float32").load().status()
     assert status["device"] == "cpu" and status["device_reason"].startswith("no GPU found")

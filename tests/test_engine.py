@@ -8,11 +8,11 @@ from PIL import Image
 
 from cpu_kinds import kernels_or_skip, machine_engines
 from llava_ui.backends.base import Delta, Result
-from llava_ui.backends.local import Engine
+from llava_ui.engine import Engine
 from llava_ui.chat.conversation import Conversation
 from llava_ui.config import GenerationSettings
 from llava_ui.errors import UserError
-from llava_ui.model.generate import Decoding, IncrementalDecoder, generate_ids
+from llava_ui.engine.steps import Decoding, IncrementalDecoder, generate_ids
 
 GREEDY = GenerationSettings(max_new_tokens=24, temperature=0)
 
@@ -226,7 +226,7 @@ def test_failed_load_is_reported_and_can_be_retried(tmp_path, tiny_dir):
 
 
 def test_concurrent_first_requests_load_once(tiny_dir, monkeypatch):
-    import llava_ui.backends.local as checkpoints  # the engine's own reference to build_model
+    import llava_ui.engine.engine as checkpoints  # the engine's own reference to build_model
 
     builds = []
     real = checkpoints.build_model

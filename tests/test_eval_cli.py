@@ -12,7 +12,7 @@ from PIL import Image
 from test_evaluation import sample  # noqa: E402  (the benchmark sample format)
 
 from llava_ui.backends.base import Result, Stats
-from llava_ui.backends.local import get_engine
+from llava_ui.engine import get_engine
 from llava_ui.chat.conversation import Conversation
 from llava_ui.checkpoints.load import load_tokenizer
 from llava_ui.commands import eval as eval_command
@@ -210,7 +210,7 @@ def test_remote_backend_is_asked_the_same_questions(bench_dir, tmp_path, monkeyp
 
 def test_repetition_penalty_of_the_checkpoint_generation_config_is_applied_to_generated_tokens(
         tiny_dir, bench_dir, tmp_path):
-    from llava_ui.model.generate import generate_ids
+    from llava_ui.engine.steps import generate_ids
 
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_dir, model_dir)

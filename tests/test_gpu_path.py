@@ -161,39 +161,40 @@ def test_a_gpu_keeps_the_stored_weight_layout_whatever_the_batch_slots(monkeypat
     """The options an engine loads with, on each device kind (the CUDA queries mocked, the CPU's bf16 units and
     the kernel's availability set): one typed object, the layout picked once from device, dtype and slots."""
     import llava_ui.model.device as device
+    import llava_ui.model.options as engine_options
     from llava_ui.errors import UserError
     from llava_ui.model import kernels
 
     FakeGpus(monkeypatch, A10G)
     for dtype in ("bfloat16", "float16", "float32"):
-        chosen = device.options("gpu", dtype, batch_slots=4)
+        chosen = engine_options.options("gpu", dtype, batch_slots=4)
         assert (chosen.device, chosen.layout, chosen.kv_dtype) == ("gpu:0", "in-out", dtype)
     FakeGpus(monkeypatch, compiled=False)
     monkeypatch.setattr(device, "bf16_units", lambda: "AVX-512 BF16")
-    assert device.options("cpu", "float32", batch_slots=4).layout == "out-in"
-    assert device.options("cpu", "float32", batch_slots=1).layout == "in-out"
+    assert engine_options.options("cpu", "float32", batch_slots=4).layout == "out-in"
+    assert engine_options.options("cpu", "float32", batch_slots=1).layout == "in-out"
     monkeypatch.setattr(kernels, "enabled", lambda: True)
     monkeypatch.setattr(kernels, "available", lambda progress=None: True)
-    chosen = device.options("cpu", "bfloat16", batch_slots=4)  # bf16 on the CPU: packed for the kernels
+    chosen = engine_options.options("cpu", "bfloat16", batch_slots=4)  # bf16 on the CPU: packed for the kernels
     assert (chosen.layout, chosen.kv_dtype, chosen.bf16_vision) == ("bf16", "bfloat16", True)
     summary = chosen.summary()
     assert summary["batch_slots"] == 4 and summary["weight_layout"] == "bf16" and summary["weights"].startswith("bf16")
     # where the kernels cannot be built: fp32, with the reason; bf16 asked for is refused with it
     monkeypatch.setattr(kernels, "available", lambda progress=None: False)
     monkeypatch.setattr(kernels, "why_unavailable", lambda: "cannot be built here (RuntimeError: no C++ compiler)")
-    chosen = device.options("cpu", None, batch_slots=4)
+    chosen = engine_options.options("cpu", None, batch_slots=4)
     assert (chosen.dtype, chosen.layout, chosen.kv_dtype, chosen.bf16_vision) == ("float32", "out-in", "float32", False)
     assert chosen.policy.reason.endswith("fp32: this CPU has AVX-512 BF16 units, but the bf16 kernels cannot be "
                                          "built here (RuntimeError: no C++ compiler)")
     assert chosen.summary()["weights"] == "fp32, stored [out, in] for batched steps"
     with pytest.raises(UserError, match="no C\\+\\+ compiler.*use --dtype float32"):
-        device.options("cpu", "bfloat16", batch_slots=4)
+        engine_options.options("cpu", "bfloat16", batch_slots=4)
     monkeypatch.setattr(kernels, "available", lambda progress=None: True)  # turned off: fp32 too, and why
-    assert "turned off (LLAVA_UI_BF16_KERNEL=off)" in device.options("cpu", None, bf16_kernel=False).policy.reason
+    assert "turned off (LLAVA_UI_BF16_KERNEL=off)" in engine_options.options("cpu", None, bf16_kernel=False).policy.reason
     with pytest.raises(UserError, match="turned off"):
-        device.options("cpu", "bfloat16", bf16_kernel=False)
+        engine_options.options("cpu", "bfloat16", bf16_kernel=False)
     with pytest.raises(UserError, match="batch slots"):
-        device.options("cpu", "float32", batch_slots=0)
+        engine_options.options("cpu", "float32", batch_slots=0)
 
 
 def _prefill_and_turn(model, embeds, split: int):

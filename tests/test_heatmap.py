@@ -118,7 +118,7 @@ def test_image_shares_and_the_text_share_are_all_the_attention(checkpoints, caps
     pytest.importorskip("transformers")
     from test_attention import IMAGES, QUESTION, reference_rows
 
-    from llava_ui.backends.local import get_engine
+    from llava_ui.engine import get_engine
     from llava_ui.chat.conversation import Conversation
     from llava_ui.config import GenerationSettings
 

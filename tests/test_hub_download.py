@@ -161,7 +161,7 @@ def test_an_uncached_hub_id_with_the_hub_unreachable_fails_at_once_with_both_hin
 
 def test_serve_says_in_the_terminal_and_the_status_bar_that_the_hub_cannot_be_reached(paddlenlp_unreachable,
                                                                                       caplog):
-    from llava_ui.backends.local import Engine
+    from llava_ui.engine import Engine
     from llava_ui.web.handlers import ChatHandlers
 
     engine = Engine("test-org/not-cached", hub="paddlenlp")

@@ -23,7 +23,7 @@ STEPS, TOLERANCE = 6, 2e-4  # two log-probabilities, each within the 1e-4 of tes
 
 @pytest.fixture(scope="module")
 def engine(hf_dir):
-    from llava_ui.backends.local import get_engine
+    from llava_ui.engine import get_engine
 
     return get_engine(str(hf_dir), hub=None, device=None, dtype="float32", image_mode="flat", context_length=None, batch_slots=1)
 

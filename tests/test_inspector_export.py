@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llava_ui.backends.local import Engine
+from llava_ui.engine import Engine
 from llava_ui.commands.main import main
 from llava_ui.web.handlers import ChatHandlers
 

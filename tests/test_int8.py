@@ -19,10 +19,11 @@ import pytest
 from cpu_kinds import needs_bf16_units
 from test_bf16 import _cpu, compare, prompt_embeds
 
-from llava_ui.backends.local import Engine
+from llava_ui.engine import Engine
 from llava_ui.checkpoints.load import build_model
 from llava_ui.errors import UserError
 from llava_ui.model import device, kernels
+from llava_ui.model import options as engine_options
 from llava_ui.model.cpu import bf16_units
 from llava_ui.model.device import DevicePolicy
 
@@ -102,20 +103,20 @@ def test_int8_is_refused_where_it_cannot_run(monkeypatch):
     """--weights int8 runs on the CPU kernels in bf16: asked with --dtype float32, on a GPU, on a CPU without bf16
     units or where the kernels cannot be built, the load stops with why."""
     with pytest.raises(UserError, match="drop --dtype float32"):
-        device.options("cpu", "float32", weights="int8")
+        engine_options.options("cpu", "float32", weights="int8")
     with pytest.raises(UserError, match="--weights int4: one of auto, int8"):
-        device.options("cpu", None, weights="int4")
+        engine_options.options("cpu", None, weights="int4")
     monkeypatch.setattr(device, "choose", lambda *a: DevicePolicy("gpu:0", "bfloat16", "a GPU"))
     with pytest.raises(UserError, match="runs on the CPU kernels; on a GPU"):
-        device.options(None, None, weights="int8")
+        engine_options.options(None, None, weights="int8")
     monkeypatch.setattr(device, "choose", lambda *a: DevicePolicy("cpu", "float32", "this CPU has no bf16 units"))
     monkeypatch.setattr(device, "bf16_units", lambda: None)
     with pytest.raises(UserError, match="needs a CPU with AMX or AVX-512 BF16 units \\(this CPU has no bf16"):
-        device.options(None, None, weights="int8")
+        engine_options.options(None, None, weights="int8")
     monkeypatch.setattr(device, "choose", lambda *a: DevicePolicy("cpu", "bfloat16", "bf16 units"))
     monkeypatch.setattr(kernels, "available", lambda progress=None: False)
     with pytest.raises(UserError, match="needs the CPU kernels, which cannot be built"):
-        device.options(None, None, weights="int8")
+        engine_options.options(None, None, weights="int8")
 
 
 @pytest.mark.slow

@@ -93,7 +93,7 @@ def test_attention_kernels_over_a_bf16_cache_compute_what_the_paddle_ops_do_over
     rounding, the logits and cache rows of the same steps as Paddle ops over an fp32 cache, for one chat alone and
     for a batched step of three."""
     from llava_ui.checkpoints.load import build_model
-    from llava_ui.model.generate import decode_one_token, prefill
+    from llava_ui.engine.steps import decode_one_token, prefill
 
     model = build_model(checkpoints("paddlenlp", vocab="bytes"), "float32", lambda *a, **k: None, "bf16")[0]
     model.runner.whole_step = False  # the layer loop, whose kernel calls are counted (the whole step: below)
@@ -195,7 +195,7 @@ NO_REORDER = """
 import sys
 import paddle
 from llava_ui.checkpoints.load import build_model
-from llava_ui.model.generate import decode_one_token, prefill
+from llava_ui.engine.steps import decode_one_token, prefill
 
 model = build_model(sys.argv[1], "float32", lambda *a, **k: None, "bf16")[0]
 assert model.runner.layout == "bf16"
@@ -325,7 +325,7 @@ def kernel_model(tiny_dir, request):
 
 
 def _caches(model, lengths):
-    from llava_ui.model.generate import prefill
+    from llava_ui.engine.steps import prefill
 
     caches = []
     for i, length in enumerate(lengths):

@@ -12,7 +12,7 @@ from llava_ui.config import GenerationSettings
 from llava_ui.model import cpu as parallel
 from llava_ui.model import qwen2 as language
 from llava_ui.model.cpu import configure_cpu
-from llava_ui.model.generate import Decoding, generate_ids, prefill
+from llava_ui.engine.steps import Decoding, generate_ids, prefill
 from cpu_kinds import needs_avx512
 
 LENGTH = 41
@@ -185,7 +185,7 @@ def test_a_short_chat_reusing_the_start_of_a_long_cached_prompt_gets_a_cache_of_
 
 
 def test_memory_freed_by_a_chunk_goes_back_before_the_next(tiny, monkeypatch):
-    import llava_ui.model.generate as generate
+    import llava_ui.engine.steps as generate
 
     model, embeds = tiny
     monkeypatch.setattr(language, "PREFILL_CHUNK", 10)

@@ -30,7 +30,7 @@ from PIL import Image
 from servers import serve
 
 import app as app_module
-from llava_ui.backends.local import Engine
+from llava_ui.engine import Engine
 from llava_ui.chat.conversation import Conversation, Picture
 from llava_ui.chat.media import load_image
 from llava_ui.config import GenerationSettings

@@ -17,7 +17,7 @@ from llava_ui.checkpoints.load import (
 )
 from llava_ui.checkpoints.weights import read_weights, weight_files  # noqa: E402
 from llava_ui.config import GenerationSettings  # noqa: E402
-from llava_ui.model.generate import generate_ids  # noqa: E402
+from llava_ui.engine.steps import generate_ids  # noqa: E402
 from llava_ui.model.processing import preprocess  # noqa: E402
 
 QUESTION = "Compare the first picture <image> with this one <image>: what changed?"

@@ -4,7 +4,7 @@ import numpy as np
 import paddle
 
 from llava_ui.checkpoints.load import build_model
-from llava_ui.model.generate import decode_one_token
+from llava_ui.engine.steps import decode_one_token
 from llava_ui.model.qwen2 import ROTARY_POSITIONS, RotaryTables
 
 

@@ -5,7 +5,7 @@ import paddle
 import pytest
 
 from llava_ui.config import GenerationSettings
-from llava_ui.model.generate import sample_next, sampling_distribution
+from llava_ui.model.sampling import sample_next, sampling_distribution
 
 VOCAB = 151_646
 

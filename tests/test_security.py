@@ -18,7 +18,7 @@ from PIL import Image
 from servers import serve
 
 import app as app_module
-from llava_ui.backends.local import Engine
+from llava_ui.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "security-test-key"

@@ -14,8 +14,8 @@ from servers import serve_api
 from test_api import data_url
 
 from llava_ui.backends.base import Delta, Progress, Result
-from llava_ui.backends.compute import ComputeThread
-from llava_ui.backends.local import Engine
+from llava_ui.engine.scheduler import ComputeThread
+from llava_ui.engine import Engine
 from llava_ui.backends.rates import Rates, Workload, human_seconds
 from llava_ui.backends.remote import RemoteEngine
 from llava_ui.chat.conversation import Conversation

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_ui.backends.local import Engine
+from llava_ui.engine import Engine
 from llava_ui.chat.conversation import Conversation
 from llava_ui.chat.media import Frame, Video
 from llava_ui.chat.prompt import IMAGE_MARKER, Message

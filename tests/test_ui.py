@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llava_ui.backends.local import Engine
+from llava_ui.engine import Engine
 from llava_ui.chat.conversation import Conversation, Picture
 from llava_ui.chat.media import load_image
 from llava_ui.config import GenerationSettings

@@ -1,6 +1,6 @@
 """One bounded admission queue for every front end of an engine (web chat, /chat, /v1, remote front ends).
 
-At most `slots` requests are answered at once (their decode steps batched, llava_ui.backends.compute); up to
+At most `slots` requests are answered at once (their decode steps batched, llava_ui.engine.scheduler); up to
 `waiting` more wait their turn in arrival order; beyond that a request is refused at once with ServerBusy (the API
 answers 429 with Retry-After, the chat says the server is busy). Each answer holds a KV cache, so this bounds the
 memory requests can take, whichever front end they come through.

@@ -147,7 +147,7 @@ def build_model(model_dir: Path, dtype: str = "float32", progress=None, weight_l
                 bf16_vision: bool = False):
     """Read config + weights, build LlavaQwen in `dtype`, load every weight; fail loudly on any mismatch.
     `weight_layout`: how the language model's weights are held (qwen2.Qwen2Runner.pack: "in-out" as stored,
-    "out-in" or "packed" for batched decode steps, "bf16" or "int8" for the CPU kernels; device.options picks it).
+    "out-in" or "packed" for batched decode steps, "bf16" or "int8" for the CPU kernels; options.options picks it).
     `bf16_vision` (with a kernel layout, on a CPU with bf16 units): the vision tower and the projector load first and
     become oneDNN bf16 programs, their fp32 matrices given back (LlavaQwen.use_bf16), before the language model
     loads: the load never holds the fp32 tower, its bf16 copies and the language model at once."""

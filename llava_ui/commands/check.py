@@ -98,7 +98,7 @@ def run_model(model: str, device: str | None, dtype: str | None, max_new_tokens:
     import paddle
     from PIL import Image
 
-    from llava_ui.backends.local import Engine
+    from llava_ui.engine import Engine
     from llava_ui.chat.conversation import Conversation
     from llava_ui.config import GenerationSettings
 
@@ -142,7 +142,8 @@ def models_to_check(asked: list[str] | None) -> list[tuple[str, str | None]]:
 
 
 def cmd_check(args) -> int:
-    from llava_ui.model.device import choose, options
+    from llava_ui.model.device import choose
+    from llava_ui.model.options import options
 
     for line in machine_lines():
         print(line, flush=True)

@@ -165,7 +165,7 @@ def make_backend(args, on_progress=None, batch_slots: int = 8):
         if not args.base_url:
             raise UserError("--backend remote needs --base-url")
         return RemoteEngine(args.base_url, args.remote_model, api_key=args.remote_api_key)
-    from llava_ui.backends.local import get_engine  # deferred: a remote front end starts without Paddle
+    from llava_ui.engine import get_engine  # deferred: a remote front end starts without Paddle
 
     engine = get_engine(args.model, hub=args.hub, device=args.device, dtype=args.dtype,
                         image_mode=getattr(args, "image_mode", None), context_length=args.context_length,

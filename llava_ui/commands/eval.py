@@ -5,7 +5,7 @@ import os
 import sys
 import time
 
-from llava_ui.backends.compute import batching_summary
+from llava_ui.engine.scheduler import batching_summary
 from llava_ui.commands.common import HelpFormatter, add_log_level, add_model_arguments, make_backend
 from llava_ui.eval.answerers import (
     TRACE_FILE,

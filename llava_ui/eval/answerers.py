@@ -19,7 +19,8 @@ import threading
 import time
 from pathlib import Path
 
-from llava_ui.backends.local import Engine, Plan
+from llava_ui.engine import Engine
+from llava_ui.engine.plan import Plan
 from llava_ui.chat.conversation import Conversation
 from llava_ui.chat.media import load_image
 from llava_ui.chat.prompt import IM_END, IM_START, IMAGE_MARKER, IMAGE_TOKEN

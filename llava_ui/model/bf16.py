@@ -1,10 +1,10 @@
 """The vision tower in bf16 on a CPU with bf16 units: one oneDNN program per SigLIP layer (the last one carries the
 projector), one view at a time; the patch embedding stays fp32 (a small convolution). The language model's bf16
 compute is the CPU kernels' (llava_ui.model.kernels, through Qwen2Runner's one layer loop): an engine computes in
-bf16 on a CPU only where those build (device.options).
+bf16 on a CPU only where those build (model/options.py).
 
 Threads: oneDNN keeps its bf16 weight copies per thread. Every call must come from the thread that prepared the
-programs (the engine's compute thread, llava_ui.backends.compute): another thread would convert every weight
+programs (the engine's compute thread, llava_ui.engine.scheduler): another thread would convert every weight
 again (and hold a second copy), or, once the fp32 matrices are given back, convert their zeroed pages; the runner
 refuses such a call (Bf16Vision.check_thread).
 

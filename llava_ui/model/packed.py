@@ -6,7 +6,7 @@ far more for a few rows than for one (by all appearances it repacks the weight i
 every call); with the weight packed once (at load, in place of the matrix) every call streams the panels as they
 are, and a few rows cost about what one does. What it costs: MKL pads its panels, so the server holds more memory,
 and one stream decodes more slowly; an engine uses it only when asked (LLAVA_UI_BATCH_LAYOUT=packed,
-model.device.options). The measurements: docs/performance.md, "Many chats at once".
+llava_ui.model.options). The measurements: docs/performance.md, "Many chats at once".
 
 Packed for the prefill chunk's row count (the pack call's M hint; the layout serves any row count). Rows of one
 product do not depend on each other except through the kernel MKL picks for the row count, which rounds

@@ -35,7 +35,7 @@ class KVCache:
     """Keys and values of every layer, [kv_heads * capacity, head_dim] each; positions < length are filled.
 
     `prefix(n)` shares the buffers read-only: the first write to a shared cache copies them, so a cached prompt
-    (llava_ui.backends.caches.PrefixCache) is never changed by the request that reuses it.
+    (llava_ui.engine.caches.PrefixCache) is never changed by the request that reuses it.
     """
 
     def __init__(self, keys: list, values: list, kv_heads: int, length: int, shared: bool = False):

@@ -1,6 +1,6 @@
 """The singleton backend every front end talks to: load once, plan a request, stream tokens, stop on demand.
 
-Every model step runs in the engine's one compute thread (llava_ui.backends.compute), whichever thread asked: one vision
+Every model step runs in the engine's one compute thread (scheduler.py), whichever thread asked: one vision
 view, one prefill chunk or one decode token at a time, so concurrent chats all stream (more slowly) and never mix,
 a long prompt does not hold the others up for its whole prefill, and a stop or a client that left ends the work at
 the next step. Between steps the stream reports progress with the time left at this machine's measured rates.
@@ -19,36 +19,22 @@ import paddle
 from llava_ui import DEFAULT_MODEL
 from llava_ui.backends.base import Delta, Event, Progress, Result, generate, timed_stats, token_logprob
 from llava_ui.backends.admission import POLL_S, Admission
-from llava_ui.backends.caches import FeatureCache, PrefixCache
-from llava_ui.backends.compute import ComputeThread
 from llava_ui.backends.rates import MAX_DEFAULT_FRAMES, Rates, Workload, calibrate
 from llava_ui.chat.conversation import Conversation
-from llava_ui.chat.prompt import IMAGE_MARKER, render_prompt
+from llava_ui.chat.prompt import IMAGE_MARKER
 from llava_ui.chat.stopping import StopStrings
 from llava_ui.checkpoints.hub import model_source
 from llava_ui.checkpoints.load import build_model, load_tokenizer, resolve_model_dir
 from llava_ui.config import GenerationSettings
 from llava_ui.errors import Stopped, UserError
-from llava_ui.model.device import EngineOptions, options as choose_options
+from llava_ui.engine.caches import FeatureCache, PrefixCache
+from llava_ui.engine.plan import Plan, check_attention_size, estimate_work, plan_conversation, prompt_items
+from llava_ui.engine.scheduler import ComputeThread
+from llava_ui.engine.steps import Decoding, IncrementalDecoder, Prefilled, decode_room, decode_tokens, prefill_chunks
 from llava_ui.model.attention_rows import attention_rows
 from llava_ui.model.image_effect import image_effect, logprobs_without_images
-from llava_ui.model.generate import Decoding, IncrementalDecoder, Prefilled, decode_room, decode_tokens, prefill_chunks
-from llava_ui.model.processing import check_image_mode, default_image_mode, pixel_views, prepare_images
-
-
-@dataclass
-class Plan:
-    """Everything known about a request before any compute."""
-
-    prompt_ids: list[int]
-    images: list  # PreparedImage per marker, in order
-    pil_images: list
-    prompt: str
-    prompt_tokens: int
-    visual_tokens: int
-    max_new_tokens: int
-    dropped_turns: int
-    image_mode: str
+from llava_ui.model.options import EngineOptions, options as choose_options
+from llava_ui.model.processing import check_image_mode, default_image_mode, pixel_views
 
 
 @dataclass
@@ -67,8 +53,8 @@ class Engine:
                  feature_cache_mb: int = 256, prefix_cache_mb: int = 1024, prefix_cache_entries: int = 4,
                  batch_slots: int = 8, bf16_kernel: bool | None = None, weights: str | None = None):
         """`batch_slots`: the most chats one decode step carries (1: one stream, e.g. the command line); with the
-        device and dtype it decides how the weights are held (device.options, which says what `bf16_kernel`
-        does); `weights` "int8": the language model's weights as int8 (--weights, device.options)."""
+        device and dtype it decides how the weights are held (options.options, which says what `bf16_kernel`
+        does); `weights` "int8": the language model's weights as int8 (--weights, options.options)."""
         self.model_id, self.hub = model, hub
         self.requested = (device, dtype, image_mode, context_length)
         self.batch_slots, self.bf16_kernel, self.weights = batch_slots, bf16_kernel, weights
@@ -172,41 +158,14 @@ class Engine:
         of `frames` frames, before anything is decoded; None until the model is loaded."""
         if self.rates is None:
             return None
-        mode = image_mode or self.image_mode
-        sizes = list(image_sizes) + [(1, 1)] * frames  # a frame's cost does not depend on its size
-        planned = prepare_images([_Sized(size) for size in sizes], mode, self.config, digests=[""] * len(sizes),
-                                 has_video=frames > 0)
-        tokens = text_tokens + sum(p.tokens for p in planned)
-        return tokens, self.rates.seconds(views=sum(p.views for p in planned), positions=tokens)
+        tokens, views = estimate_work(image_sizes, frames, image_mode or self.image_mode, self.config, text_tokens)
+        return tokens, self.rates.seconds(views=views, positions=tokens)
 
     def plan(self, conversation: Conversation, image_mode: str | None = None, max_new_tokens: int = 1024) -> Plan:
-        """Render, tokenize and count; drop the oldest turns when the history no longer fits the context."""
+        """Render, tokenize and count (plan.plan_conversation)."""
         self.load()
         mode = check_image_mode(image_mode, self.model.image_newline is not None) if image_mode else self.image_mode
-        conversation.pending()
-        turns = conversation.turns
-        for dropped in range(len(turns)):
-            kept = turns[dropped:]
-            media = conversation.media(kept)
-            images = prepare_images([m[0] for m in media], mode, self.config, [m[1] for m in media],
-                                    has_video=any(turn.video is not None for turn in kept))
-            messages = conversation.messages(kept)
-            ids = self.tokenizer.encode_prompt(conversation.system, messages)
-            visual = sum(p.tokens for p in images)
-            total = len(ids) - len(images) + visual
-            if total < self.context_length:
-                return Plan(ids, images, [m[0] for m in media], render_prompt(conversation.system, messages),
-                            total, visual, min(max_new_tokens, self.context_length - total), dropped, mode)
-        n, text = len(images), total - visual
-        per_image = max(visual // max(n, 1), 1)
-        fit = max(0, (self.context_length - 1 - text) // per_image)
-        hint = "attach fewer images or lower the frame count"
-        if mode == "trained" and n == 1 and per_image > self.config.vision.num_patches + 1:
-            hint = "this lone image uses anyres tiles in 'trained' mode; 'eval' or 'flat' mode needs about 730 tokens"
-        raise UserError(f"this message needs {total:,} tokens ({n} image{'s' * (n != 1)} or frames take {visual:,}, "
-                        f"{per_image:,} each) but the context holds {self.context_length:,} and the text takes "
-                        f"{text:,}: there is room for at most {fit} image{'s' * (fit != 1)} or frame"
-                        f"{'s' * (fit != 1)}; {hint}")
+        return plan_conversation(conversation, self.tokenizer, self.config, mode, self.context_length, max_new_tokens)
 
     def image_rows(self, plan: Plan, stop_event: threading.Event | None = None) -> tuple[list, int]:
         """Packed feature rows per image (see encode_images), all at once: (rows, images encoded)."""
@@ -290,7 +249,7 @@ class Engine:
         if run.attention:
             check_attention_size(plan.visual_tokens, run.max_new_tokens, self.config.text["num_hidden_layers"])
         turn = conversation.pending()
-        items, sizes = _items(plan)
+        items, sizes = prompt_items(plan)
         rows = [None] * len(plan.images)
         to_encode = [p for p in plan.images if self.features.get(p.cache_key) is None]
         total_images, views = len(to_encode), sum(p.views for p in to_encode)
@@ -429,41 +388,6 @@ def _result(plan: Plan, text: str, token_ids: list[int], reason: str, seed: int,
     return Result(text=text, finish_reason=reason, seed=seed, token_ids=token_ids, prompt=plan.prompt,
                   image_mode=plan.image_mode, dropped_turns=plan.dropped_turns,
                   visual_tokens_per_image=[p.tokens for p in plan.images], stats=stats, logprobs=logprobs)
-
-
-ATTENTION_VALUES = 10_000_000  # attention values one answer may hold (kept as Python floats: a few hundred MB)
-
-
-def check_attention_size(visual_tokens: int, max_new_tokens: int, layers: int) -> None:
-    """Refuse, before any compute, an attention request whose rows (tokens x layers x visual positions) could
-    exhaust the server's memory."""
-    values = max_new_tokens * layers * visual_tokens
-    if values > ATTENTION_VALUES:
-        most = ATTENTION_VALUES // max(layers * visual_tokens, 1)
-        raise UserError(f"attention over {visual_tokens} visual positions for up to {max_new_tokens} new tokens "
-                        f"would hold {values / 1e6:.0f} M values: with attention on, ask for at most {most} new "
-                        "tokens, or use fewer images or frames")
-
-
-def _items(plan: Plan) -> tuple[list, list[int]]:
-    """Prompt items for prefix matching: token ids, and one key per image spanning its visual tokens."""
-    items, sizes, k = [], [], 0
-    for t in plan.prompt_ids:
-        if t == IMAGE_MARKER:
-            items.append(plan.images[k].cache_key)
-            sizes.append(plan.images[k].tokens)
-            k += 1
-        else:
-            items.append(t)
-            sizes.append(1)
-    return items, sizes
-
-
-@dataclass
-class _Sized:
-    """Stands for an image of this size when only the plan's counts are wanted."""
-
-    size: tuple[int, int]
 
 
 def _no_tokens() -> Iterator[int]:
