@@ -10,7 +10,7 @@ through the layers, the same with attention replaced by zeros (the dense part: w
 between the cores), the difference (attention: the cache writes, scores and values per chat; RoPE counts as dense),
 and the LM head over B rows. The weight layouts alternate in the same process (every part holds each layout's
 copy; the attributes are swapped between rounds): "in-out" as stored (the command line), "out-in" (what a CPU
-engine that batches uses) and "packed" (for MKL's packed sgemm, LLAVA_UI_BATCH_LAYOUT=packed; qwen2.project,
+engine that batches uses) and "packed" (for MKL's packed sgemm, LLAVA_UI_BATCH_LAYOUT=packed; linear.project,
 packed.py). Medians over the rounds.
 Writes bench/results/<name>.json and .md (--name, default batch-steps).
 """
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     import paddle
 
     from llava_ui.checkpoints.load import build_model
-    from llava_ui.model import qwen2
+    from llava_ui.model import attention
 
     model = build_model(ensure_checkpoints(args.checkpoints)["paddle"], "float32", lambda *a, **k: None)[0]
     runner, rows = model.runner, [int(r) for r in args.rows.split(",")]
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
                 setattr(part, name, weight)
             part.transposed, part.packed = layout == "out-in", layout == "packed"
 
-    attend = qwen2._Step._decode
+    attend = attention.AttentionStep._decode
     results: dict = {}
     for _ in range(args.rounds):
         for layout in layouts:
@@ -98,11 +98,11 @@ def main(argv=None) -> int:
                 embeds = paddle.randn([b, hidden])
                 step = lambda: runner.decode_batch(embeds, caches[:b], positions[:b])  # noqa: E731
                 layers = median_ms(step)
-                qwen2._Step._decode = no_attention
+                attention.AttentionStep._decode = no_attention
                 try:
                     dense = median_ms(step)
                 finally:
-                    qwen2._Step._decode = attend
+                    attention.AttentionStep._decode = attend
                 head = median_ms(lambda: model.logits(embeds))
                 for key, value in (("layers", layers), ("dense", dense), ("head", head)):
                     results.setdefault(layout, {}).setdefault(b, {}).setdefault(key, []).append(value)

@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     from llava_ui.model.bf16 import dims_of
     from llava_ui.model.cpu import run_parts
     from llava_ui.model.onednn import Program, _spec
-    from llava_ui.model.qwen2 import _Step, _total, rms_norm
+    from llava_ui.model.attention import AttentionStep
+    from llava_ui.model.qwen2 import _total, rms_norm
 
     model = build_model(ensure_checkpoints(args.checkpoints)["paddle"], "float32", lambda *a, **k: None)[0]
     runner = model.runner
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
         return out
 
     def bf16_step():
-        step = _Step(runner, cache, args.positions, 1, token.dtype, False)
+        step = AttentionStep(runner, cache, args.positions, 1, token.dtype, False)
         x, residual = rms_norm(token, layers[0].input_layernorm.weight, runner.eps)
         for i, (layer, (attention, feed)) in enumerate(zip(layers, runner.parts)):
             own = programs[i]

@@ -69,7 +69,7 @@ def tiny_model(checkpoints, layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_batched_step_gives_each_sequence_its_solo_logits(checkpoints, layout):
     """decode_batch over caches of different lengths equals decode_one_token per sequence (fp32), in every weight
-    layout; 2, 3 and 5 rows take the three ways qwen2.project computes a few rows."""
+    layout; 2, 3 and 5 rows take the three ways linear.project computes a few rows."""
     model = tiny_model(checkpoints, layout)
     part = model.runner.parts[0][1][0]
     assert (part.transposed, part.packed) == (layout == "out-in", layout == "packed")

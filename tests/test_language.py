@@ -10,7 +10,7 @@ import pytest
 from llava_ui.checkpoints.load import build_model
 from llava_ui.config import GenerationSettings
 from llava_ui.model import cpu as parallel
-from llava_ui.model import qwen2 as language
+from llava_ui.model import attention, kv_cache, qwen2 as language
 from llava_ui.model.cpu import configure_cpu
 from llava_ui.engine.steps import Decoding, generate_ids, prefill
 from cpu_kinds import needs_avx512
@@ -42,7 +42,7 @@ def test_chunked_prefill_and_small_blocks_equal_one_pass(tiny, monkeypatch):
     model, embeds = tiny
     whole, cache = hidden_and_cache(model, embeds)
     monkeypatch.setattr(language, "PREFILL_CHUNK", 9)
-    monkeypatch.setattr(language, "BLOCK", 4)
+    monkeypatch.setattr(attention, "BLOCK", 4)
     chunked, chunked_cache = hidden_and_cache(model, embeds)
     assert np.abs(whole - chunked).max() <= 1e-5
     assert chunked_cache.length == cache.length == LENGTH
@@ -142,7 +142,7 @@ def test_prefill_reserves_the_answer_up_front_so_decoding_never_copies_the_cache
     tokens = list(generate_ids(model, embeds, GenerationSettings(max_new_tokens=new_tokens, temperature=0), set(),
                                state=state))
     assert len(tokens) == new_tokens and grown == []
-    assert LENGTH + new_tokens <= state.cache.capacity == language._round_up(LENGTH + new_tokens)
+    assert LENGTH + new_tokens <= state.cache.capacity == kv_cache.round_up(LENGTH + new_tokens)
 
 
 def test_a_cache_grows_in_place_and_a_prefix_view_made_before_keeps_its_buffers(tiny):
@@ -152,7 +152,7 @@ def test_a_cache_grows_in_place_and_a_prefix_view_made_before_keeps_its_buffers(
     before = [t.numpy() for t in cache.keys + cache.values]
     old_capacity = cache.capacity
     grown = cache.writable(old_capacity + 1)
-    assert grown is cache and cache.capacity == language._round_up(old_capacity + 1 + language.HEADROOM)
+    assert grown is cache and cache.capacity == kv_cache.round_up(old_capacity + 1 + kv_cache.HEADROOM)
     assert view.capacity == old_capacity  # the view's buffers are the old ones, untouched
     for old, new, kept in zip(before, cache.keys + cache.values, view.keys + view.values):
         heads = cache.kv_heads
@@ -172,7 +172,7 @@ def test_a_short_chat_reusing_the_start_of_a_long_cached_prompt_gets_a_cache_of_
     _, cache = hidden_and_cache(model, embeds)
     cache = cache.writable(300)  # a long cached prompt's capacity
     short = cache.prefix(5).writable(20)  # its first 5 positions shared, room for 20
-    assert short.capacity == language._round_up(20) < cache.capacity and not short.shared
+    assert short.capacity == kv_cache.round_up(20) < cache.capacity and not short.shared
     for old, new in zip(cache.keys + cache.values, short.keys + short.values):
         heads = cache.kv_heads
         old = old.numpy().reshape([heads, cache.capacity, -1])

@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "llava_ui"
 # bottom to top: a module may import its own folder and the folders before it
-LAYERS = ["errors", "config", "chat", "model", "checkpoints", "backends", "openai", "web", "eval", "commands"]
+LAYERS = ["errors", "config", "chat", "model", "checkpoints", "backends", "engine", "openai", "web", "eval", "commands"]
 
 
 @pytest.mark.parametrize("module", ["llava_ui.chat", "llava_ui.chat.conversation", "llava_ui.chat.prompt",

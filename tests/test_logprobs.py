@@ -15,7 +15,7 @@ from llava_ui.chat.conversation import Conversation
 from llava_ui.chat.prompt import IMAGE_MARKER
 from llava_ui.commands.main import main
 from llava_ui.config import GenerationSettings
-from llava_ui.model import generate as generate_module
+from llava_ui.engine import steps as generate_module
 from llava_ui.model.processing import preprocess
 from llava_ui.openai.server import create_api_router
 

@@ -5,7 +5,7 @@ import paddle
 
 from llava_ui.checkpoints.load import build_model
 from llava_ui.engine.steps import decode_one_token
-from llava_ui.model.qwen2 import ROTARY_POSITIONS, RotaryTables
+from llava_ui.model.attention import ROTARY_POSITIONS, RotaryTables
 
 
 def test_tables_grow_by_doubling_over_a_long_decode():

@@ -100,7 +100,7 @@ def test_a_new_chats_steps_run_several_in_a_row_between_the_decoding_chats_steps
     """While chats decode, a newcomer's prefill chunks (each sent once the last returned) run back to back up to
     OTHER_SLICE_S, then one batched decode step: the newcomer is not held back a decode step per chunk, and the
     decoding chats still advance between slices."""
-    from llava_ui.backends import compute as scheduling
+    from llava_ui.engine import scheduler as scheduling
     monkeypatch.setattr(scheduling, "OTHER_SLICE_S", 0.25)
     ran, done = [], threading.Event()
 

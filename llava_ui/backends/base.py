@@ -1,7 +1,7 @@
 """The contract between the front ends (web chat, API, command line, evaluation) and a backend: the `Backend`
 protocol, and the typed events its `stream` yields: `Progress` before the first token, `Delta` as the answer
 grows, then one `Result`; token probabilities, when asked for, ride on both as `TokenLogprob` records. The local
-engine (local.py) and a remote engine (remote.py) both implement it.
+engine (llava_ui/engine) and a remote engine (remote.py) both implement it.
 """
 from __future__ import annotations
 

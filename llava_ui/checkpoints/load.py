@@ -22,7 +22,7 @@ from llava_ui.config import read_config
 from llava_ui.errors import UserError
 from llava_ui.model.cpu import configure_cpu
 from llava_ui.model.llava import LlavaQwen
-from llava_ui.model.qwen2 import KERNEL_LAYOUTS
+from llava_ui.model.linear import KERNEL_LAYOUTS
 from llava_ui.model.paddlenlp_lean import paddlenlp_module
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "added_tokens.json",

@@ -113,11 +113,11 @@ def run_model(model: str, device: str | None, dtype: str | None, max_new_tokens:
     conversation.add_user(QUESTION, [picture])
     result = engine.generate(conversation, GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0,
                                                               seed=0))
-    status = engine.status()
-    run = Run(model=model, device=status["device"], precision=status["precision"],
-              weight_layout=status["weight_layout"], load_s=load_s, prompt_tokens=result.stats.prompt_tokens or 0,
+    options = engine.options
+    run = Run(model=model, device=options.device, precision=options.policy.precision,
+              weight_layout=options.layout, load_s=load_s, prompt_tokens=result.stats.prompt_tokens or 0,
               tokens=len(result.token_ids), ttft_s=result.stats.ttft_s,
-              decode_tokens_per_s=result.stats.decode_tokens_per_s, peak_gpu_memory=peak_gpu_memory(status["device"]))
+              decode_tokens_per_s=result.stats.decode_tokens_per_s, peak_gpu_memory=peak_gpu_memory(options.device))
     del engine  # (its compute thread idles; the next engine's weights take the freed memory)
     if paddle.device.is_compiled_with_cuda():
         paddle.device.cuda.empty_cache()

@@ -43,7 +43,7 @@ class FeatureCache:
 
 
 class PrefixCache:
-    """KV caches (llava_ui.model.qwen2.KVCache) of earlier prompts (+ their answers), found again by the longest
+    """KV caches (llava_ui.model.kv_cache.KVCache) of earlier prompts (+ their answers), found again by the longest
     shared prefix of prompt items.
 
     An item is a token id or an image key; an image is one item spanning its visual tokens, so a match never ends

@@ -272,12 +272,12 @@ class Engine:
         embeds = self.run(self.model.embed_prompt, rest_ids, rest_rows)
         length = embeds.shape[1]
         result = Prefilled()
-        for done, total, chunk_start, chunk_length, seconds in prefill_chunks(
-                self.model, embeds, kv, cached_positions, room=decode_room(run), run=self.run,
-                should_stop=stop_event.is_set, result=result):
-            self.rates.record("prefill", self.rates.workload.prefill(chunk_start, chunk_length), seconds)
-            if done < total:
-                yield self._progress_event("prefill", done, total, 0, cached_positions + done, total - done)
+        for chunk in prefill_chunks(self.model, embeds, kv, cached_positions, room=decode_room(run), run=self.run,
+                                    should_stop=stop_event.is_set, result=result):
+            self.rates.record("prefill", self.rates.workload.prefill(chunk.start, chunk.length), chunk.seconds)
+            if chunk.done < chunk.total:
+                yield self._progress_event("prefill", chunk.done, chunk.total, 0, cached_positions + chunk.done,
+                                           chunk.total - chunk.done)
         del embeds
         decoder = IncrementalDecoder(self.tokenizer.decode)
         stops = StopStrings(settings.stop)

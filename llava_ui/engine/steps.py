@@ -13,7 +13,7 @@ from llava_ui.config import GenerationSettings
 from llava_ui.errors import Stopped
 from llava_ui.model.cpu import release_free_memory
 from llava_ui.model.logprobs import step_scores
-from llava_ui.model.qwen2 import HEADROOM
+from llava_ui.model.kv_cache import HEADROOM
 from llava_ui.model.sampling import sample_next
 
 
@@ -30,6 +30,18 @@ class Prefilled:
 
 
 @dataclass
+class Chunk:
+    """One prefill chunk done: `done` of the `total` new positions, this chunk's first position and length, and the
+    seconds it took."""
+
+    done: int
+    total: int
+    start: int
+    length: int
+    seconds: float
+
+
+@dataclass
 class Decoding:
     """What a decode loop leaves: the KV cache, how many yielded tokens it holds (`fed`) and why it ended
     (`finish`: stop | length | stopped)."""
@@ -40,9 +52,9 @@ class Decoding:
 
 
 def prefill_chunks(model, embeds, cache=None, start: int = 0, *, room: int = 0, run=_call,
-                   should_stop: Callable[[], bool] = lambda: False, result: Prefilled | None = None) -> Iterator[tuple]:
-    """Run the prompt (or the new part after a cached prefix) one prefill chunk at a time, yielding
-    (positions done, positions in all, start of the chunk, its length, seconds it took) after each; `result` gets
+                   should_stop: Callable[[], bool] = lambda: False, result: Prefilled | None = None) -> Iterator[Chunk]:
+    """Run the prompt (or the new part after a cached prefix) one prefill chunk at a time, yielding a Chunk after
+    each; `result` gets
     the logits of the last position and the cache. The cache gets room for the prompt + `room` positions.
 
     Each chunk is one model step through `run` (the engine's compute thread): other requests' steps run between
@@ -75,7 +87,7 @@ def prefill_chunks(model, embeds, cache=None, start: int = 0, *, room: int = 0, 
             return
         hidden, result.cache = out
         done = min(lo + chunk, length)
-        yield done, length, start + lo, done - lo, seconds
+        yield Chunk(done, length, start + lo, done - lo, seconds)
 
     def last():
         logits = model.logits(hidden[:, -1])[0]

@@ -12,7 +12,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from llava_ui.model.qwen2 import project
+from llava_ui.model.linear import project
 
 ROWS = 64  # producing queries per pass through the layers: bounds the [heads, rows, keys] weights
 

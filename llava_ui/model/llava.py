@@ -39,7 +39,7 @@ class LlavaQwen(nn.Layer):
 
     def use_bf16(self, progress=None, release_fp32: bool = False) -> None:
         """Run the vision tower and the projector in bf16 through oneDNN programs (a CPU with bf16 units; the
-        language model's bf16 is the CPU kernels', qwen2.KERNEL_LAYOUTS). release_fp32: give back the fp32 vision
+        language model's bf16 is the CPU kernels', linear.KERNEL_LAYOUTS). release_fp32: give back the fp32 vision
         matrices' memory once converted (Bf16Vision._run_vision); the fp32 vision path (bf16 set back to None)
         then refuses to run."""
         from llava_ui.model.bf16 import Bf16Vision
@@ -120,7 +120,7 @@ class LlavaQwen(nn.Layer):
     def forward_hidden(self, embeds, cache=None, start: int = 0, should_stop=None):
         """Run the language model over embeds placed at positions start.. ; returns (hidden [1, L, H], cache).
 
-        `cache` is a qwen2.KVCache holding positions < start (None when start is 0); the one returned holds
+        `cache` is a kv_cache.KVCache holding positions < start (None when start is 0); the one returned holds
         start + L positions. A shared (prefix) cache is copied before the first write, never changed.
         `should_stop()` is asked between layers (errors.Stopped: the cache is then partly written).
         """
@@ -135,7 +135,7 @@ class LlavaQwen(nn.Layer):
         return self.runner.decode_batch(embeds, caches, positions, head=self.logits)
 
     def prefill_chunk(self, embeds) -> int:
-        """How many prompt positions generate.prefill hands to forward_hidden at a time."""
+        """How many prompt positions steps.prefill hands to forward_hidden at a time."""
         return self.runner.chunk(embeds)
 
     def reserve(self, cache, positions: int):

@@ -19,7 +19,7 @@ class EngineOptions:
     chats one decode step may carry. status(), the status bar, the inspector and `llava-ui check` report it."""
 
     policy: DevicePolicy
-    layout: str  # the language model's weight layout, one of qwen2.WEIGHT_LAYOUTS (Qwen2Runner.pack)
+    layout: str  # the language model's weight layout, one of linear.WEIGHT_LAYOUTS (Qwen2Runner.pack)
     batch_slots: int  # the most chats one batched decode step takes
 
     @property
@@ -41,8 +41,8 @@ class EngineOptions:
 
     @property
     def on_kernels(self) -> bool:
-        """Whether the language model runs on the CPU kernels (weights held for them: qwen2.KERNEL_LAYOUTS)."""
-        from llava_ui.model.qwen2 import KERNEL_LAYOUTS  # deferred: qwen2 loads paddlenlp's model code
+        """Whether the language model runs on the CPU kernels (weights held for them: linear.KERNEL_LAYOUTS)."""
+        from llava_ui.model.linear import KERNEL_LAYOUTS  # deferred: kernels.py loads a native library
 
         return self.layout in KERNEL_LAYOUTS
 
@@ -72,7 +72,7 @@ def options(device: str | None = None, dtype: str | None = None, batch_slots: in
     them and the batch slots. bf16 on a CPU is the CPU kernels' (the language model packed in bf16 for them): where
     they cannot be built (kernels.available; LLAVA_UI_BF16_KERNEL=off turns them off) a CPU engine computes in
     fp32 and its reason says why, or, with bf16 asked for (`dtype`, `bf16_kernel` True), the load is refused with
-    the reason. An fp32 CPU engine that batches decode steps holds them [out, in] (qwen2.project), or with
+    the reason. An fp32 CPU engine that batches decode steps holds them [out, in] (linear.project), or with
     LLAVA_UI_BATCH_LAYOUT=packed packed for MKL's sgemm (packed.py); one stream and a GPU keep them as stored.
     `bf16_kernel` False keeps a CPU engine off the kernels (fp32). `weights` "int8" (--weights) holds the language
     model's weights, the head included, as int8 per output channel for the same kernels: on a CPU that computes in

@@ -12,7 +12,7 @@ import paddle.nn.functional as F
 from llava_ui.config import VisionConfig
 from llava_ui.errors import check_stop
 from llava_ui.model.cpu import map_shares
-from llava_ui.model.qwen2 import softmax
+from llava_ui.model.attention import softmax
 
 
 class SiglipEmbeddings(nn.Layer):
