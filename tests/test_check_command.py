@@ -120,3 +120,18 @@ def test_check_with_int8_weights_refuses_where_they_cannot_run_and_builds_them_w
     assert main(["check", "--weights", "int8", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "weights: int8 per output channel" in out and "weights int8" in out and "check passed" in out
+
+
+def test_check_without_the_cpu_kernels_says_fp32_and_why_and_refuses_bf16(monkeypatch, capsys, no_real_model):
+    """A CPU with bf16 units whose kernels are off (or cannot be built) computes in fp32: check reports that
+    choice with its reason and runs the tiny model in it; bf16 asked for is refused with the same reason."""
+    from llava_ui.model import device
+
+    monkeypatch.setenv("LLAVA_UI_BF16_KERNEL", "off")
+    monkeypatch.setattr(device, "bf16_units", lambda: "AVX-512 BF16")  # (either kind of CPU runs this side)
+    assert main(["check", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "chosen: cpu, fp32 (float32)" in out and "the bf16 kernels are turned off (LLAVA_UI_BF16_KERNEL=off)" in out
+    assert "weights: fp32 as stored" in out and "(fp32, weights in-out)" in out and "check passed" in out
+    assert main(["check", "--dtype", "bfloat16"]) == 2
+    assert "bf16 on the CPU runs on the CPU kernels, which are turned off" in capsys.readouterr().err

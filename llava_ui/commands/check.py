@@ -142,16 +142,17 @@ def models_to_check(asked: list[str] | None) -> list[tuple[str, str | None]]:
 
 
 def cmd_check(args) -> int:
-    from llava_ui.model.device import choose
     from llava_ui.model.options import options
 
     for line in machine_lines():
         print(line, flush=True)
-    policy = choose(args.device, args.dtype)  # a UserError here is the answer: exit 2 with the reason
-    print(f"chosen: {policy.device}, {policy.precision} ({policy.dtype}) — {policy.reason}", flush=True)
     weights = getattr(args, "weights", None)
-    if weights == "int8":  # where int8 cannot run, the reason now (exit 2), not one failed model after another
-        print(f"weights: {options(args.device, args.dtype, 1, weights=weights).weights}", flush=True)
+    # the options a command-line engine loads with (the CPU kernels built, or why not): a UserError here is the
+    # answer, exit 2 with the reason, not one failed model after another
+    chosen = options(args.device, args.dtype, 1, weights=weights)
+    policy = chosen.policy
+    print(f"chosen: {policy.device}, {policy.precision} ({policy.dtype}) — {policy.reason}", flush=True)
+    print(f"weights: {chosen.weights}", flush=True)
     failed = 0
     for model, skipped in models_to_check(args.model):
         if skipped:

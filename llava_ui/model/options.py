@@ -10,6 +10,7 @@ from llava_ui.model import device as devices
 from llava_ui.model.device import DevicePolicy
 
 WEIGHTS = ("auto", "int8")  # --weights: as the precision holds them, or int8 per output channel (CPU kernels)
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class EngineOptions:
                 "int8": "int8 per output channel (weight-only; bf16 prefill math)",
                 "packed": "fp32, packed for MKL's sgemm",
                 "out-in": "fp32, stored [out, in] for batched steps"}.get(
-            self.layout, f"{self.policy.weights_dtype} as stored")
+            self.layout, f"{SHORT[self.policy.weights_dtype]} as stored")
 
     def summary(self) -> dict:
         return {"device": self.device, "dtype": self.dtype, "precision": self.policy.precision,
