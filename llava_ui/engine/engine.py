@@ -11,7 +11,7 @@ import logging
 import random
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator
 
 import paddle
@@ -241,6 +241,8 @@ class Engine:
 
     def _answer(self, conversation: Conversation, settings: GenerationSettings | None, image_mode: str | None,
                 stop_event: threading.Event) -> Iterator[Event]:
+        """The request's phases in order: plan, the images not cached yet, the prefill after the longest cached
+        prefix, the decode loop; then what the inspector asked for."""
         started = time.perf_counter()
         settings = (settings or GenerationSettings()).validate()
         plan = self.plan(conversation, image_mode, settings.max_new_tokens)
@@ -251,6 +253,26 @@ class Engine:
         turn = conversation.pending()
         items, sizes = prompt_items(plan)
         rows = [None] * len(plan.images)
+        encoded = yield from self._encode(plan, items, rows, stop_event)
+        if stop_event.is_set():  # stopped before the prompt was computed: nothing to say
+            turn.answer = ""
+            yield _result(plan, "", [], "stopped", seed, started, None, 0, encoded, self.options)
+            return
+        matched, cached_positions, kv = self.prefixes.match(items)
+        result = yield from self._prefill(plan, rows, matched, cached_positions, kv, run, stop_event)
+        answer = _Answer(StopStrings(settings.stop))
+        yield from self._decode(plan, run, result, items, sizes, answer, turn, stop_event)
+        final = _result(plan, answer.stops.text, answer.token_ids, answer.reason, seed, started, answer.times,
+                        cached_positions, encoded, self.options, answer.shared, answer.named)
+        if run.attention and not stop_event.is_set():
+            final.attention = self.run(self._attention, plan, rows, answer.token_ids) if answer.token_ids else []
+        if run.image_effect and not stop_event.is_set():
+            without = self.run(logprobs_without_images, self.model, plan.prompt_ids, answer.token_ids)
+            final.image_effect = image_effect(answer.seen_logprobs, without)
+        yield final
+
+    def _encode(self, plan: Plan, items: list, rows: list, stop_event: threading.Event) -> Iterator[Event]:
+        """The images not in the feature cache through the vision tower, with progress; returns how many."""
         to_encode = [p for p in plan.images if self.features.get(p.cache_key) is None]
         total_images, views = len(to_encode), sum(p.views for p in to_encode)
         _, cached, _ = self.prefixes.match(items)  # an estimate: the entry may change before the prefill
@@ -261,16 +283,15 @@ class Engine:
         for views_left in self.encode_images(plan, rows, stop_event, fresh):
             done = sum(1 for p in to_encode if p.cache_key in fresh)
             yield self._progress_event("vision", done, total_images, views_left, cached, prompt_left)
-        encoded = len(fresh)
-        if stop_event.is_set():  # stopped before the prompt was computed: nothing to say
-            turn.answer = ""
-            yield _result(plan, "", [], "stopped", seed, started, None, 0, encoded, self.options)
-            return
-        matched, cached_positions, kv = self.prefixes.match(items)
+        return len(fresh)
+
+    def _prefill(self, plan: Plan, rows: list, matched: int, cached_positions: int, kv, run: GenerationSettings,
+                 stop_event: threading.Event) -> Iterator[Event]:
+        """The prompt after its cached prefix (`matched` items, `cached_positions` positions, their cache `kv`),
+        chunk by chunk with progress; returns the Prefilled (its logits None when stopped)."""
         rest_ids = plan.prompt_ids[matched:]
         rest_rows = rows[sum(1 for t in plan.prompt_ids[:matched] if t == IMAGE_MARKER):]
         embeds = self.run(self.model.embed_prompt, rest_ids, rest_rows)
-        length = embeds.shape[1]
         result = Prefilled()
         for chunk in prefill_chunks(self.model, embeds, kv, cached_positions, room=decode_room(run), run=self.run,
                                     should_stop=stop_event.is_set, result=result):
@@ -278,34 +299,40 @@ class Engine:
             if chunk.done < chunk.total:
                 yield self._progress_event("prefill", chunk.done, chunk.total, 0, cached_positions + chunk.done,
                                            chunk.total - chunk.done)
-        del embeds
+        return result
+
+    def _decode(self, plan: Plan, run: GenerationSettings, result: Prefilled, items: list, sizes: list,
+                answer: "_Answer", turn, stop_event: threading.Event) -> Iterator[Event]:
+        """The decode loop from the prefill's logits, batched with the other chats' steps: Deltas as the text grows
+        (with their tokens' log-probabilities when asked for); `answer` gets the tokens, the text and why it
+        ended, and the turn its text even when the client leaves mid-answer. The cache, with the answer's tokens,
+        goes to the prefix cache for the next turn."""
         decoder = IncrementalDecoder(self.tokenizer.decode)
-        stops = StopStrings(settings.stop)
-        state, token_ids, times, shared = Decoding(), [], [], []
-        reason = "length"
+        stops, state = answer.stops, Decoding()
         # asked for: each token's scores, named (TokenLogprob), and how many of them the Deltas carried so far
-        scores, named, sent = ([], [], 0) if run.logprobs is not None else (None, None, 0)
+        scores, answer.named, sent = ([], [], 0) if run.logprobs is not None else (None, None, 0)
+        named = answer.named
         if run.image_effect:  # the tokens' log-probabilities with the images: the step's scores, no alternatives
-            scores, seen_logprobs = [] if scores is None else scores, []
+            scores = [] if scores is None else scores
             if run.logprobs is None:
                 run = replace(run, logprobs=0)
         if result.logits is None:  # stopped between two prefill chunks
             tokens = _no_tokens()
         else:
-            tokens = decode_tokens(self.model, result.logits, result.cache, cached_positions + length, run,
+            tokens = decode_tokens(self.model, result.logits, result.cache, result.positions, run,
                                    self.tokenizer.stop_ids, seen=[t for t in plan.prompt_ids if t >= 0],
                                    should_stop=stop_event.is_set, run=self.run, state=state,
-                                   decode_step=lambda *step: self.compute.decode(*step, shared), scores=scores)
-        del result  # the decode loop holds the cache from here (state.cache)
+                                   decode_step=lambda *step: self.compute.decode(*step, answer.shared), scores=scores)
+        result.logits = result.cache = None  # the decode loop holds the cache from here (state.cache)
         with self.compute.decoding():  # while it decodes, the batched step waits for this chat's steps
             try:
                 for token in tokens:
-                    token_ids.append(token)
-                    times.append(time.perf_counter())
+                    answer.token_ids.append(token)
+                    answer.times.append(time.perf_counter())
                     if scores is not None:
                         step = scores.pop()
                         if run.image_effect:
-                            seen_logprobs.append(step.logprob)
+                            answer.seen_logprobs.append(step.logprob)
                         if named is not None:
                             named.append(token_logprob(step, self.tokenizer.token_bytes))
                     delta, hit = stops.feed(decoder.push(token))
@@ -313,11 +340,11 @@ class Engine:
                         yield Delta(delta, None if named is None else named[sent:])
                         sent = len(named or ())
                     if hit:
-                        reason = "stop"
+                        answer.reason = "stop"
                         break
                 else:
-                    reason = "stopped" if stop_event.is_set() else state.finish
-                if reason != "stop":
+                    answer.reason = "stopped" if stop_event.is_set() else state.finish
+                if answer.reason != "stop":
                     delta, _ = stops.feed(decoder.finish(), final=True)
                     if delta:
                         yield Delta(delta, None if named is None else named[sent:])
@@ -329,15 +356,7 @@ class Engine:
                 turn.answer = stops.text
                 if state.cache is not None:
                     fed = state.fed
-                    self.prefixes.store(items + token_ids[:fed], sizes + [1] * fed, state.cache)
-        final = _result(plan, stops.text, token_ids, reason, seed, started, times, cached_positions, encoded,
-                        self.options, shared, named)
-        if run.attention and not stop_event.is_set():
-            final.attention = self.run(self._attention, plan, rows, token_ids) if token_ids else []
-        if run.image_effect and not stop_event.is_set():
-            without = self.run(logprobs_without_images, self.model, plan.prompt_ids, token_ids)
-            final.image_effect = image_effect(seen_logprobs, without)
-        yield final
+                    self.prefixes.store(items + answer.token_ids[:fed], sizes + [1] * fed, state.cache)
 
     def _attention(self, plan: Plan, rows: list, token_ids: list[int]) -> list:
         """Each generated token's attention over the images (attention_rows), read after the answer."""
@@ -374,6 +393,19 @@ class Engine:
 
     def generate(self, conversation: Conversation, settings: GenerationSettings | None = None, **kwargs) -> Result:
         return generate(self, conversation, settings, **kwargs)
+
+
+@dataclass
+class _Answer:
+    """What the decode phase leaves for the final Result."""
+
+    stops: StopStrings
+    token_ids: list = field(default_factory=list)
+    times: list = field(default_factory=list)  # when each token came
+    shared: list = field(default_factory=list)  # how many chats shared each of its decode steps
+    reason: str = "length"
+    named: list | None = None  # its tokens' TokenLogprob, when asked for
+    seen_logprobs: list = field(default_factory=list)  # the image effect's log-probabilities
 
 
 def _result(plan: Plan, text: str, token_ids: list[int], reason: str, seed: int, started: float, times,

@@ -23,10 +23,12 @@ def _call(fn, *args):
 
 @dataclass
 class Prefilled:
-    """What a prefill leaves: the last position's logits (None when stopped before the end) and the KV cache."""
+    """What a prefill leaves: the last position's logits (None when stopped before the end), the KV cache and the
+    positions it holds."""
 
     logits: Any = None
     cache: Any = None
+    positions: int = 0
 
 
 @dataclass
@@ -87,6 +89,7 @@ def prefill_chunks(model, embeds, cache=None, start: int = 0, *, room: int = 0, 
             return
         hidden, result.cache = out
         done = min(lo + chunk, length)
+        result.positions = start + done
         yield Chunk(done, length, start + lo, done - lo, seconds)
 
     def last():
