@@ -24,11 +24,12 @@ _GPU_NAME = re.compile(r"(gpu|cuda)(?::(\d+))?")
 
 @dataclass(frozen=True)
 class DevicePolicy:
-    """The device ("cpu" or "gpu:N"), the compute dtype and why they were chosen."""
+    """The device ("cpu" or "gpu:N"), the compute dtype and why they were chosen (`where`: why this device)."""
 
     device: str
     dtype: str
     reason: str
+    where: str = ""
 
     @property
     def on_gpu(self) -> bool:
@@ -123,10 +124,10 @@ def _cpu(dtype: str | None, why: str) -> DevicePolicy:
         raise UserError("--dtype bfloat16 on the CPU needs AMX or AVX-512 BF16 units, and this CPU has neither: "
                         "use --dtype float32")
     if dtype:
-        return DevicePolicy("cpu", dtype, f"{why}; {dtype} asked for (--dtype)")
+        return DevicePolicy("cpu", dtype, f"{why}; {dtype} asked for (--dtype)", why)
     if units:
-        return DevicePolicy("cpu", "bfloat16", f"{why}; bf16 through oneDNN, as this CPU has {units} units")
-    return DevicePolicy("cpu", "float32", f"{why}; fp32, as this CPU has no bf16 units")
+        return DevicePolicy("cpu", "bfloat16", f"{why}; bf16 through oneDNN, as this CPU has {units} units", why)
+    return DevicePolicy("cpu", "float32", f"{why}; fp32, as this CPU has no bf16 units", why)
 
 
 def precision_label(device: str, dtype: str) -> str:
@@ -136,4 +137,9 @@ def precision_label(device: str, dtype: str) -> str:
         if dtype == "bfloat16":
             return f"bf16 on oneDNN ({units})"
         return "fp32" + ("" if units else " (this CPU has no bf16 units)")
+    return short_dtype(dtype)
+
+
+def short_dtype(dtype: str) -> str:
+    """"bf16", "fp16" or "fp32" for a dtype's name."""
     return {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "fp32")

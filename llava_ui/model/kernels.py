@@ -117,6 +117,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 _BUILT: list = []  # the loaded library (or None), once known
 _WHY: list = []  # why it could not be built (why_unavailable)
+TURNED_OFF = "are turned off (LLAVA_UI_BF16_KERNEL=off)"  # (ends a sentence: "the bf16 kernels ...")
 _BUILDING = threading.Lock()
 
 
@@ -146,7 +147,7 @@ def why_unavailable() -> str:
     """Why the kernels do not run here, as the end of a sentence ("the bf16 kernels ..."); "" where they run."""
     if available():
         return ""
-    return _WHY[0] if _WHY else "are turned off (LLAVA_UI_BF16_KERNEL=off)"
+    return _WHY[0] if _WHY else TURNED_OFF
 
 
 def enabled() -> bool:

@@ -3,14 +3,13 @@ weight layout (which linear kernels its one layer loop runs over) and the batch 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llava_ui.errors import UserError
 from llava_ui.model import device as devices
 from llava_ui.model.device import DevicePolicy
 
 WEIGHTS = ("auto", "int8")  # --weights: as the precision holds them, or int8 per output channel (CPU kernels)
-SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,7 @@ class EngineOptions:
                 "int8": "int8 per output channel (weight-only; bf16 prefill math)",
                 "packed": "fp32, packed for MKL's sgemm",
                 "out-in": "fp32, stored [out, in] for batched steps"}.get(
-            self.layout, f"{SHORT[self.policy.weights_dtype]} as stored")
+            self.layout, f"{devices.short_dtype(self.policy.weights_dtype)} as stored")
 
     def summary(self) -> dict:
         return {"device": self.device, "dtype": self.dtype, "precision": self.policy.precision,
@@ -91,12 +90,12 @@ def options(device: str | None = None, dtype: str | None = None, batch_slots: in
         wanted = kernels.enabled() if bf16_kernel is None else bf16_kernel
         if wanted and kernels.available(progress):
             return EngineOptions(policy, "bf16", batch_slots)
-        why = kernels.why_unavailable() if wanted else "are turned off (LLAVA_UI_BF16_KERNEL=off)"
+        why = kernels.why_unavailable() if wanted else kernels.TURNED_OFF
         if dtype or bf16_kernel:
             raise UserError(f"bf16 on the CPU runs on the CPU kernels, which {why}: use --dtype float32, or see "
                             "docs/deploy.md (a C++ compiler and the onednn-devel package)")
-        policy = DevicePolicy("cpu", "float32", f"{policy.reason.split(';')[0]}; fp32: this CPU has "
-                                                f"{devices.bf16_units()} units, but the bf16 kernels {why}")
+        policy = replace(policy, dtype="float32", reason=f"{policy.where}; fp32: this CPU has "
+                                                         f"{devices.bf16_units()} units, but the bf16 kernels {why}")
     if policy.on_gpu or batch_slots == 1:
         layout = "in-out"
     elif os.environ.get("LLAVA_UI_BATCH_LAYOUT", "") == "packed" and packed.available():
