@@ -107,6 +107,9 @@ def set_settings(page, **values) -> None:
         box = page.locator(boxes[key]).first
         box.fill(str(value))
         box.press("Tab")
+        if key != "seed":  # the slider follows its number box once the page took the value: only then send
+            slider = box.locator("xpath=ancestor::*[.//input[@type='range']][1]//input[@type='range']")
+            page.wait_for_function("([el, v]) => Number(el.value) === v", arg=[slider.element_handle(), value])
 
 
 def send(page, text: str, files=()) -> str:
